@@ -1,0 +1,134 @@
+"""Checkpoints: an orbax CheckpointManager directory whose every step holds three items,
+
+  model     {'params', 'batch_stats'}: all that inference needs;
+  train     optimizer state, rng and data position (absent in converted weights);
+  metadata  JSON: model name and options, input normalisation, config, provenance.
+
+A converted PyTorch net and a training workdir are the same kind of directory, so evaluation and
+analysis read both through `load_model`.
+"""
+import dataclasses
+import os
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+import resnet_jax
+from resnet_jax.errors import UserError
+
+ITEMS = ("model", "train", "metadata")
+
+
+@dataclasses.dataclass
+class Normalization:
+    """Input preprocessing stored with the weights: x = (pixels / 255 - mean) / std, per channel
+    (shape [3]) or per pixel (shape [H, W, 3], the paper's per-pixel mean subtraction)."""
+
+    mean: Any
+    std: Any = 1.0
+
+    def to_json(self):
+        return dict(mean=np.asarray(self.mean).tolist(), std=np.asarray(self.std).tolist())
+
+    @classmethod
+    def from_json(cls, d):
+        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
+
+    def __call__(self, images_uint8):
+        x = jnp.asarray(images_uint8, jnp.float32) / 255.0
+        return (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: nn.Module
+    variables: Dict[str, Any]  # {'params', 'batch_stats'}
+    normalization: Normalization
+    metadata: Dict[str, Any]
+    step: int
+
+
+def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: Optional[str] = None,
+            keep_best: int = 0, read_only: bool = False, async_save: bool = True) -> ocp.CheckpointManager:
+    """The one CheckpointManager construction of the package."""
+    policy = None
+    if best_metric and keep_best:
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(max_to_keep or 1),
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric], reverse=False,
+                                          n=keep_best)])
+        max_to_keep = None  # the policy decides
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, read_only=read_only, create=not read_only,
+        save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
+        preservation_policy=policy)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+
+
+def save_model(directory: str, variables, *, model_name: str, model_options: Dict[str, Any],
+               normalization: Normalization, step: int = 0, extra: Optional[Dict] = None) -> str:
+    """Weights alone (no training state), as a checkpoint every reader of the package accepts."""
+    if os.path.exists(directory) and os.listdir(directory):
+        raise UserError(f"output directory {directory!r} is not empty; choose a new --out")
+    meta = metadata(model_name, model_options, normalization, extra)
+    with manager(directory, async_save=False) as mngr:
+        mngr.save(step, args=ocp.args.Composite(
+            model=ocp.args.StandardSave({"params": variables["params"],
+                                         "batch_stats": variables.get("batch_stats", {})}),
+            metadata=ocp.args.JsonSave(meta)))
+    return directory
+
+
+def metadata(model_name, model_options, normalization: Normalization, extra=None) -> Dict:
+    return dict(model=model_name, model_options=dict(model_options or {}),
+                normalization=normalization.to_json(), resnet_jax=resnet_jax.__version__,
+                **(extra or {}))
+
+
+def latest_step(directory: str, step: Optional[int] = None) -> int:
+    if not os.path.isdir(directory):
+        raise UserError(f"checkpoint directory {directory!r} does not exist")
+    with manager(directory, read_only=True) as mngr:
+        steps = mngr.all_steps()
+    if not steps:
+        raise UserError(f"no checkpoint in {directory!r}; pass a training workdir or the --out of "
+                        "resnet_jax.convert")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise UserError(f"no step {step} in {directory!r}; it has steps {steps}")
+    return step
+
+
+def read_metadata(directory: str, step: Optional[int] = None) -> Dict:
+    step = latest_step(directory, step)
+    with manager(directory, read_only=True) as mngr:
+        return mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+
+def abstract_variables(model: nn.Module, image_size: int = 32):
+    """Shapes and dtypes of {'params', 'batch_stats'}, on one device, without computing anything."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
+
+
+def load_model(directory: str, step: Optional[int] = None) -> LoadedModel:
+    """The model, its variables and its normalisation from a workdir or converted weights."""
+    step = latest_step(directory, step)
+    meta = read_metadata(directory, step)
+    model = resnet_jax.create_model(meta["model"], **meta.get("model_options", {}))
+    target = abstract_variables(model, meta.get("image_size", 32))
+    try:
+        with manager(directory, read_only=True) as mngr:
+            restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+    except (ValueError, KeyError) as e:
+        raise UserError(f"checkpoint {directory!r} step {step} does not fit model {meta['model']!r} "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    return LoadedModel(model, dict(restored["model"]), Normalization.from_json(meta["normalization"]),
+                       meta, step)

@@ -1,0 +1,143 @@
+"""Where images come from: `cifar10` (tfds; downloads where there is internet), `folder:PATH`
+(ImageFolder layout `PATH/<split>/<class>/*`, classes in sorted order), or `synthetic[:N]`.
+
+CIFAR-sized splits are small (150 MB of uint8 for 50k images), so a source hands back the whole
+split as numpy arrays: training keeps it in device memory and augments there, and evaluation
+pads the last batch instead of dropping it. A decoded folder is cached as .npy beside nothing of
+the user's: under $RESNET_JAX_CACHE (default ~/.cache/resnet_jax), keyed by path, file count and
+modification times, so a changed folder is decoded again.
+"""
+import dataclasses
+import hashlib
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+
+from resnet_jax.errors import UserError
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    labels: np.ndarray  # int32 [N]
+    num_classes: int
+    name: str  # e.g. "folder:/data/cifar10-jpeg:test"
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def parse_source(source: str) -> Tuple[str, Optional[str]]:
+    """'cifar10' -> ('tfds', 'cifar10'); 'folder:P' -> ('folder', P); 'synthetic:N' -> ..."""
+    kind, _, arg = source.partition(":")
+    if kind == "folder":
+        if not arg:
+            raise UserError("--data folder: needs a path, e.g. folder:../shared/data/cifar10-jpeg")
+        return "folder", os.path.expanduser(arg)
+    if kind == "synthetic":
+        return "synthetic", arg or None
+    if kind == "tfds":
+        return "tfds", arg or "cifar10"
+    if not arg:
+        return "tfds", kind
+    raise UserError(f"unknown data source {source!r}; use a tfds name such as cifar10, "
+                    "folder:PATH or synthetic[:N]")
+
+
+def load(source: str, split: str, *, data_dir: Optional[str] = None, image_size: int = 32,
+         num_classes: int = 10) -> Dataset:
+    """The whole `split` of `source` as uint8 images and int32 labels."""
+    kind, arg = parse_source(source)
+    if kind == "folder":
+        return _load_folder(arg, split)
+    if kind == "synthetic":
+        return _synthetic(split, int(arg) if arg else 256, image_size, num_classes)
+    return _load_tfds(arg, split, data_dir)
+
+
+def _synthetic(split, count, image_size, num_classes) -> Dataset:
+    # Labels depend on the images (the mean of a fixed channel), so a model can learn them.
+    rng = np.random.default_rng(abs(hash(split)) % (2**32) if split != "train" else 0)
+    images = rng.integers(0, 256, (count, image_size, image_size, 3), dtype=np.uint8)
+    score = images[..., 0].reshape(count, -1).mean(1)
+    edges = np.quantile(score, np.linspace(0, 1, num_classes + 1)[1:-1])
+    labels = np.searchsorted(edges, score).astype(np.int32)
+    return Dataset(images, labels, num_classes, f"synthetic:{count}:{split}")
+
+
+def _folder_files(root: str, split: str):
+    if not os.path.isdir(root):
+        raise UserError(f"data folder {root!r} does not exist; pass folder:PATH with "
+                        "PATH/<split>/<class>/*.jpg")
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        have = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        raise UserError(f"split {split!r} not found in {root!r} (it has: {', '.join(have) or 'nothing'})")
+    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    files = [(os.path.join(split_dir, c, f), label) for label, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(split_dir, c)))
+             if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise UserError(f"no images in {split_dir!r}; expected {split_dir}/<class>/*.jpg")
+    return classes, files
+
+
+def _cache_path(split_dir: str, files) -> str:
+    h = hashlib.sha1(os.path.abspath(split_dir).encode())
+    for path, label in files:
+        h.update(f"{path}\0{label}\0{os.stat(path).st_mtime_ns}\n".encode())
+    root = os.environ.get("RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax"))
+    return os.path.join(root, f"folder-{h.hexdigest()[:16]}.npz")
+
+
+def _decode(path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read image {path!r} ({e.__class__.__name__}); remove or replace it") from None
+
+
+def _load_folder(root: str, split: str) -> Dataset:
+    classes, files = _folder_files(root, split)
+    name = f"folder:{root}:{split}"
+    cache = _cache_path(os.path.join(root, split), files)
+    if os.path.exists(cache):
+        with np.load(cache, allow_pickle=False) as z:
+            return Dataset(z["images"], z["labels"], len(classes), name)
+    images = [_decode(p) for p, _ in files]
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise UserError(f"images in {root}/{split} differ in size ({sorted(shapes)[:3]}...); "
+                        "resize them to one size first")
+    images = np.stack(images)
+    labels = np.asarray([label for _, label in files], np.int32)
+    try:  # the cache is an optimisation: a read-only home must not stop the run
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = cache + f".{os.getpid()}.tmp.npz"
+        np.savez(tmp, images=images, labels=labels)
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return Dataset(images, labels, len(classes), name)
+
+
+def _load_tfds(name: str, split: str, data_dir: Optional[str]) -> Dataset:
+    import tensorflow_datasets as tfds
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        builder.download_and_prepare()
+        data = builder.as_data_source(split=split)
+        images = np.stack([ex["image"] for ex in data])
+        labels = np.asarray([ex["label"] for ex in data], np.int32)
+    except Exception as e:  # tfds raises many kinds; the user needs the source and the fix
+        raise UserError(f"tfds could not load {name!r} split {split!r} ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); without internet use "
+                        "--data folder:PATH") from None
+    return Dataset(images, labels, builder.info.features["label"].num_classes, f"{name}:{split}")

@@ -1,0 +1,178 @@
+"""The paper's building blocks: conv, BN, the response tap, shortcuts A/B/C, basic and bottleneck
+blocks, and a stage of blocks.
+
+Blocks take `conv` and `norm` by injection (as in flax's examples/imagenet), so one definition
+serves train/eval BN, float32/bfloat16 and the backend's fastest convolution.
+"""
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+# He et al. 2015 (the paper's ref. [13]): zero-mean Gaussian, std sqrt(2 / fan_in); untruncated,
+# as PyTorch's kaiming_normal_, so a network initialised here starts like the reference ones.
+he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+# PyTorch's BatchNorm2d defaults: eps 1e-5, running = 0.9 * running + 0.1 * batch.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def conv_padding(kernel_size: int):
+    """PyTorch/Caffe's symmetric `k // 2` padding; 'SAME' pads a stride-2 conv asymmetrically,
+    which shifts the sampling grid and breaks imported weights."""
+    return ((kernel_size // 2, kernel_size // 2),) * 2
+
+
+class Conv(nn.Conv):
+    """nn.Conv with the paper's defaults: no bias (BN follows), He init, symmetric padding."""
+
+    use_bias: bool = False
+    kernel_init: Callable = he_normal
+
+    def __post_init__(self):
+        if self.padding == "SAME":
+            k = self.kernel_size[0] if isinstance(self.kernel_size, (tuple, list)) else self.kernel_size
+            object.__setattr__(self, "padding", conv_padding(k))
+        super().__post_init__()
+
+
+class Response(nn.Module):
+    """Identity marker on a 3x3 conv layer's response: its BN output, before ReLU and before the
+    residual addition (the quantity of the paper's Fig. 7). `responses.capture_responses` records
+    exactly the outputs of these modules through `capture_intermediates`."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x
+
+
+class Shortcut(nn.Module):
+    """The paper's shortcut options (Sec. 3.3): A, identity with zero-padding for new channels;
+    B, projection only where the shape changes; C, projection everywhere."""
+
+    features: int
+    strides: int
+    option: str
+    conv: ModuleDef
+    norm: ModuleDef
+
+    @nn.compact
+    def __call__(self, x):
+        reshape = self.strides != 1 or x.shape[-1] != self.features
+        if self.option == "C" or (self.option == "B" and reshape):
+            x = self.conv(self.features, (1, 1), self.strides, padding="VALID", name="conv")(x)
+            return self.norm(name="bn")(x)
+        if not reshape:
+            return x
+        # Option A as the public PyTorch reproduction has it (and so its trained weights load):
+        # subsample by taking every `strides`-th pixel, put the identity in the middle channels.
+        x = x[:, :: self.strides, :: self.strides, :]
+        extra = self.features - x.shape[-1]
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (Fig. 2 / Fig. 5 left); `residual=False` gives the plain counterpart."""
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    residual: bool = True
+    shortcut: str = "A"
+    act: Callable = nn.relu
+    zero_init_last: bool = False
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x):
+        y = self.conv(self.features, (3, 3), self.strides, name="conv1")(x)
+        y = Response(name="response1")(self.norm(name="bn1")(y))
+        y = self.act(y)
+        y = self.conv(self.features, (3, 3), name="conv2")(y)
+        scale_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+        y = Response(name="response2")(self.norm(name="bn2", scale_init=scale_init)(y))
+        if self.residual:
+            y = y + Shortcut(self.features, self.strides, self.shortcut, self.conv, self.norm,
+                             name="shortcut")(x)
+        return self.act(y)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (Fig. 5 right). `stride_in_3x3=False` is the paper's layout
+    (the stride in the first 1x1 conv); True is torchvision's "v1.5"."""
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    residual: bool = True
+    shortcut: str = "B"
+    act: Callable = nn.relu
+    zero_init_last: bool = False
+    stride_in_3x3: bool = False
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x):
+        s1, s3 = (1, self.strides) if self.stride_in_3x3 else (self.strides, 1)
+        y = self.conv(self.features, (1, 1), s1, padding="VALID", name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.features, (3, 3), s3, name="conv2")(y)
+        y = self.act(Response(name="response2")(self.norm(name="bn2")(y)))
+        out = self.features * self.expansion
+        y = self.conv(out, (1, 1), padding="VALID", name="conv3")(y)
+        scale_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+        y = self.norm(name="bn3", scale_init=scale_init)(y)
+        if self.residual:
+            y = y + Shortcut(out, self.strides, self.shortcut, self.conv, self.norm,
+                             name="shortcut")(x)
+        return self.act(y)
+
+
+def _apply_block(block, x, _):
+    return block(x), None
+
+
+class Stage(nn.Module):
+    """A stage of `num_blocks` blocks (a row of Table 1): `block0` may change the shape; the
+    identical rest run as one `nn.scan` (`blocks`, parameters stacked on a leading axis), which
+    compiles once however deep the net: unrolled, ResNet-1202 takes minutes to compile."""
+
+    block: ModuleDef  # a block class partially applied with everything but features/strides
+    features: int
+    num_blocks: int
+    strides: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = self.block(self.features, self.strides, name="block0")(x)
+        if self.num_blocks > 1:
+            scan = nn.scan(_apply_block, variable_axes={True: 0},
+                           split_rngs={"params": True, "dropout": True},
+                           length=self.num_blocks - 1)
+            x, _ = scan(self.block(self.features, 1, name="blocks"), x, None)
+        return x
+
+
+def make_conv_norm(train: bool, dtype, param_dtype, bn_momentum: float, bn_epsilon: float,
+                   conv_general_dilated: Optional[Callable] = None):
+    """The conv and norm that every block of one network shares."""
+    conv_kw = dict(dtype=dtype, param_dtype=param_dtype)
+    if conv_general_dilated is not None:
+        conv_kw["conv_general_dilated"] = conv_general_dilated
+    conv = functools.partial(Conv, **conv_kw)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=bn_momentum,
+                             epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype)
+    return conv, norm
+
+
+def global_average_pool(x):
+    return jnp.mean(x, axis=(1, 2))
+
