@@ -40,11 +40,9 @@ Exit status: 0 when every process succeeded, else the status of the first proces
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 2; }
-
-if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
-  die "bash >= 5.1 is needed (for 'wait -n -p'); this is ${BASH_VERSION}"
-fi
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+need_bash_5_1
 
 num_processes=2
 devices=2
@@ -53,8 +51,6 @@ log_dir=""
 grace=10
 python="${PYTHON:-python3}"
 command=()
-
-positive_int() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, not '$2'"; }
 
 while (($#)); do
   case "$1" in
@@ -87,47 +83,18 @@ export JAX_NUM_PROCESSES="$num_processes"
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}"
 
-pids=()
-stop_all() {
-  local signal="$1" pid
-  for pid in "${pids[@]}"; do kill "-$signal" "$pid" 2>/dev/null || true; done
-}
-# Ctrl-C or a SIGTERM to the launcher reaches every process (each may save a checkpoint).
-trap 'stop_all TERM' INT TERM
-
+PIDS=()
+# shellcheck disable=SC2317  # called by supervise
+stop_process() { kill "-$2" "${PIDS[$1]}"; }
 for ((i = 0; i < num_processes; i++)); do
   log="/dev/null"
   [[ -n "$log_dir" ]] && log="${log_dir}/process_${i}.log"
-  # exec: the pid we record is the process itself, so killing it kills the JAX process.
-  (export JAX_PROCESS_ID="$i"; exec "${command[@]}") \
-    > >(tee "$log" | sed -u "s/^/[${i}] /") 2>&1 &
-  pids+=("$!")
-  [[ -n "$log_dir" ]] && echo "$!" > "${log_dir}/process_${i}.pid"
+  spawn "$i" "$log" env "JAX_PROCESS_ID=${i}" "${command[@]}"
+  PIDS+=("$SPAWNED_PID")
+  if [[ -n "$log_dir" ]]; then echo "$SPAWNED_PID" > "${log_dir}/process_${i}.pid"; fi
 done
 echo "local_multiprocess: ${num_processes} processes x ${devices} CPU devices," \
-     "coordinator ${JAX_COORDINATOR_ADDRESS}, pids ${pids[*]}" >&2
-
+     "coordinator ${JAX_COORDINATOR_ADDRESS}, pids ${PIDS[*]}" >&2
 status=0
-running=("${pids[@]}")
-while ((${#running[@]})); do
-  finished=""
-  code=0
-  wait -n -p finished "${running[@]}" || code=$?
-  [[ -n "$finished" ]] || continue  # a trapped signal interrupted wait; keep waiting
-  remaining=()
-  for pid in "${running[@]}"; do [[ "$pid" == "$finished" ]] || remaining+=("$pid"); done
-  running=("${remaining[@]+"${remaining[@]}"}")
-  if ((code != 0 && status == 0)); then
-    status=$code
-    echo "local_multiprocess: process with pid ${finished} exited with status ${code};" \
-         "stopping the others" >&2
-    pids=("${running[@]+"${running[@]}"}")
-    stop_all TERM
-    # SIGKILL whoever is still there after the grace period.
-    ( sleep "$grace"; for pid in "${pids[@]+"${pids[@]}"}"; do kill -KILL "$pid" 2>/dev/null || true; done ) &
-    killer=$!
-  fi
-done
-if [[ -n "${killer:-}" ]]; then kill "$killer" 2>/dev/null || true; fi
-wait  # let the output filters drain
+supervise "$grace" || status=$?
 exit "$status"

@@ -57,7 +57,8 @@ Example, a Spot v4-32 slice (4 hosts, 16 chips) training ResNet-110 on CIFAR-10:
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 2; }
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 name="${TPU_NAME:-resnet-jax}"
 zone="${TPU_ZONE:-}"
@@ -119,15 +120,8 @@ common=()
 [[ -n "$zone" ]] && common+=("--zone=${zone}")
 [[ -n "$project" ]] && common+=("--project=${project}")
 
-# Print a command the way a shell would read it back, then run it. With --dry-run the commands
+# Print a command, then run it. With --dry-run the commands
 # (and a comment line saying what each is for) go to stdout and nothing runs.
-quote() {
-  local arg out=()
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$arg"); else out+=("'${arg//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
 run() {
   local why="$1"; shift
   if ((dry_run)); then
