@@ -10,6 +10,7 @@ modification times, so a changed folder is decoded again.
 import dataclasses
 import hashlib
 import os
+import zlib
 from typing import Optional, Tuple
 
 import numpy as np
@@ -62,7 +63,8 @@ def load(source: str, split: str, *, data_dir: Optional[str] = None, image_size:
 
 def _synthetic(split, count, image_size, num_classes) -> Dataset:
     # Labels depend on the images (the mean of a fixed channel), so a model can learn them.
-    rng = np.random.default_rng(abs(hash(split)) % (2**32) if split != "train" else 0)
+    # crc32, not hash(): str hashes differ from process to process, and so would the split
+    rng = np.random.default_rng(zlib.crc32(split.encode()) if split != "train" else 0)
     images = rng.integers(0, 256, (count, image_size, image_size, 3), dtype=np.uint8)
     score = images[..., 0].reshape(count, -1).mean(1)
     edges = np.quantile(score, np.linspace(0, 1, num_classes + 1)[1:-1])
@@ -141,3 +143,24 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str]) -> Dataset:
                         f"{str(e).splitlines()[0] if str(e) else ''}); without internet use "
                         "--data folder:PATH") from None
     return Dataset(images, labels, builder.info.features["label"].num_classes, f"{name}:{split}")
+
+
+def holdout(dataset: Dataset, count: int, seed: int = 0) -> Tuple[Dataset, Dataset]:
+    """(train, val): `count` images drawn at random (fixed by `seed`) as the validation set, the
+    rest for training; the paper's 45k/5k split of CIFAR-10's training set is holdout(train, 5000)."""
+    if not 0 < count < len(dataset):
+        raise UserError(f"cannot hold out {count} of {len(dataset)} images of {dataset.name}; "
+                        f"choose 0 < holdout < {len(dataset)}")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    val, train = np.sort(order[:count]), np.sort(order[count:])
+    part = lambda idx, tag: Dataset(dataset.images[idx], dataset.labels[idx], dataset.num_classes,
+                                    f"{dataset.name}[{tag}]")
+    return part(train, f"-{count}"), part(val, f"holdout{count}")
+
+
+def mean_image(images: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """The per-pixel mean (Sec. 4.2) of uint8 [N, H, W, C] images, float32 [H, W, C] in [0, 1]."""
+    total = np.zeros(images.shape[1:], np.float64)
+    for start in range(0, len(images), chunk):
+        total += images[start:start + chunk].sum(0, dtype=np.float64)
+    return (total / (255.0 * len(images))).astype(np.float32)
