@@ -8,8 +8,9 @@ A converted PyTorch net and a training workdir are the same kind of directory, s
 analysis read both through `load_model`.
 """
 import dataclasses
+import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -53,8 +54,10 @@ class LoadedModel:
 
 
 def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: Optional[str] = None,
-            keep_best: int = 0, read_only: bool = False, async_save: bool = True) -> ocp.CheckpointManager:
-    """The one CheckpointManager construction of the package."""
+            keep_best: int = 0, read_only: bool = False, async_save: bool = True,
+            item_handlers: Optional[Dict[str, Any]] = None) -> ocp.CheckpointManager:
+    """The one CheckpointManager construction of the package. `item_handlers` (name -> handler)
+    replaces the lazily registered items, for reading item metadata before any restore."""
     policy = None
     if best_metric and keep_best:
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
@@ -66,6 +69,9 @@ def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: O
         max_to_keep=max_to_keep, read_only=read_only, create=not read_only,
         save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
         preservation_policy=policy)
+    if item_handlers is not None:
+        return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                     item_handlers=item_handlers)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
 
 
@@ -118,12 +124,63 @@ def abstract_variables(model: nn.Module, image_size: int = 32):
                         {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
 
 
+def stored_shapes(directory: str, step: int) -> Dict[str, Tuple[int, ...]]:
+    """{'params/stage2/blocks/conv1/kernel': shape, ...} of the `model` item, read from orbax's
+    item metadata without restoring any array."""
+    handlers = {"model": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+    with manager(directory, read_only=True, item_handlers=handlers) as mngr:
+        tree = mngr.item_metadata(step)["model"]
+    if tree is None:
+        raise UserError(f"checkpoint {directory!r} step {step} holds no model weights")
+    return _flat_shapes(tree)
+
+
+def _flat_shapes(tree) -> Dict[str, Tuple[int, ...]]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _shape_mismatches(stored: Dict[str, Tuple[int, ...]], wanted: Dict[str, Tuple[int, ...]]):
+    """['params/fc/kernel (64, 10) where the model has (64, 100)', 'params/x absent', ...]."""
+    out = [f"{name} absent" if name not in stored else
+           f"{name} {stored[name]} where the model has {shape}"
+           for name, shape in sorted(wanted.items(), key=lambda kv: not kv[0].startswith("params/"))
+           if stored.get(name) != shape]
+    return out + [f"{name} not in the model" for name in stored if name not in wanted]
+
+
+def _guess_stored_model(stored, model: nn.Module, model_name: str, options: Dict) -> str:
+    """The zoo's net of the same family and options whose shapes are exactly `stored`, or ''."""
+    family = model_name.rstrip("0123456789")
+    for name in sorted(resnet_jax.list_models(), key=lambda n: not n.startswith(family)):
+        if name == model_name:
+            continue
+        try:
+            other = resnet_jax.create_model(name, **options)
+        except resnet_jax.UnknownModelError:
+            continue
+        if type(other) is type(model) and _flat_shapes(abstract_variables(other)) == stored:
+            return name
+    return ""
+
+
 def load_model(directory: str, step: Optional[int] = None) -> LoadedModel:
     """The model, its variables and its normalisation from a workdir or converted weights."""
     step = latest_step(directory, step)
     meta = read_metadata(directory, step)
     model = resnet_jax.create_model(meta["model"], **meta.get("model_options", {}))
     target = abstract_variables(model, meta.get("image_size", 32))
+    # Compare shapes first: a mismatched restore fails deep inside orbax's async machinery and
+    # leaves 'Event loop is closed' tracebacks on stderr at exit.
+    stored = stored_shapes(directory, step)
+    problems = _shape_mismatches(stored, _flat_shapes(target))
+    if problems:
+        options = meta.get("model_options", {})
+        guess = _guess_stored_model(stored, model, meta["model"], options)
+        raise UserError(
+            f"checkpoint {directory!r} step {step} holds {guess or 'other'} weights but its "
+            f"metadata names {meta['model']}{options or ''}: {len(problems)} parameters differ, "
+            f"first {'; '.join(problems[:3])}")
     try:
         with manager(directory, read_only=True) as mngr:
             restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
@@ -132,3 +189,29 @@ def load_model(directory: str, step: Optional[int] = None) -> LoadedModel:
                         f"({str(e).splitlines()[0][:200]})") from None
     return LoadedModel(model, dict(restored["model"]), Normalization.from_json(meta["normalization"]),
                        meta, step)
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops orbax's progress chatter and its notes that a directory opened read-only is read-only."""
+
+    NOTES = ("Given directory is read only", "read_only=True, setting save_interval_steps",
+             "was found in the checkpoint, but could not be restored")
+
+    def filter(self, record):
+        if not record.pathname or "orbax" not in record.pathname:
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        return not any(note in record.getMessage() for note in self.NOTES)
+
+
+def quiet_orbax():
+    """For CLIs: keep stderr to what the user needs. Orbax logs every step of a save or restore
+    through absl at INFO, and warns that a directory opened read-only is read-only; an explicit
+    --verbosity still shows everything but those warnings."""
+    from absl import flags, logging as absl_logging
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+        logger.addFilter(_QuietOrbax())
+    if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
