@@ -1,0 +1,265 @@
+"""PyTorch ResNet state dicts -> checkpoints of this package.
+
+    python -m resnet_jax.convert ../shared/data/pretrained/akamaster-cifar10/resnet20.npz \
+        --model resnet20 --out /tmp/resnet20
+    python -m resnet_jax.convert resnet50.pth --model resnet50 --out /tmp/resnet50
+
+Two key namings are recognised from the keys themselves:
+  cifar        the public CIFAR reproduction (akamaster/pytorch_resnet_cifar10): `layer{s}.{i}.conv1`,
+               option-A shortcuts (no weights) or option B as `shortcut.{0,1}`, head `linear`;
+  torchvision  torchvision.models.resnet*: `layer{s}.{i}.downsample.{0,1}`, head `fc`; bottleneck
+               nets in its "v1.5" layout (stride in the 3x3 conv), which is set on the model.
+Block i > 0 of a stage lands at index i - 1 of the stage's scanned `blocks` parameters.
+
+`.npz` is read with numpy (never pickle); `.pt/.pth/.th` only through torch with
+`weights_only=True`, so an untrusted file cannot run code either way.
+"""
+import ast
+import os
+import re
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from absl import app, flags
+from flax import traverse_util
+
+import resnet_jax
+from resnet_jax import checkpoint
+from resnet_jax.errors import UserError, exit_on_user_error
+from resnet_jax.models.cifar import CifarResNet
+from resnet_jax.models.imagenet import ImageNetResNet, STAGE_SIZES
+
+# Both families were trained on RGB in [0, 1] normalised with ImageNet's statistics (the CIFAR
+# reproduction too, see its README).
+IMAGENET_NORMALIZATION = checkpoint.Normalization(mean=(0.485, 0.456, 0.406),
+                                                  std=(0.229, 0.224, 0.225))
+FORMATS = {"cifar": dict(head="linear", shortcut="shortcut", image_size=32),
+           "torchvision": dict(head="fc", shortcut="downsample", image_size=224)}
+TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin")
+_SHOWN = 3  # keys named per kind of problem; the rest are counted
+
+
+def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+    """{key: float array} from a `.npz`, or through torch from a `.pt/.pth/.th`; a `module.`
+    prefix (DataParallel) is dropped and a {'state_dict': ...} wrapper opened."""
+    if not os.path.isfile(path):
+        raise UserError(f"state dict file {path!r} does not exist")
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                state = {k: z[k] for k in z.files}
+        except ValueError as e:  # object arrays need pickle, which we refuse
+            raise UserError(f"cannot read {path!r} without pickle ({e}); save plain arrays with "
+                            "numpy.savez") from None
+        except (OSError, EOFError) as e:
+            raise UserError(f"{path!r} is not a readable .npz ({e})") from None
+    elif path.endswith(TORCH_SUFFIXES):
+        state = _read_torch(path)
+    else:
+        raise UserError(f"unknown state dict file type {path!r}; use .npz, or "
+                        f"{'/'.join(TORCH_SUFFIXES)} with torch installed")
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    # PyTorch's BN step counter carries no weights.
+    return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def _read_torch(path: str) -> Dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"reading {path!r} needs PyTorch: pip install torch, or convert it to "
+                        ".npz (numpy.savez(out, **{k: v.numpy() for k, v in sd.items()}))") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a bad or unsafe file
+        raise UserError(f"torch cannot read {path!r} with weights_only=True "
+                        f"({e.__class__.__name__}: {str(e).splitlines()[0][:150]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path!r} holds no state dict (a dict of tensors, or "
+                        "{'state_dict': ...})")
+    return {k: v.detach().cpu().float().numpy() for k, v in obj.items()}
+
+
+def detect_format(state: Dict[str, np.ndarray]) -> str:
+    """'cifar' or 'torchvision', from the head's name."""
+    for fmt, spec in FORMATS.items():
+        if f"{spec['head']}.weight" in state and "conv1.weight" in state:
+            return fmt
+    raise UserError("unrecognised state dict: expected conv1.weight and linear.weight (CIFAR "
+                    "reproduction) or fc.weight (torchvision); it has "
+                    f"{', '.join(sorted(state)[:_SHOWN])}{'...' if len(state) > _SHOWN else ''}")
+
+
+def guess_models(state: Dict[str, np.ndarray], fmt: str) -> List[str]:
+    """The zoo's names whose layout the keys describe (for error messages)."""
+    blocks = {}
+    for key in state:
+        m = re.match(r"layer(\d+)\.(\d+)\.", key)
+        if m:
+            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+    sizes = tuple(blocks[s] for s in sorted(blocks))
+    if fmt == "cifar":
+        if len(sizes) != 3 or len(set(sizes)) != 1:
+            return []
+        return [f"resnet{6 * sizes[0] + 2}", f"plain{6 * sizes[0] + 2}"]
+    bottleneck = any(".conv3." in k for k in state)
+    return [f"resnet{d}" for d, s in STAGE_SIZES.items() if s == sizes and (d >= 50) == bottleneck]
+
+
+def _torch_name(path: Tuple[str, ...], fmt: str, block: Optional[int]) -> str:
+    """('params', 'stage2', 'blocks', 'shortcut', 'bn', 'scale'), block 3 -> 'layer2.4.shortcut.1.weight'."""
+    collection, *modules, leaf = path
+    spec = FORMATS[fmt]
+    out = []
+    for i, name in enumerate(modules):
+        if name.startswith("stage"):
+            out.append("layer" + name[len("stage"):])
+        elif name == "block0":
+            out.append("0")
+        elif name == "blocks":
+            out.append(str(block + 1))
+        elif name == "shortcut":
+            out.append(spec["shortcut"])
+        elif i > 0 and modules[i - 1] == "shortcut":
+            out.append({"conv": "0", "bn": "1"}[name])
+        elif name == "fc":
+            out.append(spec["head"])
+        else:
+            out.append(name)
+    out.append({("params", "kernel"): "weight", ("params", "scale"): "weight",
+                ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
+                ("batch_stats", "var"): "running_var"}[(collection, leaf)])
+    return ".".join(out)
+
+
+def _to_flax(array: np.ndarray) -> np.ndarray:
+    """PyTorch layout -> Flax layout: conv OIHW -> HWIO, linear (out, in) -> (in, out)."""
+    if array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if array.ndim == 2:
+        return array.T
+    return array
+
+
+def _torch_shape(flax_shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    if len(flax_shape) == 4:
+        return tuple(flax_shape[i] for i in (3, 2, 0, 1))
+    return tuple(reversed(flax_shape))
+
+
+def _listing(items: List[str]) -> str:
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
+
+
+def convert_state_dict(state: Dict[str, np.ndarray], model_name: str, options: Optional[Dict] = None,
+                       source: str = "state dict"):
+    """-> (variables {'params', 'batch_stats'}, model options, format) for `model_name`.
+
+    Every variable of the model must come from exactly one key of the right shape and every key
+    must be used; otherwise a UserError names the missing, mismatched and unexpected keys."""
+    fmt = detect_format(state)
+    options = dict(options or {})
+    options.setdefault("num_classes", int(state[f"{FORMATS[fmt]['head']}.weight"].shape[0]))
+    model = resnet_jax.create_model(model_name, **options)
+    if not isinstance(model, (CifarResNet, ImageNetResNet)):
+        raise UserError(f"convert reads ResNets and plain nets, not {model_name!r}")
+    if fmt == "torchvision" and isinstance(model, ImageNetResNet) and model.bottleneck:
+        if "stride_in_3x3" not in options:  # torchvision's layout, unless the user says otherwise
+            options["stride_in_3x3"] = True
+            model = resnet_jax.create_model(model_name, **options)
+    target = traverse_util.flatten_dict(
+        checkpoint.abstract_variables(model, FORMATS[fmt]["image_size"]))
+
+    flat, used, missing, mismatched = {}, set(), [], []
+    for path, leaf in target.items():
+        stacked = "blocks" in path
+        blocks = range(leaf.shape[0]) if stacked else [None]
+        shape = leaf.shape[1:] if stacked else leaf.shape
+        arrays = []
+        for b in blocks:
+            key = _torch_name(path, fmt, b)
+            if key not in state:
+                missing.append(key)
+                continue
+            used.add(key)
+            if tuple(state[key].shape) != _torch_shape(shape):
+                mismatched.append(f"{key} {tuple(state[key].shape)} where {model_name} needs "
+                                  f"{_torch_shape(shape)}")
+                continue
+            arrays.append(_to_flax(np.asarray(state[key])).astype(leaf.dtype))
+        if len(arrays) == len(blocks):
+            flat[path] = np.stack(arrays) if stacked else arrays[0]
+    unexpected = sorted(set(state) - used)
+    if missing or mismatched or unexpected:
+        guess = [g for g in guess_models(state, fmt) if g != model_name]
+        problems = [f"{n} {what} ({_listing(keys)})" for n, what, keys in (
+            (len(missing), "missing keys", sorted(missing)), (len(mismatched), "keys of another shape", mismatched),
+            (len(unexpected), "unexpected keys", unexpected)) if n]
+        hint = f"; the keys look like {' or '.join(guess)}: pass --model {guess[0]}" if guess else ""
+        raise UserError(f"{source} ({fmt} naming) does not fit {model_name}: "
+                        f"{'; '.join(problems)}{hint}")
+    variables = traverse_util.unflatten_dict(flat)
+    variables.setdefault("batch_stats", {})
+    return variables, options, fmt
+
+
+def convert(source: str, model_name: str, out: str, options: Optional[Dict] = None) -> str:
+    """Read `source`, convert it for `model_name`, save it as a checkpoint at `out`."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"output directory {out!r} is not empty; choose a new --out")
+    state = read_state_dict(source)
+    variables, options, fmt = convert_state_dict(state, model_name, options, source)
+    return checkpoint.save_model(
+        out, variables, model_name=model_name, model_options=options,
+        normalization=IMAGENET_NORMALIZATION,
+        extra=dict(source=os.path.abspath(source), format=fmt,
+                   image_size=FORMATS[fmt]["image_size"]))
+
+
+def parse_options(pairs: List[str]) -> Dict:
+    """['shortcut=B', 'num_classes=100'] -> {'shortcut': 'B', 'num_classes': 100}."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option {pair!r} is not key=value, e.g. --option shortcut=B")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value  # a bare word such as B
+    return options
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defined when the CLI runs, not on import: other modules' CLIs use some of the same names."""
+    flags.DEFINE_string("model", None, "the zoo's name of the net, e.g. resnet20 or resnet50")
+    flags.DEFINE_string("out", None, "checkpoint directory to create (must be new or empty)")
+    flags.DEFINE_multi_string("option", [], "model option key=value (repeatable), e.g. shortcut=B")
+
+
+def main(argv):
+    with exit_on_user_error():
+        if len(argv) != 2:
+            raise UserError("name one state dict file: python -m resnet_jax.convert SOURCE "
+                            "--model NAME --out CKPT_DIR")
+        if not FLAGS.model or not FLAGS.out:
+            raise UserError(f"--model and --out are required (models: "
+                            f"{', '.join(resnet_jax.list_models())})")
+        checkpoint.quiet_orbax()
+        out = convert(argv[1], FLAGS.model, FLAGS.out, parse_options(FLAGS.option))
+        print(f"wrote {FLAGS.model} to {out}")
+
+
+def run():
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
