@@ -67,18 +67,24 @@ def capture_responses(model: nn.Module, variables, images, *, train: bool = Fals
     return {_layer_name(path): r for path, r in _in_depth_order(state["intermediates"])}
 
 
-def response_moments(responses: Dict[str, jax.Array], *, per_channel: bool = False):
+def response_moments(responses: Dict[str, jax.Array], *, per_channel: bool = False, mask=None):
     """Per layer: count, mean and M2 (sum of squared deviations) of its response, in float32.
 
-    Pooled over N, H, W and C by default; `per_channel=True` keeps a C axis. These merge exactly
-    across batches with `merge_moments` (Chan et al.), so a split of any size streams through."""
+    Pooled over N, H, W and C by default; `per_channel=True` keeps a C axis. `mask` (bool [N])
+    leaves out padded rows, so a fixed-size last batch counts only its real images. These merge
+    exactly across batches with `merge_moments` (Chan et al.), so a split of any size streams
+    through."""
     moments = {}
     for name, r in responses.items():
         r = jnp.asarray(r, jnp.float32)
+        rows = jnp.ones(r.shape[0], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+        chex.assert_shape(rows, (r.shape[0],))
+        w = rows.reshape((-1,) + (1,) * (r.ndim - 1))
         axes = tuple(range(r.ndim - 1)) if per_channel else tuple(range(r.ndim))
-        count = jnp.asarray(r.size // (r.shape[-1] if per_channel else 1), jnp.float32)
-        mean = jnp.mean(r, axis=axes)
-        m2 = jnp.sum(jnp.square(r - mean), axis=axes)
+        per_row = r.size // r.shape[0] // (r.shape[-1] if per_channel else 1)
+        count = jnp.sum(rows) * per_row
+        mean = jnp.sum(r * w, axis=axes) / count
+        m2 = jnp.sum(w * jnp.square(r - mean), axis=axes)
         moments[name] = (count, mean, m2)
     return moments
 

@@ -1,0 +1,338 @@
+"""Checkpoints -> per-layer response statistics -> CSV/JSON, the paper's Figure 7 and a table.
+
+    python -m resnet_jax.analyze /runs/plain20=plain-20 /runs/resnet20=ResNet-20 \
+        --data folder:../shared/data/cifar10-jpeg --split test --out /tmp/fig7
+
+Each argument is a training workdir or a converted checkpoint, optionally `=LABEL` (default: the
+net's name, e.g. ResNet-20). A layer's response is its BN output before ReLU and the residual
+addition (`responses.capture_responses`); its std is accumulated batch by batch inside one jitted
+function per model, which returns per-layer moments and never the responses themselves, so memory
+does not grow with the number of images. Per-batch moments are merged on the host in float64
+(Chan et al.), one batch behind the device so the host never stalls it.
+
+Choices the paper leaves open, with their defaults:
+  --bn inference   BN with its running averages, as the trained net is used (`batch`: with the
+                   statistics of each batch of --batch_size images; then the std of a layer is
+                   sqrt(mean(gamma^2) + var(beta)) of its BN, whatever the weights before it);
+  --pool all       one std over all of N, H, W and C (`channel`: per channel, then averaged);
+  --include_stem   the first 3x3 conv (CIFAR nets) is layer 1, as the paper's plot seems to have;
+  --num_images     the whole split.
+"""
+import csv
+import dataclasses
+import json
+import os
+import re
+import shutil
+import statistics
+import tempfile
+from typing import Callable, Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from resnet_jax import checkpoint
+from resnet_jax.data import sources
+from resnet_jax.data.batching import padded_batches
+from resnet_jax.errors import UserError, exit_on_user_error
+from resnet_jax.responses import capture_responses, merge_moments, response_moments
+
+BN_MODES = ("inference", "batch")
+POOLS = ("all", "channel")
+COLUMNS = ("layer_index", "layer", "stage", "block", "kernel", "std", "mean", "count")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # labels name files too
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    batch_norm: str = "inference"
+    pool: str = "all"
+    include_stem: bool = True
+    batch_size: int = 250
+
+    def __post_init__(self):
+        if self.batch_norm not in BN_MODES:
+            raise UserError(f"--bn must be one of {', '.join(BN_MODES)}, not {self.batch_norm!r}")
+        if self.pool not in POOLS:
+            raise UserError(f"--pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch_size must be positive, not {self.batch_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: importable, no files.
+
+def batch_moments_fn(model, normalization: Callable, settings: Settings) -> Callable:
+    """The one jitted function of a model: (variables, uint8 images, mask) -> per-layer
+    (count, mean, M2) over the unmasked images of the batch. Reuse it across checkpoints of the
+    same net (compiled once)."""
+    train = settings.batch_norm == "batch"
+    rngs = {"dropout": jax.random.key(0)} if train else None  # VGG's dropout comes after the taps
+
+    def moments(variables, images, mask):
+        responses = capture_responses(model, variables, normalization(images), train=train,
+                                      rngs=rngs)
+        return response_moments(responses, per_channel=settings.pool == "channel", mask=mask)
+
+    return jax.jit(moments)
+
+
+def stream_moments(fn: Callable, variables, images: np.ndarray, settings: Settings) -> Dict:
+    """{layer: (count, mean, M2)} in float64 over all `images`, batch by batch."""
+    if len(images) == 0:
+        raise UserError("no images to analyse; check --num_images and the split")
+    total, pending = None, None
+    for batch, _, mask in padded_batches(images, np.zeros(len(images), np.int32),
+                                         settings.batch_size):
+        if settings.batch_norm == "batch" and not mask.all():
+            # Padding would join the batch statistics; run the remainder at its own size instead.
+            batch, mask = batch[mask], mask[mask]
+        current = fn(variables, batch, mask)  # dispatched; the host merges the previous batch
+        total = _merge_host(total, pending)
+        pending = current
+    return _merge_host(total, pending)
+
+
+def _merge_host(total, moments):
+    if moments is None:
+        return total
+    moments = {k: tuple(np.asarray(m, np.float64) for m in v) for k, v in jax.device_get(moments).items()}
+    if total is None:
+        return moments
+    return {k: merge_moments(total[k], moments[k]) for k in total}
+
+
+def layer_rows(moments: Dict, params, settings: Settings) -> List[Dict]:
+    """One row per 3x3 layer in depth order: COLUMNS. With per-channel pooling, std and mean are
+    the averages over channels of each channel's std and mean."""
+    rows = []
+    for layer, (count, mean, m2) in moments.items():
+        parts = layer.split("/")
+        if len(parts) == 1 and not settings.include_stem:
+            continue
+        block = next((int(p[5:]) for p in parts if re.fullmatch(r"block\d+", p)), None)
+        rows.append(dict(
+            layer_index=len(rows) + 1, layer=layer,
+            stage=parts[0] if parts[0].startswith("stage") else "stem",
+            block="" if block is None else block,
+            kernel="x".join(map(str, _kernel_shape(params, parts))),
+            std=float(np.mean(np.sqrt(m2 / count))), mean=float(np.mean(mean)),
+            count=int(np.sum(count))))
+    return rows
+
+
+def _kernel_shape(params, parts: Sequence[str]):
+    """HWIO shape of the conv whose response `parts` names; block b > 0 of a stage is index b - 1
+    of the stage's scanned `blocks`."""
+    node, stacked = params, False
+    for p in parts:
+        if re.fullmatch(r"block\d+", p) and p not in node:
+            node, stacked = node["blocks"], True
+        else:
+            node = node[p]
+    shape = tuple(np.shape(node["kernel"]))
+    return shape[1:] if stacked else shape
+
+
+def response_statistics(model, variables, normalization: Callable, images: np.ndarray,
+                        settings: Settings = Settings()) -> List[Dict]:
+    """Figure 7's numbers for one network: a row per 3x3 layer (see `layer_rows`)."""
+    fn = batch_moments_fn(model, normalization, settings)
+    return layer_rows(stream_moments(fn, variables, images, settings), variables["params"], settings)
+
+
+def summary_row(label: str, rows: List[Dict], baseline: Optional[List[Dict]]) -> Dict:
+    stds = [r["std"] for r in rows]
+    mean_std = statistics.fmean(stds)
+    ratio = mean_std / statistics.fmean(r["std"] for r in baseline) if baseline else 1.0
+    return dict(label=label, layers=len(stds), mean_std=mean_std,
+                median_std=statistics.median(stds), ratio=ratio)
+
+
+def format_table(summary: List[Dict], baseline: str) -> str:
+    lines = [f"{'model':<16}{'layers':>7}{'mean std':>10}{'median':>10}"
+             f"{'mean / ' + baseline:>{max(12, len(baseline) + 9)}}"]
+    for s in summary:
+        lines.append(f"{s['label']:<16}{s['layers']:>7}{s['mean_std']:>10.4f}"
+                     f"{s['median_std']:>10.4f}{s['ratio']:>{max(12, len(baseline) + 9)}.3f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: validate everything, compute everything, then write everything at once.
+
+@dataclasses.dataclass
+class Run:
+    path: str
+    label: str
+    loaded: checkpoint.LoadedModel
+    steps: List[int]  # the steps to draw over training; [loaded.step] without --over_training
+
+
+def display_name(model_name: str) -> str:
+    """'resnet20' -> 'ResNet-20', 'plain56' -> 'plain-56', as the paper's legends."""
+    m = re.fullmatch(r"(resnet|plain|vgg)(\d+)", model_name)
+    if not m:
+        return model_name
+    return {"resnet": "ResNet", "plain": "plain", "vgg": "VGG"}[m[1]] + "-" + m[2]
+
+
+def is_residual(model) -> bool:
+    return bool(getattr(model, "residual", False))
+
+
+def open_runs(specs: Sequence[str], step: Optional[int], over_training: bool) -> List[Run]:
+    """PATH[=LABEL] -> loaded runs, with every problem found before any work is done."""
+    if not specs:
+        raise UserError("name at least one training workdir or checkpoint, e.g. "
+                        "`python -m resnet_jax.analyze /tmp/resnet20=ResNet-20 --out /tmp/fig7`")
+    runs, seen = [], {}
+    for spec in specs:
+        path, _, label = spec.rpartition("=") if "=" in spec else (spec, "", "")
+        loaded = checkpoint.load_model(path, step)
+        label = label or display_name(loaded.metadata["model"])
+        if not _LABEL.match(label):
+            raise UserError(f"label {label!r} of {path!r} must be letters, digits, '.', '_', "
+                            "'+' or '-' (it names the output files)")
+        if label in seen:
+            raise UserError(f"label {label!r} given twice ({seen[label]!r} and {path!r}); "
+                            "name each as PATH=LABEL")
+        seen[label] = path
+        steps = [loaded.step]
+        if over_training:
+            with checkpoint.manager(path, read_only=True) as mngr:
+                steps = sorted(s for s in mngr.all_steps() if step is None or s <= step)
+        runs.append(Run(path, label, loaded, steps))
+    return runs
+
+
+def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
+            settings: Settings = Settings(), num_images: Optional[int] = None,
+            step: Optional[int] = None, over_training: bool = False,
+            baseline: Optional[str] = None) -> str:
+    """The whole command; returns the table it printed into `out`/table.txt."""
+    from resnet_jax import plots  # matplotlib only where figures are drawn
+
+    runs = open_runs(specs, step, over_training)
+    labels = [r.label for r in runs]
+    baseline = baseline or labels[0]
+    if baseline not in labels:
+        raise UserError(f"--baseline {baseline!r} is none of the labels: {', '.join(labels)}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out!r} is a file; name a directory")
+    dataset = sources.load(data, split)
+    if num_images is not None:
+        if not 0 < num_images <= len(dataset):
+            raise UserError(f"--num_images must be in 1..{len(dataset)} for {dataset.name}, "
+                            f"not {num_images}")
+    images = dataset.images[:num_images]
+
+    results, history = {}, {}
+    for run in runs:
+        fn = batch_moments_fn(run.loaded.model, run.loaded.normalization, settings)
+        for s in run.steps:
+            loaded = run.loaded if s == run.loaded.step else checkpoint.load_model(run.path, s)
+            rows = layer_rows(stream_moments(fn, loaded.variables, images, settings),
+                              loaded.variables["params"], settings)
+            history.setdefault(run.label, {})[s] = rows
+        results[run.label] = history[run.label][run.loaded.step]
+
+    summary = [summary_row(label, rows, results[baseline]) for label, rows in results.items()]
+    table = format_table(summary, baseline)
+    common = dict(data=dataset.name, num_images=len(images), bn=settings.batch_norm,
+                  pool=settings.pool, include_stem=settings.include_stem,
+                  batch_size=settings.batch_size)
+
+    with _staged(out) as tmp:
+        for run in runs:
+            rows = results[run.label]
+            _write_csv(os.path.join(tmp, f"{run.label}.csv"), rows)
+            meta = dict(label=run.label, checkpoint=os.path.abspath(run.path), step=run.loaded.step,
+                        model=run.loaded.metadata["model"],
+                        model_options=run.loaded.metadata.get("model_options", {}), **common,
+                        summary=next(s for s in summary if s["label"] == run.label), layers=rows)
+            with open(os.path.join(tmp, f"{run.label}.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+            if over_training:
+                steps = history[run.label]
+                _write_csv(os.path.join(tmp, f"{run.label}_over_training.csv"),
+                           [dict(step=s, **r) for s, rows in steps.items() for r in rows])
+                plots.over_training(os.path.join(tmp, f"{run.label}_over_training"), run.label,
+                                    {s: [r["std"] for r in rows] for s, rows in steps.items()})
+        plots.figure7(os.path.join(tmp, "figure7"),
+                      [(r.label, [row["std"] for row in results[r.label]],
+                        is_residual(r.loaded.model)) for r in runs])
+        with open(os.path.join(tmp, "table.txt"), "w") as f:
+            f.write(table + "\n")
+    return table
+
+
+def _write_csv(path: str, rows: List[Dict]):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class _staged:
+    """A temporary directory beside `out` whose files move into `out` only when the block
+    finishes, so a failure leaves nothing half-written."""
+
+    def __init__(self, out: str):
+        self.out = os.path.abspath(out)
+
+    def __enter__(self):
+        parent = os.path.dirname(self.out)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=".analyze-", dir=parent)
+        return self.tmp
+
+    def __exit__(self, kind, *_):
+        try:
+            if kind is None:
+                os.makedirs(self.out, exist_ok=True)
+                for name in os.listdir(self.tmp):
+                    os.replace(os.path.join(self.tmp, name), os.path.join(self.out, name))
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data", "cifar10", "image source: cifar10 (tfds), folder:PATH or synthetic[:N]")
+flags.DEFINE_string("split", "test", "split of --data")
+flags.DEFINE_string("out", None, "output directory (CSV, JSON, figure7.png/pdf, table.txt)")
+flags.DEFINE_enum("bn", "inference", BN_MODES,
+                  "BN with its running averages (inference) or each batch's statistics (batch)")
+flags.DEFINE_enum("pool", "all", POOLS,
+                  "std over all of N,H,W,C (all) or per channel then averaged (channel)")
+flags.DEFINE_bool("include_stem", True, "count the first 3x3 conv (CIFAR nets) as layer 1")
+flags.DEFINE_integer("num_images", None, "analyse the first N images (default: the whole split)")
+flags.DEFINE_integer("step", None, "checkpoint step (default: the latest of each run)")
+flags.DEFINE_integer("batch_size", 250, "images per jitted step")
+flags.DEFINE_bool("over_training", False,
+                  "also draw each run's curve at every saved step up to --step")
+flags.DEFINE_string("baseline", None, "label the table's ratios refer to (default: the first)")
+
+
+def main(argv):
+    if not FLAGS["verbosity"].present:  # orbax logs every restore; the table is the output
+        logging.set_verbosity(logging.ERROR)
+    with exit_on_user_error():
+        if not FLAGS.out:
+            raise UserError("--out is required: the directory for the CSV, JSON and figure")
+        table = analyze(argv[1:], data=FLAGS.data, split=FLAGS.split, out=FLAGS.out,
+                        settings=Settings(FLAGS.bn, FLAGS.pool, FLAGS.include_stem,
+                                          FLAGS.batch_size),
+                        num_images=FLAGS.num_images, step=FLAGS.step,
+                        over_training=FLAGS.over_training, baseline=FLAGS.baseline)
+        print(table)
+        print(f"wrote {FLAGS.out}/figure7.png, .pdf, table.txt and a CSV and JSON per model")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
