@@ -7,7 +7,6 @@ the paper's Table 1 and Fig. 3, computed from the modules rather than typed in.
 import collections
 import dataclasses
 import json
-import sys
 from typing import Dict, List
 
 import flax.linen as nn
@@ -17,6 +16,7 @@ import numpy as np
 from absl import app, flags
 
 import resnet_jax
+from resnet_jax.errors import exit_on_user_error
 from resnet_jax.models.layers import Stage
 
 
@@ -118,10 +118,8 @@ def main(argv):
         raise app.UsageError("name at least one model, e.g. `vgg19 plain34 resnet34`; "
                              f"known: {', '.join(resnet_jax.list_models())}")
     options = {"shortcut": FLAGS.shortcut} if FLAGS.shortcut else {}
-    try:
+    with exit_on_user_error():
         summaries = [summarize(n, FLAGS.image_size, **options) for n in names]
-    except resnet_jax.UnknownModelError as e:
-        sys.exit(f"error: {e}")
     print(json.dumps(summaries, indent=1) if FLAGS.json else format_table(summaries))
 
 

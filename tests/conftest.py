@@ -4,7 +4,13 @@ into a failure, so CI always runs them."""
 import os
 import pathlib
 
-import pytest
+# Eight simulated CPU devices for the sharding tests; must precede the first import of jax.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("RESNET_JAX_SHARED", REPO.parent / "shared"))

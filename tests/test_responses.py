@@ -1,0 +1,102 @@
+"""Responses: which layers, in what order, and that they are the BN outputs the paper means."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resnet_jax
+from resnet_jax import responses
+
+
+def abstract_responses(name, image_size=32, **options):
+    model = resnet_jax.create_model(name, **options)
+    x = jnp.zeros((2, image_size, image_size, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    return jax.eval_shape(functools.partial(responses.capture_responses, model), variables, x)
+
+
+@pytest.mark.parametrize("name,count", [("resnet20", 19), ("plain20", 19), ("resnet56", 55),
+                                        ("resnet110", 109), ("resnet1202", 1201)])
+def test_cifar_response_counts(name, count):
+    assert len(abstract_responses(name)) == count
+
+
+@pytest.mark.parametrize("name,count", [("resnet50", 16), ("resnet152", 50), ("resnet34", 32),
+                                        ("vgg19", 16)])
+def test_imagenet_response_counts(name, count):
+    """Bottleneck nets: the 3x3 conv of each block; the 7x7 stem is not a 3x3 layer."""
+    assert len(abstract_responses(name, 64)) == count
+
+
+def test_names_are_in_depth_order():
+    names = list(abstract_responses("resnet20"))
+    expected = ["conv1"] + [f"stage{s}/block{b}/conv{c}" for s in (1, 2, 3) for b in range(3)
+                            for c in (1, 2)]
+    assert names == expected
+    shapes = abstract_responses("resnet20")
+    assert shapes["stage2/block0/conv1"].shape == (2, 16, 16, 32)
+    assert shapes["stage3/block2/conv2"].shape == (2, 8, 8, 64)
+    vgg = list(abstract_responses("vgg19", 64))
+    assert vgg[:3] == ["stage1/conv1", "stage1/conv2", "stage2/conv1"]
+    assert list(abstract_responses("resnet50", 64))[:2] == ["stage1/block0/conv2", "stage1/block1/conv2"]
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    model = resnet_jax.create_model("resnet20")
+    x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    # Non-trivial gamma/beta, so the response statistics are not those of a fresh BN.
+    keys = iter(jax.random.split(jax.random.key(2), 1000))
+
+    def perturb(path, leaf):
+        name = path[-1].key
+        if name == "scale":
+            return leaf * jax.random.uniform(next(keys), leaf.shape, minval=0.2, maxval=2.0)
+        if name == "bias":
+            return leaf + jax.random.normal(next(keys), leaf.shape) * 0.5
+        return leaf
+
+    variables = {**variables, "params": jax.tree_util.tree_map_with_path(perturb, variables["params"])}
+    return model, variables, x
+
+
+def test_response_is_bn_output_before_relu_and_addition(resnet20):
+    model, variables, x = resnet20
+    got = jax.jit(functools.partial(responses.capture_responses, model))(variables, x)
+    is_bn = lambda m, method: isinstance(m, nn.BatchNorm) and method == "__call__"
+    _, state = jax.jit(functools.partial(model.apply, capture_intermediates=is_bn,
+                                         mutable=["intermediates"]))(variables, x)
+    bn = state["intermediates"]
+    np.testing.assert_array_equal(got["stage1/block0/conv2"], bn["stage1"]["block0"]["bn2"]["__call__"][0])
+    np.testing.assert_array_equal(got["stage3/block2/conv1"], bn["stage3"]["blocks"]["bn1"]["__call__"][0][1])
+    np.testing.assert_array_equal(got["conv1"], bn["bn1"]["__call__"][0])
+    assert float(got["stage2/block1/conv2"].min()) < 0  # before ReLU
+
+
+def test_train_mode_pooled_std_is_set_by_gamma_and_beta(resnet20):
+    """With batch statistics each channel is normalised exactly, so over all N,H,W,C elements
+    the response has variance mean(gamma^2) + var(beta): the paper's std is BN's parameters."""
+    model, variables, x = resnet20
+    got = jax.jit(functools.partial(responses.capture_responses, model, train=True))(variables, x)
+    bn = variables["params"]["stage2"]["blocks"]["bn2"]
+    gamma, beta = np.asarray(bn["scale"][0]), np.asarray(bn["bias"][0])
+    expected = np.sqrt(np.mean(gamma**2) + np.var(beta))
+    r = np.asarray(got["stage2/block1/conv2"], np.float64)
+    np.testing.assert_allclose(r.std(), expected, rtol=1e-3)
+    # BN's epsilon (1e-5) shrinks the variance by var / (var + eps): hence 1e-3, not 1e-6.
+
+
+def test_moments_merge_to_the_two_pass_result():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(3, 2, (5, 4, 4, 8)), rng.normal(1, 0.5, (3, 4, 4, 8))
+    ma = responses.response_moments({"x": jnp.asarray(a)})["x"]
+    mb = responses.response_moments({"x": jnp.asarray(b)})["x"]
+    n, mean, m2 = responses.merge_moments(ma, mb)
+    both = np.concatenate([a, b])
+    assert int(n) == both.size
+    np.testing.assert_allclose(mean, both.mean(), rtol=1e-5)
+    np.testing.assert_allclose(np.sqrt(m2 / n), both.std(), rtol=1e-5)
