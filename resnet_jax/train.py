@@ -184,8 +184,11 @@ def _init_fn(config, model, image_size: int):
 
 
 def init_state(config, model, mesh, image_size: int) -> TrainState:
-    """Fresh state (the same on any mesh: initialisation is a function of the seed), replicated."""
-    return jax.jit(_init_fn(config, model, image_size), out_shardings=parallel.replicated(mesh))()
+    """Fresh state (the same on any mesh: initialisation is a function of the seed), replicated.
+    The init runs whole on every device, so partitionable threefry buys nothing here, and
+    XLA:CPU compiles it about 5x slower (30 s instead of 6 s for a ResNet-20 on two cores)."""
+    with jax.threefry_partitionable(False):
+        return jax.jit(_init_fn(config, model, image_size), out_shardings=parallel.replicated(mesh))()
 
 
 def abstract_state(config, model, mesh, image_size: int) -> TrainState:
@@ -406,23 +409,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      mesh.devices.size, jax.process_count(), train_ds.name, len(train_ds),
                      val_ds.name, len(val_ds))
 
-    writer = MetricWriter(workdir, main)
-    preemption = Preemption()
-    try:
-        with checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
-                                best_metric=BEST_METRIC, keep_best=config.keep_best) as mngr:
+    with checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
+                            best_metric=BEST_METRIC, keep_best=config.keep_best) as mngr:
+        last_saved = check_workdir(mngr, workdir, meta)
+        writer = MetricWriter(workdir, main)
+        preemption = Preemption()
+        try:
             return _loop(config, workdir, mesh, model, normalization, meta, train_ds, val_ds,
-                         test_ds, mngr, writer, preemption)
-    finally:
-        preemption.close()
-        writer.close()
+                         test_ds, mngr, last_saved, writer, preemption)
+        finally:
+            preemption.close()
+            writer.close()
 
 
 def _loop(config, workdir, mesh, model, normalization, meta, train_ds, val_ds, test_ds, mngr,
-          writer, preemption):
+          last_saved, writer, preemption):
     main = parallel.is_main_process()
     image_size = train_ds.images.shape[1]
-    last_saved = check_workdir(mngr, workdir, meta)
     if last_saved is None:
         state = init_state(config, model, mesh, image_size)
     else:
@@ -601,6 +604,9 @@ def main(argv):
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
         absl_logging.set_verbosity(absl_logging.WARNING)
+        if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a resumed run skips compiling
+            jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ.get(
+                "RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax")), "jax-compile"))
         log.setLevel(logging.INFO if parallel.is_main_process() else logging.WARNING)
         if not FLAGS.workdir:
             raise UserError("--workdir is required (checkpoints and metrics go there)")

@@ -1,0 +1,343 @@
+"""Training: schedule and optimizer arithmetic, 8 devices = 1 device, runs killed and resumed,
+SIGTERM, a checkpoint moving between device counts, and each bad input with its message.
+
+Runs go through the CLI in subprocesses (a fresh process is what a kill or a preemption leaves,
+and XLA_FLAGS must be set before JAX starts); they share one compilation cache and one tiny
+config (configs/cpu.py:tiny, overrides that leave the compiled step unchanged), so each distinct
+step compiles once per session.
+"""
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from resnet_jax import checkpoint, parallel, train
+from resnet_jax.data import sources
+from resnet_jax.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = f"{REPO}/configs/cpu.py:tiny"
+# 12 steps, a checkpoint every 4, a log line every step: room for kills at different moments.
+RUN = ["--config.num_steps=12", "--config.checkpoint_every=4", "--config.log_every=1"]
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-compile")),
+             RESNET_JAX_CACHE=str(tmp_path_factory.mktemp("cache")))
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+def _with_devices(env, devices):
+    return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}") if devices > 1 else env
+
+
+def start(workdir, *flags, env, devices=1):
+    return subprocess.Popen(
+        [sys.executable, "-m", "resnet_jax.train", "--config", TINY, "--workdir", str(workdir), *flags],
+        cwd=REPO, env=_with_devices(env, devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+
+
+def wait_for(proc, pattern):
+    """Read the run's output until a line matches `pattern`; the lines read so far."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+    proc.wait()
+    pytest.fail(f"run ended (rc {proc.returncode}) before {pattern!r}:\n{''.join(lines[-30:])}")
+
+
+def finish(proc):
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, out
+
+
+def train_cli(workdir, *flags, env, devices=1):
+    rc, out = finish(start(workdir, *flags, env=env, devices=devices))
+    assert rc == 0, out[-3000:]
+    return json.loads(out.strip().splitlines()[-1]), out
+
+
+def params_of(workdir):
+    return jax.device_get(checkpoint.load_model(str(workdir)).variables)
+
+
+def random_variables(model, seed=0):
+    """Variables of `model` without compiling its init (slow on XLA:CPU)."""
+    rng = np.random.default_rng(seed)
+    draw = lambda path, s: (np.ones(s.shape) if path[-1].key == "var"
+                            else 0.3 * rng.standard_normal(s.shape)).astype(s.dtype)
+    return jax.tree_util.tree_map_with_path(draw, checkpoint.abstract_variables(model))
+
+
+def assert_trees_close(a, b, rtol):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic
+
+
+def test_learning_rate_schedule_and_warmup():
+    c = train.load_config(f"{REPO}/configs/cifar10.py:resnet110")
+    assert c.warmup_lr == 0.01 and train.load_config(f"{REPO}/configs/cifar10.py:resnet56").warmup_lr == 0
+    lr = lambda step, done, scale=1.0: float(train.learning_rate(c, jnp.int32(step), scale, done))
+    assert lr(0, False) == pytest.approx(0.01) and lr(40_000, False) == pytest.approx(0.01)
+    assert lr(0, True) == pytest.approx(0.1) and lr(31_999, True) == pytest.approx(0.1)
+    assert lr(32_000, True) == pytest.approx(0.01) and lr(48_000, True) == pytest.approx(0.001)
+    assert lr(100, True, 0.1) == pytest.approx(0.01)  # a plateau division
+
+
+def test_sgd_matches_pytorch_and_decay_mask():
+    c = train.load_config(TINY)
+    params = {"conv": {"kernel": jnp.array([1.0, -2.0])}, "bn": {"scale": jnp.array([3.0])}}
+    grads = {"conv": {"kernel": jnp.array([0.5, 0.5])}, "bn": {"scale": jnp.array([1.0])}}
+    for on, decayed in (("all", {"kernel", "scale"}), ("kernels", {"kernel"})):
+        c.weight_decay_on = on
+        tx = train.optimizer(c)
+        state = tx.init(params)
+        buf = {k: np.zeros_like(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        u1, state = tx.update(grads, state, params)
+        u2, state = tx.update(grads, state, params)
+        for (path, p), g, got in zip(jax.tree_util.tree_leaves_with_path(params),
+                                     jax.tree.leaves(grads), jax.tree.leaves(u2)):
+            d = g + (c.weight_decay * p if path[-1].key in decayed else 0)  # torch: d_p += wd * p
+            expected = d + c.momentum * d  # buf = momentum * buf + d_p, twice from zero
+            np.testing.assert_allclose(got, expected, rtol=1e-6)
+    c.weight_decay_on = "biases"
+    with pytest.raises(UserError, match="weight_decay_on must be"):
+        train.optimizer(c)
+
+
+def test_grouped_batch_norm_is_bn_per_group():
+    c = train.load_config(TINY)
+    model, _ = train.create_model(c, 10)
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+    variables = random_variables(model)
+    c.bn_group_size = 4
+    forward = jax.jit(lambda v, x: train._forward(model, c, v, x, jax.random.key(2)))
+    grouped, stats = forward(variables, x)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    parts = [apply(variables, x[i:i + 4]) for i in (0, 4)]
+    np.testing.assert_allclose(grouped, jnp.concatenate([p[0] for p in parts]), rtol=1e-4, atol=1e-5)
+    mean_stats = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1]["batch_stats"], parts[1][1]["batch_stats"])
+    assert_trees_close(stats, mean_stats, 1e-4)
+    whole, _ = apply(variables, x)
+    assert not np.allclose(whole, grouped, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+
+EIGHT_VS_ONE = textwrap.dedent(f"""
+    import jax, numpy as np
+    from resnet_jax import checkpoint, parallel, train
+    from resnet_jax.data import pipeline, sources
+    assert jax.device_count() == 8
+    c = train.load_config({TINY!r})
+    ds = sources.load(c.data.source, "train")
+    norm = checkpoint.Normalization(sources.mean_image(ds.images))
+    out = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = parallel.make_mesh(devices)
+        model, _ = train.create_model(c, ds.num_classes)
+        state = train.init_state(c, model, mesh, 32)
+        source = pipeline.DeviceInput(ds, c.batch_size, mesh, seed=c.seed)
+        step = train.make_train_step(c, model, mesh, norm)
+        losses = []
+        for s in range(3):
+            images, labels = source.batch(s)
+            assert len(images.sharding.device_set) == len(devices)
+            state, m = step(state, images, labels)
+            losses.append(m["loss"])
+        out.append(jax.device_get((losses, state.params, state.batch_stats, source.batch(3))))
+    (l1, p1, s1, b1), (l8, p8, s8, b8) = out
+    np.testing.assert_array_equal(b1[0], b8[0])  # the same augmented batch on any mesh
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p8, s8))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    print("losses", l1, l8)
+""")
+
+
+def test_three_steps_on_eight_devices_equal_one_device(env):
+    proc = subprocess.run([sys.executable, "-c", EIGHT_VS_ONE], cwd=REPO, env=_with_devices(env, 8),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "losses" in proc.stdout
+
+
+def test_eight_device_checkpoint_resumes_on_one_device(env, tmp_path):
+    result, _ = train_cli(tmp_path, "--config.num_steps=4", "--config.checkpoint_every=4", env=env,
+                          devices=8)
+    assert result["step"] == 4
+    loaded = checkpoint.load_model(str(tmp_path))  # this process's one device
+    assert loaded.step == 4 and loaded.metadata["model"] == "resnet20"
+    assert len(jax.tree.leaves(loaded.variables)[0].sharding.device_set) == 1
+    result, out = train_cli(tmp_path, "--config.num_steps=6", "--config.checkpoint_every=4", env=env)
+    assert "on 1 devices" in out and "resumed from" in out and result["step"] == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Kills, preemption, divergence
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result, _ = train_cli(workdir, *RUN, env=env)
+    assert result["step"] == 12
+    return workdir
+
+
+def test_sigkill_at_three_moments_then_resume_gives_the_uninterrupted_params(env, tmp_path, uninterrupted):
+    moments = [r"step 2/12 ", r"step 4  val", r"step 10/12 "]  # before any checkpoint, while the
+    resumed = []                                               # first saves, between two
+    for moment in moments:
+        proc = start(tmp_path, *RUN, env=env)
+        lines = wait_for(proc, moment)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        resumed += [ln for ln in lines if "resumed from" in ln]
+    result, out = train_cli(tmp_path, *RUN, env=env)
+    assert result["step"] == 12
+    resumed += [ln for ln in out.splitlines() if "resumed from" in ln]
+    assert any("step 8" in ln for ln in resumed), resumed
+    assert_trees_close(params_of(tmp_path), params_of(uninterrupted), rtol=1e-6)
+
+
+def test_sigterm_leaves_a_complete_checkpoint(env, tmp_path):
+    proc = start(tmp_path, *RUN[:1], "--config.checkpoint_every=100", "--config.log_every=1", env=env)
+    wait_for(proc, r"step 3/12 ")
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finish(proc)
+    assert rc == 0, out[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["preempted"] and 3 <= result["step"] < 12
+    c = train.load_config(TINY)
+    model, _ = train.create_model(c, 10)
+    target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
+    with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
+        assert mngr.all_steps() == [result["step"]]
+        state = train.restore(mngr, result["step"], target)
+    assert int(state.step) == result["step"]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninterrupted):
+    # A good checkpoint at step 4 whose learning-rate factor makes the next steps blow up.
+    c = train.load_config(TINY)
+    model, _ = train.create_model(c, 10)
+    target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
+    with checkpoint.manager(str(uninterrupted), read_only=True) as mngr:
+        state = train.restore(mngr, 4, target)
+        meta = mngr.restore(4, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
+        train.save(mngr, state.replace(lr_scale=jnp.float32(1e30)), meta, {train.BEST_METRIC: 0.1})
+    rc, out = finish(start(tmp_path, *RUN, env=env))
+    assert rc == 2, out[-3000:]
+    error = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(error) == 1 and re.search(r"loss became (nan|inf) at step \d+", error[0]), out[-2000:]
+    assert "last good checkpoint (step 4) is kept" in error[0]
+    with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
+        assert mngr.all_steps() == [4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_unknown_config_key_is_one_line(env, tmp_path):
+    rc, out = finish(start(tmp_path, "--config.data.sorce=cifar10", env=env))
+    assert rc == 2
+    assert out.strip().splitlines() == [
+        out.strip().splitlines()[0]] and out.startswith("error: unknown config key 'data.sorce'")
+    assert "source" in out and not os.listdir(tmp_path)
+
+
+def _config(**changes):
+    c = train.load_config(TINY)
+    for key, value in changes.items():
+        node, *_ = [c]
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _folder(root, files):
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def _jpeg():
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model="resnet21"), "unknown model 'resnet21'"),
+    ({"model_options.shortcut": "D"}, "shortcut must be 'A', 'B' or 'C'"),
+    ({"data.source": "folder:/nonexistent/cifar"}, "data folder '/nonexistent/cifar' does not exist"),
+    ({"data.source": "EMPTY"}, "no images in"),
+    ({"data.source": "BROKEN"}, "cannot read image '.*bad.jpg'"),
+    (dict(batch_size=30), "batch_size 30 does not split over"),
+])
+def test_bad_input_names_the_problem(tmp_path, change, message, monkeypatch):
+    monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path / "cache"))
+    source = change.get("data.source")
+    if source == "EMPTY":
+        change["data.source"] = f"folder:{_folder(tmp_path / 'empty', {'train/cat/x.txt': b'', 'test/cat/y.txt': b''})}"
+    if source == "BROKEN":
+        change["data.source"] = f"folder:{_folder(tmp_path / 'broken', {'train/cat/ok.jpg': _jpeg(), 'train/dog/bad.jpg': b'not a jpeg', 'test/cat/ok.jpg': _jpeg()})}"
+    mesh = parallel.make_mesh(jax.devices()[:1]) if "batch_size" not in change else _FakeMesh(4)
+    with pytest.raises((UserError, ValueError), match=message) as e:
+        train.train_and_evaluate(_config(**change), str(tmp_path / "work"), mesh=mesh)
+    assert len(str(e.value).splitlines()) == 1
+
+
+class _FakeMesh:
+    """Only the device count matters for the batch check, which runs first."""
+    def __init__(self, n):
+        self.devices = np.empty(n, object)
+
+
+def test_workdir_of_another_model_is_refused_and_left_alone(tmp_path):
+    other = train.load_config(TINY)
+    other.model = "resnet32"
+    model, options = train.create_model(other, 10)
+    variables = random_variables(model)
+    checkpoint.save_model(str(tmp_path), variables, model_name="resnet32", model_options=options,
+                          normalization=checkpoint.Normalization(np.zeros(3)), step=7)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match=r"holds a checkpoint of resnet32 .*step 7.*not of resnet20"):
+        train.train_and_evaluate(train.load_config(TINY), str(tmp_path),
+                                 mesh=parallel.make_mesh(jax.devices()[:1]))
+    assert sorted(p.name for p in tmp_path.rglob("*") if "tensorboard" not in str(p)
+                  and p.name != "metrics.jsonl") == before
