@@ -1,0 +1,138 @@
+"""Score a checkpoint (a training workdir or converted PyTorch weights) on a whole split.
+
+    python -m resnet_jax.evaluate --checkpoint /tmp/resnet20 \
+        --data folder:../shared/data/cifar10-jpeg --split test --json resnet20.json
+
+Every image counts exactly once: batches have one fixed size (one compile) and the last one is
+padded and masked. Inputs are normalised as the checkpoint's metadata says, so converted nets
+(ImageNet mean/std) and nets trained here (the paper's per-pixel mean) need no flag.
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from resnet_jax import checkpoint
+from resnet_jax.data import sources
+from resnet_jax.data.batching import num_batches, padded_batches, topk_correct
+from resnet_jax.errors import UserError, exit_on_user_error
+
+
+def _check_fits(loaded: checkpoint.LoadedModel, dataset: sources.Dataset):
+    num_classes = getattr(loaded.model, "num_classes", None)
+    if num_classes is not None and dataset.labels.size and int(dataset.labels.max()) >= num_classes:
+        raise UserError(f"{dataset.name} has label {int(dataset.labels.max())} but the model has "
+                        f"{num_classes} classes; evaluate on data with the checkpoint's classes")
+    mean = np.asarray(loaded.normalization.mean)
+    if mean.ndim == 3 and mean.shape != dataset.images.shape[1:]:
+        raise UserError(f"the checkpoint normalises {mean.shape[:2]} images per pixel but "
+                        f"{dataset.name} has {dataset.images.shape[1:3]} images")
+
+
+def stderr_progress(done: int, total: int, seconds: float):
+    print(f"evaluate: {done}/{total} images, {done / max(seconds, 1e-9):.0f} images/s",
+          file=sys.stderr, flush=True)
+
+
+def evaluate(loaded: checkpoint.LoadedModel, dataset: sources.Dataset, batch_size: int = 500,
+             progress: Optional[Callable[[int, int, float], None]] = stderr_progress,
+             progress_every: int = 5) -> Dict:
+    """{'top1', 'top5' (fractions), 'count', 'correct_top1', 'correct_top5', 'seconds'} of
+    `loaded` on every image of `dataset`; `progress(done, total, seconds)` about every
+    `progress_every` batches."""
+    _check_fits(loaded, dataset)
+    model, normalize = loaded.model, loaded.normalization
+
+    @jax.jit
+    def correct(variables, images, labels, mask):
+        logits = model.apply(variables, normalize(images), train=False)
+        return topk_correct(logits, labels, mask)
+
+    total = len(dataset)
+    counts = {"top1": jnp.zeros((), jnp.int32), "top5": jnp.zeros((), jnp.int32)}
+    start = time.perf_counter()
+    batches = padded_batches(dataset.images, dataset.labels, batch_size)
+    for i, (images, labels, mask) in enumerate(batches):
+        # Sums stay on device, so the host queues the next batch while this one runs.
+        counts = jax.tree.map(jnp.add, counts, correct(loaded.variables, images, labels, mask))
+        last = i + 1 == num_batches(total, batch_size)
+        if progress and ((i + 1) % progress_every == 0 or last):
+            jax.block_until_ready(counts)
+            progress(min((i + 1) * batch_size, total), total, time.perf_counter() - start)
+    counts = {k: int(v) for k, v in counts.items()}
+    seconds = time.perf_counter() - start
+    return dict(top1=counts["top1"] / max(total, 1), top5=counts["top5"] / max(total, 1),
+                count=total, correct_top1=counts["top1"], correct_top5=counts["top5"],
+                seconds=round(seconds, 3))
+
+
+def write_json(path: str, obj) -> None:
+    """Write `obj` as JSON so that a reader never sees half a file (temp file + rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defined when the CLI runs, not on import: other modules' CLIs use some of the same names."""
+    flags.DEFINE_string("checkpoint", None, "checkpoint directory: a training workdir or the --out of "
+                        "resnet_jax.convert")
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+    flags.DEFINE_string("data", "cifar10", "tfds name (cifar10), folder:PATH (ImageFolder "
+                        "PATH/<split>/<class>/*) or synthetic[:N]")
+    flags.DEFINE_string("split", "test", "split to score, all of it")
+    flags.DEFINE_string("data_dir", None, "tfds data directory")
+    flags.DEFINE_integer("batch_size", 500, "images per forward pass (the last batch is padded)")
+    flags.DEFINE_string("json", None, "write the result here as JSON")
+
+
+def main(argv):
+    with exit_on_user_error():
+        if len(argv) > 1:
+            raise UserError(f"unexpected arguments {argv[1:]}; use --checkpoint DIR --data SOURCE")
+        if not FLAGS.checkpoint:
+            raise UserError("--checkpoint is required: a training workdir or the --out of "
+                            "resnet_jax.convert")
+        if FLAGS.batch_size < 1:
+            raise UserError(f"--batch_size must be positive, not {FLAGS.batch_size}")
+        checkpoint.quiet_orbax()
+        loaded = checkpoint.load_model(FLAGS.checkpoint, FLAGS.step)
+        image_size = loaded.metadata.get("image_size", 32)
+        dataset = sources.load(FLAGS.data, FLAGS.split, data_dir=FLAGS.data_dir,
+                               image_size=image_size,
+                               num_classes=getattr(loaded.model, "num_classes", 10))
+        result = evaluate(loaded, dataset, FLAGS.batch_size)
+        result.update(checkpoint=os.path.abspath(FLAGS.checkpoint), step=loaded.step,
+                      model=loaded.metadata["model"], data=FLAGS.data, split=FLAGS.split)
+        print(f"{result['model']} step {result['step']} on {dataset.name}: top-1 "
+              f"{100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% "
+              f"({result['count']} images)")
+        if FLAGS.json:
+            write_json(FLAGS.json, result)
+
+
+def run():
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,108 @@
+"""Evaluation: the whole split counted once, converted PyTorch nets reach PyTorch's accuracy."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import resnet_jax
+from resnet_jax import checkpoint, convert, evaluate
+from resnet_jax.data import sources
+from resnet_jax.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Top-1 of the akamaster nets on ../shared/data/cifar10-jpeg/test as PyTorch computes it with the
+# same weights (its README and ../shared/bench/torch_cifar.py accuracy).
+TORCH_TOP1 = {"resnet20": 81.03, "resnet32": 82.56, "resnet44": 82.67, "resnet56": 83.20}
+
+
+def _loaded(akamaster_dir, name):
+    """Converted weights as load_model hands them back, without a round trip through disk."""
+    state = convert.read_state_dict(str(akamaster_dir / f"{name}.npz"))
+    variables, options, _ = convert.convert_state_dict(state, name)
+    return checkpoint.LoadedModel(resnet_jax.create_model(name, **options), variables,
+                                  convert.IMAGENET_NORMALIZATION, {"model": name}, 0)
+
+
+def test_converted_akamaster_nets_reach_pytorch_top1(akamaster_dir, cifar_jpeg, tmp_path):
+    test = sources.load(f"folder:{cifar_jpeg}", "test")
+    assert len(test) == 10_000
+    measured = {}
+    for name, want in TORCH_TOP1.items():
+        out = str(tmp_path / name)
+        convert.convert(str(akamaster_dir / f"{name}.npz"), name, out)
+        result = evaluate.evaluate(checkpoint.load_model(out), test, batch_size=500, progress=None)
+        assert result["count"] == 10_000
+        measured[name] = 100 * result["top1"]
+        assert result["top1"] <= result["top5"] <= 1
+    print("top-1 on cifar10-jpeg/test:", {k: round(v, 2) for k, v in measured.items()})
+    for name, want in TORCH_TOP1.items():
+        assert abs(measured[name] - want) <= 0.05, (name, measured[name], want)
+
+
+def test_every_image_counts_once_whatever_the_batch_size(akamaster_dir):
+    loaded = _loaded(akamaster_dir, "resnet20")
+    data = sources.load("synthetic:37", "test")
+    logits = np.asarray(loaded.model.apply(loaded.variables, loaded.normalization(data.images)))
+    order = np.argsort(-logits, axis=1, kind="stable")
+    want1 = int((order[:, 0] == data.labels).sum())
+    want5 = int((order[:, :5] == data.labels[:, None]).any(1).sum())
+    for batch_size in (16, 37, 64):  # padded last batch, exact fit, one padded batch
+        seen = []
+        r = evaluate.evaluate(loaded, data, batch_size, progress_every=1,
+                              progress=lambda done, total, s: seen.append((done, total)))
+        assert (r["count"], r["correct_top1"], r["correct_top5"]) == (37, want1, want5)
+        assert r["top1"] == want1 / 37
+        assert seen[-1] == (37, 37) and len(seen) == -(-37 // batch_size)
+
+
+def test_labels_beyond_the_model_are_refused(akamaster_dir):
+    loaded = _loaded(akamaster_dir, "resnet20")
+    data = sources.Dataset(np.zeros((2, 32, 32, 3), np.uint8), np.array([3, 12], np.int32), 13, "x")
+    with pytest.raises(UserError, match="has label 12 but the model has 10 classes"):
+        evaluate.evaluate(loaded, data)
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    evaluate.write_json(str(path), {"top1": 0.5})
+    evaluate.write_json(str(path), {"top1": 0.25})
+    assert json.loads(path.read_text()) == {"top1": 0.25}
+    assert os.listdir(path.parent) == ["r.json"]  # no temp file left behind
+    with pytest.raises(TypeError):
+        evaluate.write_json(str(path), {"x": object()})
+    assert json.loads(path.read_text()) == {"top1": 0.25}  # a failed write keeps the old file
+    assert os.listdir(path.parent) == ["r.json"]
+
+
+def _cli(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "resnet_jax.evaluate", *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_json_and_keeps_stderr_clean(akamaster_dir, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    convert.convert(str(akamaster_dir / "resnet20.npz"), "resnet20", ckpt)
+    out = tmp_path / "r.json"
+    proc = _cli("--checkpoint", ckpt, "--step", 0, "--data", "synthetic:50", "--batch_size", 32,
+                "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["count"] == 50 and result["model"] == "resnet20" and result["step"] == 0
+    assert 0 <= result["top1"] <= result["top5"] <= 1
+    assert "top-1" in proc.stdout
+    # progress only: no orbax chatter about the read-only directory, no warnings
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith("evaluate: ") for line in lines), proc.stderr
+    assert lines[-1].startswith("evaluate: 50/50 images")
+
+
+def test_cli_missing_checkpoint_is_one_line(tmp_path):
+    proc = _cli("--checkpoint", tmp_path / "nope", "--data", "synthetic:8")
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: checkpoint directory {str(tmp_path / 'nope')!r} does not exist\n"
