@@ -107,9 +107,13 @@ def format_table(summaries: List[Dict]) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("image_size", 224, "input height and width (32 for the CIFAR nets)")
-flags.DEFINE_bool("json", False, "print a JSON list instead of the table")
-flags.DEFINE_string("shortcut", None, "shortcut option A, B or C (default: each net's own)")
+
+
+def define_flags():
+    # Defined when the CLI runs, not at import, so modules with same-named flags import together.
+    flags.DEFINE_integer("image_size", 224, "input height and width (32 for the CIFAR nets)")
+    flags.DEFINE_bool("json", False, "print a JSON list instead of the table")
+    flags.DEFINE_string("shortcut", None, "shortcut option A, B or C (default: each net's own)")
 
 
 def main(argv):
@@ -124,6 +128,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 
