@@ -22,7 +22,7 @@ class CifarResNet(nn.Module):
     param_dtype: Any = jnp.float32
     bn_momentum: float = layers.BN_MOMENTUM
     bn_epsilon: float = layers.BN_EPSILON
-    # The backend's fastest convolution (see resnet_jax.models.fast_conv); None keeps lax's.
+    # None: the backend's fastest form of the convolution (resnet_jax.models.fast_conv).
     conv_general_dilated: Optional[Callable] = None
 
     @property

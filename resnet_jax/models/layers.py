@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from resnet_jax.models import fast_conv
+
 ModuleDef = Any
 
 # He et al. 2015 (the paper's ref. [13]): zero-mean Gaussian, std sqrt(2 / fan_in); untruncated,
@@ -163,11 +165,11 @@ class Stage(nn.Module):
 
 def make_conv_norm(train: bool, dtype, param_dtype, bn_momentum: float, bn_epsilon: float,
                    conv_general_dilated: Optional[Callable] = None):
-    """The conv and norm that every block of one network shares."""
-    conv_kw = dict(dtype=dtype, param_dtype=param_dtype)
-    if conv_general_dilated is not None:
-        conv_kw["conv_general_dilated"] = conv_general_dilated
-    conv = functools.partial(Conv, **conv_kw)
+    """The conv and norm that every block of one network shares. `conv_general_dilated=None`
+    is the backend's fastest formulation of the same convolution (`fast_conv`)."""
+    conv = functools.partial(Conv, dtype=dtype, param_dtype=param_dtype,
+                             conv_general_dilated=conv_general_dilated
+                             or fast_conv.conv_general_dilated)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=bn_momentum,
                              epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype)
     return conv, norm
