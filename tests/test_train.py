@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -149,7 +150,7 @@ def test_grouped_batch_norm_is_bn_per_group():
 
 
 EIGHT_VS_ONE = textwrap.dedent(f"""
-    import jax, numpy as np
+    import json, sys, jax, numpy as np
     from resnet_jax import checkpoint, parallel, train
     from resnet_jax.data import pipeline, sources
     assert jax.device_count() == 8
@@ -159,7 +160,7 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     out = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.make_mesh(devices)
-        model, _ = train.create_model(c, ds.num_classes)
+        model, options = train.create_model(c, ds.num_classes)
         state = train.init_state(c, model, mesh, 32)
         source = pipeline.DeviceInput(ds, c.batch_size, mesh, seed=c.seed)
         step = train.make_train_step(c, model, mesh, norm)
@@ -175,26 +176,25 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     np.testing.assert_allclose(l1, l8, rtol=1e-5)
     for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p8, s8))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # the 8-device state as the training loop saves it, for a 1-device process to resume
+    meta = checkpoint.metadata(c.model, options, norm, extra=dict(image_size=32))
+    with checkpoint.manager(sys.argv[1], async_save=False) as mngr:
+        train.save(mngr, state, meta, {{train.BEST_METRIC: 0.1}})
     print("losses", l1, l8)
 """)
 
 
-def test_three_steps_on_eight_devices_equal_one_device(env):
-    proc = subprocess.run([sys.executable, "-c", EIGHT_VS_ONE], cwd=REPO, env=_with_devices(env, 8),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+def test_three_steps_on_eight_devices_equal_one_device_and_resume_on_one(env, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", EIGHT_VS_ONE, str(tmp_path)], cwd=REPO,
+                          env=_with_devices(env, 8), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "losses" in proc.stdout
-
-
-def test_eight_device_checkpoint_resumes_on_one_device(env, tmp_path):
-    result, _ = train_cli(tmp_path, "--config.num_steps=4", "--config.checkpoint_every=4", env=env,
-                          devices=8)
-    assert result["step"] == 4
-    loaded = checkpoint.load_model(str(tmp_path))  # this process's one device
-    assert loaded.step == 4 and loaded.metadata["model"] == "resnet20"
+    loaded = checkpoint.load_model(str(tmp_path))  # onto this process's first device
+    assert loaded.step == 3 and loaded.metadata["model"] == "resnet20"
     assert len(jax.tree.leaves(loaded.variables)[0].sharding.device_set) == 1
-    result, out = train_cli(tmp_path, "--config.num_steps=6", "--config.checkpoint_every=4", env=env)
-    assert "on 1 devices" in out and "resumed from" in out and result["step"] == 6
+    result, out = train_cli(tmp_path, *RUN, env=env)  # a 1-device process resumes the 8-device run
+    assert "on 1 devices" in out and "resumed from" in out and "step 3" in out
+    assert result["step"] == 12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +215,9 @@ def test_sigkill_at_three_moments_then_resume_gives_the_uninterrupted_params(env
     for moment in moments:
         proc = start(tmp_path, *RUN, env=env)
         lines = wait_for(proc, moment)
+        if moment == moments[-1]:  # saves finish in the background: wait for step 8's to land
+            while not (tmp_path / "8").is_dir() and proc.poll() is None:
+                time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         resumed += [ln for ln in lines if "resumed from" in ln]
