@@ -18,6 +18,7 @@ host syncs, besides evaluation), evaluate and save asynchronously every `checkpo
 and at the end, keep the latest K plus the best by validation top-1. SIGTERM (a preempted TPU VM)
 saves and exits 0; a NaN/Inf loss stops before anything non-finite is saved.
 """
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -27,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import flax
 import jax
@@ -67,6 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
         holdout=0,           # 5000: train on 45k, validate on the other 5k (the paper's split for
                              # choosing the schedule); 0: train on all 50k, validate on test
         pad=4,               # pad-and-crop pixels; 0 turns augmentation off
+        pipeline="device",   # the split in device memory, augmented there; 'host' for ImageNet
     ))
     c.seed = 0
     c.batch_size = 128       # global, over all devices and processes
@@ -247,9 +249,16 @@ def make_train_step(config, model, mesh, normalization: checkpoint.Normalization
 
 
 def make_eval_step(model, mesh, normalization: checkpoint.Normalization):
-    """jit(variables, images, labels, mask) -> summed loss and top-1/top-5 counts over the batch."""
+    """jit(variables, images, labels, mask) -> summed loss and top-1/top-5 counts over the batch.
+    Images [B, K, H, W, 3] are K crops of each image (10-crop testing): their softmax averages."""
     def eval_fn(variables, images, labels, mask):
-        logits = model.apply(variables, normalization(images), train=False)
+        x = normalization(images)
+        if x.ndim == 5:
+            b, k = x.shape[:2]
+            probs = jax.nn.softmax(model.apply(variables, x.reshape((b * k,) + x.shape[2:]), train=False))
+            logits = jnp.log(probs.reshape(b, k, -1).mean(1))
+        else:
+            logits = model.apply(variables, x, train=False)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return dict(loss_sum=jnp.sum(jnp.where(mask, loss, 0.0)),
                     count=jnp.sum(mask, dtype=jnp.int32), **topk_correct(logits, labels, mask))
@@ -258,10 +267,10 @@ def make_eval_step(model, mesh, normalization: checkpoint.Normalization):
     return jax.jit(eval_fn, in_shardings=(rep, batch, batch, batch), out_shardings=rep)
 
 
-def evaluate(eval_step, variables, dataset, batch_size, mesh) -> Dict[str, float]:
-    """{'top1', 'top5', 'loss'} over the whole split (one host sync, at the end)."""
+def evaluate(eval_step, variables, batches) -> Dict[str, float]:
+    """{'top1', 'top5', 'loss'} over (images, labels, mask) batches (one host sync, at the end)."""
     totals = None
-    for images, labels, mask in pipeline.eval_batches(dataset, batch_size, mesh):
+    for images, labels, mask in batches:
         out = eval_step(variables, images, labels, mask)
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
@@ -270,13 +279,45 @@ def evaluate(eval_step, variables, dataset, batch_size, mesh) -> Dict[str, float
                 loss=float(totals["loss_sum"]) / count)
 
 
+def benchmark_setup(model: str = "resnet20", batch_size: int = 128, *, mesh=None, config=None,
+                    image_size: int = 32, num_classes: int = 10, **model_options):
+    """The training loop's own step for benchmarks: returns (step, state, (images, labels)) with
+    a fresh state on `mesh` (default: every device) and one synthetic uint8 batch sharded on it.
+    The step donates its state, so time it as `state, metrics = step(state, images, labels)`."""
+    config = (config or default_config()).copy_and_resolve_references()
+    config.model, config.batch_size = model, batch_size
+    mesh = mesh or parallel.make_mesh()
+    options = {k: v for k, v in config.model_options.items() if k in resnet_jax.model_options(model)}
+    net = resnet_jax.create_model(model, num_classes=num_classes, **{**options, **model_options})
+    state = init_state(config, net, mesh, image_size)
+    rng = np.random.default_rng(0)
+    batch = parallel.global_batch(
+        (rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),
+         rng.integers(0, num_classes, batch_size).astype(np.int32)),
+        parallel.batch_sharding(mesh), batch_size)
+    normalization = checkpoint.Normalization(np.full((image_size, image_size, 3), 0.5, np.float32))
+    return make_train_step(config, net, mesh, normalization), state, batch
+
+
 # ---------------------------------------------------------------------------------------------
 # Data, checkpoints, metrics
 
 
+@dataclasses.dataclass
+class Data:
+    """What the loop needs from a data set, whichever pipeline serves it."""
+    train: Any  # .batch(step) -> (uint8 images, int32 labels), global and sharded
+    val: Callable[[], Iterator]  # -> (images, labels, mask) batches over the validation split
+    test: Optional[Callable[[], Iterator]]  # evaluated once at the end, if held apart from val
+    normalization: checkpoint.Normalization
+    num_classes: int
+    image_size: int
+    description: str
+
+
 def load_splits(config) -> Tuple[sources.Dataset, sources.Dataset, Optional[sources.Dataset]]:
-    """(train, val, test): with a holdout, val is carved from the training split and test is
-    evaluated once at the end; without, the test split is the validation split."""
+    """(train, val, test) in memory: with a holdout, val is carved from the training split and
+    test is evaluated once at the end; without, the test split is the validation split."""
     d = config.data
     load = functools.partial(sources.load, d.source, data_dir=d.data_dir or None)
     train = load(d.train_split)
@@ -285,6 +326,47 @@ def load_splits(config) -> Tuple[sources.Dataset, sources.Dataset, Optional[sour
         train, val = sources.holdout(train, d.holdout)
         return train, val, test
     return train, test, None
+
+
+def make_data(config, mesh) -> Data:
+    """`data.pipeline='device'`: CIFAR-sized splits in device memory, augmented there;
+    `'host'`: tfds imagenet2012 read, decoded and augmented on each host (data/imagenet.py)."""
+    d = config.data
+    if d.pipeline == "host":
+        return _host_data(config, mesh)
+    if d.pipeline != "device":
+        raise UserError(f"data.pipeline must be 'device' or 'host', not {d.pipeline!r}")
+    train, val, test = load_splits(config)
+    evals = lambda ds: (lambda: pipeline.eval_batches(ds, config.eval_batch_size, mesh))
+    return Data(
+        train=pipeline.DeviceInput(train, config.batch_size, mesh, seed=config.seed, pad=d.pad,
+                                   augment_images=d.pad > 0),
+        val=evals(val), test=evals(test) if test is not None else None,
+        normalization=checkpoint.Normalization(sources.mean_image(train.images)),
+        num_classes=train.num_classes, image_size=train.images.shape[1],
+        description=f"train {train.name} ({len(train)}), val {val.name} ({len(val)})")
+
+
+def _host_data(config, mesh) -> Data:
+    from resnet_jax.data import imagenet
+    d = config.data
+    kind, name = sources.parse_source(d.source)
+    if kind != "tfds":
+        raise UserError(f"data.pipeline='host' reads tfds data sets, not {d.source!r}")
+    train = imagenet.data_source(d.train_split, d.data_dir or None, name)
+    val = imagenet.data_source(d.test_split, d.data_dir or None, name)
+    crop = dict(size=d.image_size, resize=d.eval_resize)
+    return Data(
+        train=imagenet.HostInput(train, config.batch_size, mesh, seed=config.seed, size=d.image_size,
+                                 scale=d.scale, pca_std=d.pca_std, threads=d.threads),
+        val=lambda: imagenet.eval_batches(val, config.eval_batch_size, mesh, ten_crop=d.ten_crop,
+                                          threads=d.threads, **crop),
+        test=None,
+        normalization=checkpoint.Normalization(imagenet.mean_image(train, d.mean_images,
+                                                                   threads=d.threads, **crop)),
+        num_classes=train.dataset_info.features["label"].num_classes,
+        image_size=d.image_size, description=f"train {name}:{d.train_split} ({len(train)}), "
+                                             f"val {name}:{d.test_split} ({len(val)})")
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, meta: Dict, metrics: Dict) -> int:
@@ -397,17 +479,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     create_model(config, num_classes=10)  # an unknown model or option fails before data loads
     parallel.check_shared_directory(workdir)
     main = parallel.is_main_process()
-    train_ds, val_ds, test_ds = load_splits(config)
-    model, model_options = create_model(config, train_ds.num_classes)
-    image_size = train_ds.images.shape[1]
-    normalization = checkpoint.Normalization(sources.mean_image(train_ds.images))
-    meta = checkpoint.metadata(config.model, model_options, normalization, extra=dict(
-        image_size=image_size, dataset=train_ds.name,
+    data = make_data(config, mesh)
+    model, model_options = create_model(config, data.num_classes)
+    meta = checkpoint.metadata(config.model, model_options, data.normalization, extra=dict(
+        image_size=data.image_size, dataset=config.data.source,
         config=json.loads(config.to_json_best_effort())))
     if main:
-        log.info("%s on %d devices (%d processes); train %s (%d), val %s (%d)", config.model,
-                     mesh.devices.size, jax.process_count(), train_ds.name, len(train_ds),
-                     val_ds.name, len(val_ds))
+        log.info("%s on %d devices (%d processes); %s", config.model, mesh.devices.size,
+                 jax.process_count(), data.description)
 
     with checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
                             best_metric=BEST_METRIC, keep_best=config.keep_best) as mngr:
@@ -415,28 +494,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer = MetricWriter(workdir, main)
         preemption = Preemption()
         try:
-            return _loop(config, workdir, mesh, model, normalization, meta, train_ds, val_ds,
-                         test_ds, mngr, last_saved, writer, preemption)
+            return _loop(config, workdir, mesh, model, meta, data, mngr, last_saved, writer,
+                         preemption)
         finally:
             preemption.close()
             writer.close()
 
 
-def _loop(config, workdir, mesh, model, normalization, meta, train_ds, val_ds, test_ds, mngr,
-          last_saved, writer, preemption):
+def _loop(config, workdir, mesh, model, meta, data: Data, mngr, last_saved, writer, preemption):
     main = parallel.is_main_process()
-    image_size = train_ds.images.shape[1]
+    image_size = data.image_size
     if last_saved is None:
         state = init_state(config, model, mesh, image_size)
     else:
         state = restore(mngr, last_saved, abstract_state(config, model, mesh, image_size))
         if main:
             log.info("resumed from %s step %d", workdir, last_saved)
-    source = pipeline.DeviceInput(train_ds, config.batch_size, mesh, seed=config.seed,
-                                  pad=config.data.pad, augment_images=config.data.pad > 0)
-    train_step = make_train_step(config, model, mesh, normalization)
-    eval_step = make_eval_step(model, mesh, normalization)
-    run_eval = lambda ds: evaluate(eval_step, state.variables, ds, config.eval_batch_size, mesh)
+    source = data.train
+    train_step = make_train_step(config, model, mesh, data.normalization)
+    eval_step = make_eval_step(model, mesh, data.normalization)
+    run_eval = lambda batches: evaluate(eval_step, state.variables, batches())
 
     step = int(jax.device_get(state.step))
     warmup_logged = bool(jax.device_get(state.warmup_end) >= 0)
@@ -483,7 +560,7 @@ def _loop(config, workdir, mesh, model, normalization, meta, train_ds, val_ds, t
 
     def evaluate_and_save():
         nonlocal state, last_saved
-        val = run_eval(val_ds)
+        val = run_eval(data.val)
         state = plateau(config, state, 1.0 - val["top1"], mesh)
         scalars = {f"val_{k}": v for k, v in val.items()}
         writer.write(step, scalars)
@@ -521,15 +598,15 @@ def _loop(config, workdir, mesh, model, normalization, meta, train_ds, val_ds, t
 
     if "val_top1" not in result:  # a finished workdir run again: report, do not retrain
         if step in mngr.all_steps():
-            result.update({f"val_{k}": v for k, v in run_eval(val_ds).items()})
+            result.update({f"val_{k}": v for k, v in run_eval(data.val).items()})
         else:
             evaluate_and_save()
-    if test_ds is not None:
-        test = run_eval(test_ds)
+    if data.test is not None:
+        test = run_eval(data.test)
         writer.write(step, {f"test_{k}": v for k, v in test.items()})
         result.update({f"test_{k}": v for k, v in test.items()})
         if main:
-            log.info("test top-1 %.2f%% (%s)", 100 * test["top1"], test_ds.name)
+            log.info("test top-1 %.2f%%", 100 * test["top1"])
     mngr.wait_until_finished()
     return dict(result, step=step)
 
