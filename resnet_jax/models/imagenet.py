@@ -1,10 +1,9 @@
 """The ImageNet networks of Table 1: a 7x7/2 conv and 3x3/2 max-pool, four stages (conv2_x to
 conv5_x) of basic or bottleneck blocks with 64/128/256/512 filters, average pool, 1000-way dense."""
-from typing import Any, Callable, Optional, Sequence
+import functools
+from typing import Sequence
 
-import chex
 import flax.linen as nn
-import jax.numpy as jnp
 
 from resnet_jax.models import layers
 
@@ -13,7 +12,7 @@ STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4,
                152: (3, 8, 36, 3)}
 
 
-class ImageNetResNet(nn.Module):
+class ImageNetResNet(layers.Network):
     """ResNet-18/34 (basic blocks), 50/101/152 (bottleneck), or with `residual=False` plain nets."""
 
     stage_sizes: Sequence[int]
@@ -24,35 +23,17 @@ class ImageNetResNet(nn.Module):
     num_classes: int = 1000
     widths: Sequence[int] = (64, 128, 256, 512)
     zero_init_last: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    bn_momentum: float = layers.BN_MOMENTUM
-    bn_epsilon: float = layers.BN_EPSILON
-    conv_general_dilated: Optional[Callable] = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        chex.assert_rank(x, 4)
-        chex.assert_axis_dimension(x, -1, 3)
-        conv, norm = layers.make_conv_norm(train, self.dtype, self.param_dtype, self.bn_momentum,
-                                           self.bn_epsilon, self.conv_general_dilated)
-        x = jnp.asarray(x, self.dtype)
+        x, conv, norm = self.begin(x, train)
         x = conv(self.widths[0], (7, 7), 2, name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
         x = nn.max_pool(x, (3, 3), (2, 2), padding=layers.conv_padding(3))
-
-        def block(features, strides, name):
-            if self.bottleneck:
-                return layers.Bottleneck(features, strides, conv, norm, residual=self.residual,
-                                         shortcut=self.shortcut, stride_in_3x3=self.stride_in_3x3,
-                                         zero_init_last=self.zero_init_last, name=name)
-            return layers.BasicBlock(features, strides, conv, norm, residual=self.residual,
-                                     shortcut=self.shortcut, zero_init_last=self.zero_init_last,
-                                     name=name)
-
+        common = dict(conv=conv, norm=norm, residual=self.residual, shortcut=self.shortcut,
+                      zero_init_last=self.zero_init_last)
+        block = (functools.partial(layers.Bottleneck, stride_in_3x3=self.stride_in_3x3, **common)
+                 if self.bottleneck else functools.partial(layers.BasicBlock, **common))
         for s, (width, num_blocks) in enumerate(zip(self.widths, self.stage_sizes)):
             x = layers.Stage(block, width, num_blocks, 1 if s == 0 else 2, name=f"stage{s + 1}")(x)
-        x = layers.global_average_pool(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="fc")(x)
-        return jnp.asarray(x, jnp.float32)
+        return self.classify(layers.global_average_pool(x))

@@ -4,9 +4,11 @@ blocks, and a stage of blocks.
 Blocks take `conv` and `norm` by injection (as in flax's examples/imagenet), so one definition
 serves train/eval BN, float32/bfloat16 and the backend's fastest convolution.
 """
+import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
+import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -77,8 +79,8 @@ class Shortcut(nn.Module):
         return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs (Fig. 2 / Fig. 5 left); `residual=False` gives the plain counterpart."""
+class Block(nn.Module):
+    """What basic and bottleneck blocks share: the last BN, then the shortcut and the ReLU."""
 
     features: int
     strides: int
@@ -87,39 +89,37 @@ class BasicBlock(nn.Module):
     residual: bool = True
     shortcut: str = "A"
     act: Callable = nn.relu
-    zero_init_last: bool = False
+    zero_init_last: bool = False  # the last BN's gamma starts at 0: each block starts as identity
 
-    expansion = 1
-
-    @nn.compact
-    def __call__(self, x):
-        y = self.conv(self.features, (3, 3), self.strides, name="conv1")(x)
-        y = Response(name="response1")(self.norm(name="bn1")(y))
-        y = self.act(y)
-        y = self.conv(self.features, (3, 3), name="conv2")(y)
+    def finish(self, x, y, bn_name: str, response_name: Optional[str] = None):
+        """`x` the block's input, `y` its last conv's output -> the block's output. The last
+        conv's BN output is a response where that conv is a 3x3 one (`response_name`)."""
         scale_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
-        y = Response(name="response2")(self.norm(name="bn2", scale_init=scale_init)(y))
+        y = self.norm(name=bn_name, scale_init=scale_init)(y)
+        if response_name:
+            y = Response(name=response_name)(y)
         if self.residual:
-            y = y + Shortcut(self.features, self.strides, self.shortcut, self.conv, self.norm,
+            y = y + Shortcut(y.shape[-1], self.strides, self.shortcut, self.conv, self.norm,
                              name="shortcut")(x)
         return self.act(y)
 
 
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (Fig. 5 right). `stride_in_3x3=False` is the paper's layout
-    (the stride in the first 1x1 conv); True is torchvision's "v1.5"."""
+class BasicBlock(Block):
+    """Two 3x3 convs (Fig. 2 / Fig. 5 left); `residual=False` gives the plain counterpart."""
 
-    features: int
-    strides: int
-    conv: ModuleDef
-    norm: ModuleDef
-    residual: bool = True
-    shortcut: str = "B"
-    act: Callable = nn.relu
-    zero_init_last: bool = False
+    @nn.compact
+    def __call__(self, x):
+        y = self.conv(self.features, (3, 3), self.strides, name="conv1")(x)
+        y = self.act(Response(name="response1")(self.norm(name="bn1")(y)))
+        y = self.conv(self.features, (3, 3), name="conv2")(y)
+        return self.finish(x, y, "bn2", "response2")
+
+
+class Bottleneck(Block):
+    """1x1 reduce, 3x3, 1x1 expand to 4x (Fig. 5 right). `stride_in_3x3=False` is the paper's
+    layout (the stride in the first 1x1 conv); True is torchvision's "v1.5"."""
+
     stride_in_3x3: bool = False
-
-    expansion = 4
 
     @nn.compact
     def __call__(self, x):
@@ -128,14 +128,8 @@ class Bottleneck(nn.Module):
         y = self.act(self.norm(name="bn1")(y))
         y = self.conv(self.features, (3, 3), s3, name="conv2")(y)
         y = self.act(Response(name="response2")(self.norm(name="bn2")(y)))
-        out = self.features * self.expansion
-        y = self.conv(out, (1, 1), padding="VALID", name="conv3")(y)
-        scale_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
-        y = self.norm(name="bn3", scale_init=scale_init)(y)
-        if self.residual:
-            y = y + Shortcut(out, self.strides, self.shortcut, self.conv, self.norm,
-                             name="shortcut")(x)
-        return self.act(y)
+        y = self.conv(4 * self.features, (1, 1), padding="VALID", name="conv3")(y)
+        return self.finish(x, y, "bn3")
 
 
 def _apply_block(block, x, _):
@@ -161,6 +155,36 @@ class Stage(nn.Module):
                            length=self.num_blocks - 1)
             x, _ = scan(self.block(self.features, 1, name="blocks"), x, None)
         return x
+
+
+def _keyword(default):
+    return dataclasses.field(default=default, kw_only=True)
+
+
+class Network(nn.Module):
+    """Options every network of the zoo shares (keyword-only), and its input and output ends."""
+
+    dtype: Any = _keyword(jnp.float32)  # compute dtype: bfloat16 on TPU/GPU
+    param_dtype: Any = _keyword(jnp.float32)
+    bn_momentum: float = _keyword(BN_MOMENTUM)
+    bn_epsilon: float = _keyword(BN_EPSILON)
+    # None: the backend's fastest form of the same convolution (fast_conv); or lax's, or yours.
+    conv_general_dilated: Optional[Callable] = _keyword(None)
+
+    def begin(self, x, train: bool):
+        """NHWC RGB images -> (images in the compute dtype, conv, norm) for this network."""
+        chex.assert_rank(x, 4)
+        chex.assert_axis_dimension(x, -1, 3)
+        conv, norm = make_conv_norm(train, self.dtype, self.param_dtype, self.bn_momentum,
+                                    self.bn_epsilon, self.conv_general_dilated)
+        return jnp.asarray(x, self.dtype), conv, norm
+
+    def dense(self, features: int, name: str):
+        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def classify(self, x):
+        """The classifier (`fc`); logits in float32 whatever the compute dtype."""
+        return jnp.asarray(self.dense(self.num_classes, "fc")(x), jnp.float32)
 
 
 def make_conv_norm(train: bool, dtype, param_dtype, bn_momentum: float, bn_epsilon: float,
