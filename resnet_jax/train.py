@@ -201,6 +201,14 @@ def abstract_state(config, model, mesh, image_size: int) -> TrainState:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
+def warmup_rule(config, state: TrainState, train_error) -> TrainState:
+    """Sec. 4.2's warm-up ends for good at the first step whose batch training error is below
+    `warmup_until_error`; `warmup_end` records that step for the log."""
+    done = state.warmup_done | (train_error < config.warmup_until_error)
+    end = jnp.where(done & ~state.warmup_done, state.step, state.warmup_end)
+    return state.replace(warmup_done=done, warmup_end=end)
+
+
 def _forward(model, config, variables, x, rng):
     """Training-mode forward; with bn_group_size, each group of images has its own BN statistics."""
     def apply(xs):
@@ -237,10 +245,9 @@ def make_train_step(config, model, mesh, normalization: checkpoint.Normalization
         lr = learning_rate(config, state.step, state.lr_scale, state.warmup_done)
         params = jax.tree.map(lambda p, u: p - lr.astype(p.dtype) * u, state.params, updates)
         correct = jnp.sum(jnp.argmax(logits, -1) == labels, dtype=jnp.int32)
-        warmup_done = state.warmup_done | (1.0 - correct / labels.shape[0] < config.warmup_until_error)
-        warmup_end = jnp.where(warmup_done & ~state.warmup_done, state.step, state.warmup_end)
+        state = warmup_rule(config, state, 1.0 - correct / labels.shape[0])
         new = state.replace(step=state.step + 1, params=params, batch_stats=stats,
-                            opt_state=opt_state, warmup_done=warmup_done, warmup_end=warmup_end)
+                            opt_state=opt_state)
         return new, dict(loss=loss, correct=correct, lr=lr)
 
     rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)

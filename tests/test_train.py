@@ -107,6 +107,35 @@ def test_learning_rate_schedule_and_warmup():
     assert lr(100, True, 0.1) == pytest.approx(0.01)  # a plateau division
 
 
+def _scalar_state(**fields):
+    base = dict(step=jnp.int32(0), params={}, batch_stats={}, opt_state=(), lr_scale=jnp.float32(1),
+                warmup_done=jnp.asarray(False), warmup_end=jnp.int32(-1), best_error=jnp.float32(1),
+                stale_evals=jnp.int32(0))
+    return train.TrainState(**{**base, **fields})
+
+
+def test_warmup_ends_once_at_the_first_batch_below_80_percent_error():
+    c = train.load_config(f"{REPO}/configs/cifar10.py:resnet110")
+    state = _scalar_state()
+    for step, error in enumerate([0.9, 0.85, 0.79, 0.95, 0.7]):
+        state = train.warmup_rule(c, state.replace(step=jnp.int32(step)), error)
+        assert bool(state.warmup_done) == (step >= 2)
+    assert int(state.warmup_end) == 2
+
+
+def test_plateau_divides_the_lr_after_patience_evaluations_without_gain():
+    c = train.load_config(f"{REPO}/configs/imagenet.py:resnet50")
+    assert c.lr_plateau_patience == 3
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state, scales = _scalar_state(), []
+    for error in [0.6, 0.5, 0.4995, 0.5, 0.45, 0.46, 0.47, 0.46, 0.46, 0.46, 0.46]:
+        state = train.plateau(c, state, error, mesh)
+        scales.append(float(state.lr_scale))
+    # gains at 0.5 and 0.45; 0.4995 is under min_delta; three stale evaluations divide by 10
+    np.testing.assert_allclose(scales, [1, 1, 1, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.01], rtol=1e-6)
+    assert train.plateau(train.load_config(TINY), state, 0.9, mesh) is state  # off in CIFAR
+
+
 def test_sgd_matches_pytorch_and_decay_mask():
     c = train.load_config(TINY)
     params = {"conv": {"kernel": jnp.array([1.0, -2.0])}, "bn": {"scale": jnp.array([3.0])}}
