@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from resnet_jax import parallel
-from resnet_jax.data import augment, batching
+from resnet_jax.data import augment, batching, pipeline
 from resnet_jax.errors import UserError
 
 
@@ -40,17 +40,11 @@ class HostInput:
         parallel.check_batch_size(batch_size, mesh)
         self.source, self.batch_size, self.seed = source, batch_size, seed
         self.size, self.scale, self.pca_std = size, tuple(scale), pca_std
-        self.steps_per_epoch = len(source) // batch_size
+        self.indices = pipeline.EpochOrder(len(source), batch_size, seed)
+        self.steps_per_epoch = self.indices.steps_per_epoch
         self.sharding = parallel.batch_sharding(mesh)
         self.rows = parallel.process_rows(self.sharding, batch_size)
         self.pool = concurrent.futures.ThreadPoolExecutor(threads)
-        self._epoch = (None, None)
-
-    def indices(self, step: int) -> np.ndarray:
-        epoch, i = divmod(int(step), self.steps_per_epoch)
-        if self._epoch[0] != epoch:
-            self._epoch = (epoch, np.random.default_rng((self.seed, epoch)).permutation(len(self.source)))
-        return self._epoch[1][i * self.batch_size:(i + 1) * self.batch_size]
 
     def _example(self, step: int, row: int, index: int):
         ex = self.source[int(index)]

@@ -21,6 +21,23 @@ from resnet_jax.data.sources import Dataset
 from resnet_jax.errors import UserError
 
 
+class EpochOrder:
+    """`order(step)`: the image indices (int32 [batch_size]) of the global batch at `step`; epoch
+    e is the permutation seeded by (seed, e), cut into `size // batch_size` batches."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.steps_per_epoch = size // batch_size
+        self._epoch = (None, None)
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, i = divmod(int(step), self.steps_per_epoch)
+        if self._epoch[0] != epoch:
+            order = np.random.default_rng((self.seed, epoch)).permutation(self.size)
+            self._epoch = (epoch, order.astype(np.int32))
+        return self._epoch[1][i * self.batch_size:(i + 1) * self.batch_size]
+
+
 class DeviceInput:
     """Augmented training batches of `batch_size` (global) from a split held on every device."""
 
@@ -31,13 +48,11 @@ class DeviceInput:
             raise UserError(f"{dataset.name} has {len(dataset)} images, fewer than one batch of "
                             f"{batch_size}; lower batch_size")
         self.batch_size = batch_size
-        self.size = len(dataset)
-        self.steps_per_epoch = self.size // batch_size
-        self.seed = seed
+        self.indices = EpochOrder(len(dataset), batch_size, seed)
+        self.steps_per_epoch = self.indices.steps_per_epoch
         self.sharding = parallel.batch_sharding(mesh)
         self.images = parallel.replicate(dataset.images, mesh)
         self.labels = parallel.replicate(dataset.labels, mesh)
-        self._epoch = (None, None)
         key = jax.random.key(seed)
 
         def make(images, labels, index, step):
@@ -47,14 +62,6 @@ class DeviceInput:
             return x, labels[index]
 
         self._make = jax.jit(make, out_shardings=(self.sharding, self.sharding))
-
-    def indices(self, step: int) -> np.ndarray:
-        """The global batch's image indices at `step` (int32 [batch_size])."""
-        epoch, i = divmod(int(step), self.steps_per_epoch)
-        if self._epoch[0] != epoch:
-            order = np.random.default_rng((self.seed, epoch)).permutation(self.size)
-            self._epoch = (epoch, order.astype(np.int32))
-        return self._epoch[1][i * self.batch_size:(i + 1) * self.batch_size]
 
     def batch(self, step: int) -> Tuple[jax.Array, jax.Array]:
         """(uint8 images [B, H, W, 3], int32 labels [B]), sharded along `data`; no host sync."""
