@@ -1,0 +1,159 @@
+"""The multi-host path on one machine: launch/local_multiprocess.sh starts two JAX processes on
+127.0.0.1 with two CPU devices each (jax.distributed, gloo collectives), running the real trainer
+on configs/cpu.py:tiny. Compared with one process holding all four devices:
+
+- the two processes end with the same parameters and BN statistics (1e-5 relative, per array);
+- their checkpoint restores in one process (this one, on one device);
+- a run whose process 1 is SIGKILLed after a checkpoint, restarted with the same command, resumes
+  from the last complete checkpoint and ends exactly where the uninterrupted run ended.
+
+lr is 0.01 rather than the tiny config's 0.1: this 4-channel net at 0.1 multiplies float
+summation-order differences about tenfold per step (0.1: 9e-2 relative after 5 steps; 0.01:
+4e-6), which would hide what the test is about. That every parameter array moved at least ten
+times the tolerance from its initial value is checked too, so equal-because-unchanged cannot pass.
+"""
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import checkpoint, parallel, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "launch" / "local_multiprocess.sh"
+CONFIG = "configs/cpu.py:tiny"
+STEPS = 5
+FLAGS = ["--config", CONFIG, f"--config.num_steps={STEPS}", "--config.lr=0.01",
+         "--config.checkpoint_every=2"]  # checkpoints at 2, 4 and 5
+TIMEOUT = 600  # a hung collective must fail the test, not CI
+
+
+def _env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               PYTHON=sys.executable)
+    for key in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def two_processes(workdir, log_dir, **popen):
+    """Start the trainer as 2 processes x 2 CPU devices; returns the launcher's Popen."""
+    return subprocess.Popen(["bash", str(LAUNCHER), "-n", "2", "-d", "2", "-g", "2", "-l",
+                             str(log_dir), "--", *FLAGS, "--workdir", str(workdir)],
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(proc) -> str:
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    return out
+
+
+def complete_steps(workdir) -> list:
+    """Steps orbax has finalised: a directory named by the step (tmp directories carry a suffix)."""
+    return sorted(int(p.name) for p in pathlib.Path(workdir).iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one_process")
+    result = subprocess.run([sys.executable, "-m", "resnet_jax.train", *FLAGS, "--workdir", str(workdir)],
+                            cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
+                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 4 devices (1 processes)" in result.stderr
+    return checkpoint.load_model(str(workdir))
+
+
+@pytest.fixture(scope="module")
+def two_process_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two_processes")
+    logs = tmp_path_factory.mktemp("two_processes_logs")
+    proc = two_processes(workdir, logs)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert "on 4 devices (2 processes)" in out
+    return workdir
+
+
+def relative_differences(a, b) -> dict:
+    """Per array: |a - b| / |b| (Frobenius norms), keyed by path."""
+    flat_a = dict(jax.tree_util.tree_leaves_with_path(a))
+    flat_b = dict(jax.tree_util.tree_leaves_with_path(b))
+    assert flat_a.keys() == flat_b.keys()
+    out = {}
+    for path, x in flat_a.items():
+        x, y = np.asarray(x, np.float64), np.asarray(flat_b[path], np.float64)
+        assert x.shape == y.shape, jax.tree_util.keystr(path)
+        out[jax.tree_util.keystr(path)] = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)
+    return out
+
+
+def initial_params():
+    config = train.load_config(CONFIG)
+    model, _ = train.create_model(config, num_classes=10)
+    mesh = parallel.make_mesh(jax.local_devices()[:1])
+    return jax.device_get(train.init_state(config, model, mesh, 32).params)
+
+
+def test_two_processes_train_like_one(one_process, two_process_dir):
+    two = checkpoint.load_model(str(two_process_dir))
+    assert one_process.step == two.step == STEPS
+    diffs = relative_differences(two.variables, one_process.variables)
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] < 1e-5, f"{worst}: {diffs[worst]:.2e} relative"
+    moved = relative_differences(one_process.variables["params"], initial_params())
+    assert min(moved.values()) > 1e-4  # every parameter array moved 10x the tolerance or more
+
+
+def test_two_process_checkpoint_restores_in_one_process(two_process_dir):
+    assert jax.process_count() == 1
+    loaded = checkpoint.load_model(str(two_process_dir))
+    assert loaded.metadata["model"] == "resnet20"
+    assert loaded.metadata["model_options"]["widths"] == [4, 8, 16]
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    logits = loaded.model.apply(loaded.variables, loaded.normalization(images), train=False)
+    assert logits.shape == (8, 10) and np.all(np.isfinite(logits))
+
+
+def test_killed_process_and_restart_resume_from_last_complete_checkpoint(tmp_path, two_process_dir):
+    """SIGKILL process 1 once the step-2 checkpoint is complete. Process 0 cannot finish any
+    later checkpoint without it (orbax commits a step only when every process has written), so
+    the launcher stops it. The restart must resume from the newest complete step, on both
+    processes: process 0 says so, and a process 1 that started elsewhere would feed different
+    gradients (or a different number of steps) and could not end on the uninterrupted run's
+    parameters."""
+    workdir, logs = tmp_path / "run", tmp_path / "logs"
+    proc = two_processes(workdir, logs)
+    deadline = time.monotonic() + TIMEOUT
+    while not (workdir / "2").is_dir():
+        assert proc.poll() is None, f"the run ended before its first checkpoint:\n{finish(proc)[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.05)
+    os.kill(int((logs / "process_1.pid").read_text()), signal.SIGKILL)
+    out = finish(proc)
+    assert proc.returncode != 0, "the run finished before the kill landed:\n" + out[-2000:]
+    assert "process 1" in out and "stopping the others" in out
+    saved = complete_steps(workdir)
+    assert saved and saved[-1] < STEPS, saved
+    last = saved[-1]
+
+    restart = two_processes(workdir, logs)
+    out = finish(restart)
+    assert restart.returncode == 0, out[-3000:]
+    resumed = re.findall(r"resumed from \S+ step (\d+)", out)
+    assert resumed == [str(last)], resumed  # process 0 logs; process 1 logs warnings only
+    assert complete_steps(workdir)[-1] == STEPS
+
+    diffs = relative_differences(checkpoint.load_model(str(workdir)).variables,
+                                 checkpoint.load_model(str(two_process_dir)).variables)
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] < 1e-6, f"{worst}: {diffs[worst]:.2e} relative"
