@@ -414,28 +414,41 @@ def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict) -> Opti
 
 class MetricWriter:
     """metrics.jsonl and TensorBoard events in the workdir, from process 0 only. A resumed run
-    appends, so a step can appear twice; the later record is the one that the run continued from."""
+    appends, so a step can appear twice; the later record is the one that the run continued from.
+    A remote workdir (gs://...) gets the JSONL rewritten whole at each write (object stores do not
+    append; a run writes a few hundred lines)."""
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
-        if enabled:
-            from tensorboardX import SummaryWriter
-            os.makedirs(workdir, exist_ok=True)
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if not enabled:
+            return
+        from etils import epath
+        from tensorboardX import SummaryWriter
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.remote = "://" in workdir
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lines = self.path.read_text() if self.remote and self.path.exists() else ""
+        self.jsonl = None if self.remote else open(self.path, "a")
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: Dict[str, float]):
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(dict(step=step, **scalars)) + "\n")
-        self.jsonl.flush()
+        line = json.dumps(dict(step=step, **scalars)) + "\n"
+        if self.remote:
+            self.lines += line
+            self.path.write_text(self.lines)
+        else:
+            self.jsonl.write(line)
+            self.jsonl.flush()
         for name, value in scalars.items():
             self.tb.add_scalar(name, value, step)
         self.tb.flush()
 
     def close(self):
         if self.enabled:
-            self.jsonl.close()
+            if self.jsonl:
+                self.jsonl.close()
             self.tb.close()
 
 
@@ -551,13 +564,13 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, last_saved, writ
         eta = (config.num_steps - step) * config.batch_size / rate if rate > 0 else float("inf")
         if main:
             log.info("step %d/%d  loss %.4f  acc %.2f%%  lr %.4g  %.0f img/s  ETA %s", step,
-                         config.num_steps, scalars["loss"], 100 * scalars["train_top1"],
-                         scalars["lr"], rate, _hms(eta))
+                     config.num_steps, scalars["loss"], 100 * scalars["train_top1"],
+                     scalars["lr"], rate, _hms(eta))
             if not warmup_logged and config.warmup_lr:
                 end = int(jax.device_get(state.warmup_end))
                 if end >= 0:
                     log.info("warm-up over: training error fell below %.0f%% at step %d; lr %g "
-                                 "-> schedule", 100 * config.warmup_until_error, end, config.warmup_lr)
+                             "-> schedule", 100 * config.warmup_until_error, end, config.warmup_lr)
                     writer.write(end, dict(warmup_end=end))
                     warmup_logged = True
         writer.write(step, scalars)
@@ -574,7 +587,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, last_saved, writ
         result.update(scalars)
         if main:
             log.info("step %d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f", step,
-                         100 * val["top1"], 100 * val["top5"], val["loss"])
+                     100 * val["top1"], 100 * val["top5"], val["loss"])
         last_saved = save(mngr, state, meta, {BEST_METRIC: val["top1"]})
         clock_reset()
 
@@ -600,7 +613,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, last_saved, writ
             mngr.wait_until_finished()
             if main:
                 log.info("SIGTERM: saved step %d in %s; rerun the same command to resume", step,
-                             workdir)
+                         workdir)
             return dict(result, step=step, preempted=True)
 
     if "val_top1" not in result:  # a finished workdir run again: report, do not retrain
