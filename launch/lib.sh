@@ -17,6 +17,22 @@ quote() {
   echo "${words[*]}"
 }
 
+# What a process launcher runs, from the arguments left after its own options: `--cmd COMMAND...`
+# runs COMMAND; anything else (after an optional `--`) are flags for `PYTHON -m resnet_jax.train`.
+# Sets the global array COMMAND.
+# shellcheck disable=SC2034  # COMMAND is read by the caller
+trainer_or_command() {
+  local python="$1"; shift
+  if [[ "${1:-}" == "--cmd" ]]; then
+    shift
+    (($#)) || die "--cmd needs a command"
+    COMMAND=("$@")
+    return
+  fi
+  [[ "${1:-}" == "--" ]] && shift
+  COMMAND=("$python" -m resnet_jax.train "$@")
+}
+
 need_bash_5_1() {
   if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
     die "bash >= 5.1 is needed (for 'wait -n -p'); this is ${BASH_VERSION}"

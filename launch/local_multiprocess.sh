@@ -7,7 +7,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: launch/local_multiprocess.sh [OPTIONS] [--] [TRAINER FLAGS... | --cmd COMMAND ARGS...]
+Usage: launch/local_multiprocess.sh [OPTIONS] [-- TRAINER FLAGS... | --cmd COMMAND ARGS...]
 
 Run N JAX processes on 127.0.0.1, each seeing M CPU devices, as one multi-controller job
 (N x M devices in all). Every process gets
@@ -50,7 +50,6 @@ port=""
 log_dir=""
 grace=10
 python="${PYTHON:-python3}"
-command=()
 
 while (($#)); do
   case "$1" in
@@ -60,14 +59,13 @@ while (($#)); do
     -l|--log-dir) (($# >= 2)) || die "$1 needs a value"; log_dir="$2"; shift 2 ;;
     -g|--grace) (($# >= 2)) || die "$1 needs a value"; positive_int "$1" "$2"; grace="$2"; shift 2 ;;
     --python) (($# >= 2)) || die "$1 needs a value"; python="$2"; shift 2 ;;
-    --cmd) shift; (($#)) || die "--cmd needs a command"; command=("$@"); break ;;
+    --cmd|--) break ;;
     -h|--help) usage; exit 0 ;;
-    --) shift; command=("$python" -m resnet_jax.train "$@"); break ;;
     -*) die "unknown option '$1' (see --help; trainer flags go after --)" ;;
-    *) command=("$python" -m resnet_jax.train "$@"); break ;;
+    *) break ;;
   esac
 done
-((${#command[@]})) || command=("$python" -m resnet_jax.train)
+trainer_or_command "$python" "$@"
 
 if [[ -z "$port" ]]; then
   # Bind to port 0 and read back what the OS chose; free again by the time the coordinator binds.
@@ -89,7 +87,7 @@ stop_process() { kill "-$2" "${PIDS[$1]}"; }
 for ((i = 0; i < num_processes; i++)); do
   log="/dev/null"
   [[ -n "$log_dir" ]] && log="${log_dir}/process_${i}.log"
-  spawn "$i" "$log" env "JAX_PROCESS_ID=${i}" "${command[@]}"
+  spawn "$i" "$log" env "JAX_PROCESS_ID=${i}" "${COMMAND[@]}"
   PIDS+=("$SPAWNED_PID")
   if [[ -n "$log_dir" ]]; then echo "$SPAWNED_PID" > "${log_dir}/process_${i}.pid"; fi
 done

@@ -6,7 +6,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: launch/multihost.sh [OPTIONS] --hosts H1,H2,... [--] [TRAINER FLAGS... | --cmd COMMAND...]
+Usage: launch/multihost.sh [OPTIONS] --hosts H1,H2,... [-- TRAINER FLAGS... | --cmd COMMAND...]
 
 Start one process per host over ssh, all running the same command from the same checkout path:
   ssh HOST_i 'cd DIR && exec env JAX_COORDINATOR_ADDRESS=H1:PORT JAX_NUM_PROCESSES=N \
@@ -56,7 +56,6 @@ ssh_command="ssh -o BatchMode=yes"
 log_dir=""
 grace=30
 dry_run=0
-command=()
 
 add_hosts() {
   local h
@@ -84,15 +83,14 @@ while (($#)); do
     -l|--log-dir) (($# >= 2)) || die "$1 needs a value"; log_dir="$2"; shift 2 ;;
     -g|--grace) (($# >= 2)) || die "$1 needs a value"; positive_int "$1" "$2"; grace="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    --cmd) shift; (($#)) || die "--cmd needs a command"; command=("$@"); break ;;
+    --cmd|--) break ;;
     -h|--help) usage; exit 0 ;;
-    --) shift; command=("$python" -m resnet_jax.train "$@"); break ;;
     -*) die "unknown option '$1' (see --help; trainer flags go after --)" ;;
-    *) command=("$python" -m resnet_jax.train "$@"); break ;;
+    *) break ;;
   esac
 done
+trainer_or_command "$python" "$@"
 ((${#hosts[@]})) || die "no hosts; pass --hosts H1,H2,... or --hostfile FILE"
-((${#command[@]})) || command=("$python" -m resnet_jax.train)
 [[ -n "$coordinator" ]] || coordinator="${hosts[0]#*@}"
 read -ra ssh_argv <<< "$ssh_command"
 ((${#ssh_argv[@]})) || die "--ssh is empty"
@@ -108,7 +106,7 @@ remote_command() {
   local i="$1"
   echo "cd $(quote "$remote_dir") && echo \$\$ > $(pidfile "$i") && exec env" \
        "$(quote "JAX_COORDINATOR_ADDRESS=${coordinator}:${port}" "JAX_NUM_PROCESSES=${n}" \
-                "JAX_PROCESS_ID=${i}" "${extra_env[@]+"${extra_env[@]}"}" "${command[@]}")"
+                "JAX_PROCESS_ID=${i}" "${extra_env[@]+"${extra_env[@]}"}" "${COMMAND[@]}")"
 }
 
 if ((dry_run)); then
