@@ -203,9 +203,10 @@ def abstract_state(config, model, mesh, image_size: int) -> TrainState:
 
 def warmup_rule(config, state: TrainState, train_error) -> TrainState:
     """Sec. 4.2's warm-up ends for good at the first step whose batch training error is below
-    `warmup_until_error`; `warmup_end` records that step for the log."""
+    `warmup_until_error`; `warmup_end` records that step (counted from 1, as the log counts) for
+    the log."""
     done = state.warmup_done | (train_error < config.warmup_until_error)
-    end = jnp.where(done & ~state.warmup_done, state.step, state.warmup_end)
+    end = jnp.where(done & ~state.warmup_done, state.step + 1, state.warmup_end)
     return state.replace(warmup_done=done, warmup_end=end)
 
 
