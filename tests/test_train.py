@@ -233,8 +233,15 @@ def test_three_steps_on_eight_devices_equal_one_device_and_resume_on_one(env, tm
 @pytest.fixture(scope="module")
 def uninterrupted(env, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    result, _ = train_cli(workdir, *RUN, env=env)
+    result, _ = train_cli(workdir, *RUN, "--config.keep_checkpoints=1", env=env)
     assert result["step"] == 12
+    # of the checkpoints at 4, 8 and 12: the latest and the best by validation top-1
+    records = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_top1"] for r in records if "val_top1" in r}
+    with checkpoint.manager(str(workdir), read_only=True) as mngr:
+        kept = mngr.all_steps()
+    assert sorted(val) == [4, 8, 12] and 12 in kept and len(kept) <= 2
+    assert max(val[s] for s in kept) == max(val.values())
     return workdir
 
 
@@ -276,26 +283,31 @@ def test_sigterm_leaves_a_complete_checkpoint(env, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninterrupted):
-    # A good checkpoint at step 4 whose learning-rate factor makes the next steps blow up.
+    # A good checkpoint at step 12 whose learning-rate factor makes the next steps blow up.
     c = train.load_config(TINY)
     model, _ = train.create_model(c, 10)
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(uninterrupted), read_only=True) as mngr:
-        state = train.restore(mngr, 4, target)
-        meta = mngr.restore(4, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        state = train.restore(mngr, 12, target)
+        meta = mngr.restore(12, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
         train.save(mngr, state.replace(lr_scale=jnp.float32(1e30)), meta, {train.BEST_METRIC: 0.1})
-    rc, out = finish(start(tmp_path, *RUN, env=env))
+    rc, out = finish(start(tmp_path, *RUN, "--config.num_steps=16", env=env))
     assert rc == 2, out[-3000:]
     error = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert len(error) == 1 and re.search(r"loss became (nan|inf) at step \d+", error[0]), out[-2000:]
-    assert "last good checkpoint (step 4) is kept" in error[0]
+    assert len(error) == 1 and re.search(r"loss became (nan|inf) at step 1[3-5]", error[0]), out[-2000:]
+    assert "last good checkpoint (step 12) is kept" in error[0]
     with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
-        assert mngr.all_steps() == [4]
+        assert mngr.all_steps() == [12]
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad input
+
+
+def test_missing_config_file():
+    with pytest.raises(UserError, match="config file 'configs/nope.py' not found"):
+        train.load_config("configs/nope.py:resnet20")
 
 
 def test_unknown_config_key_is_one_line(env, tmp_path):
