@@ -73,8 +73,10 @@ def is_main_process() -> bool:
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A 1-D mesh over every device of every process (or `devices`), axis `data`."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A 1-D mesh over every device of every process (or `devices`), axis `data`. Devices are
+    grouped by process, so each process holds one contiguous run of a batch's rows."""
+    devices = sorted(jax.devices() if devices is None else devices,
+                     key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
