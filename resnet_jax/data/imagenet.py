@@ -70,7 +70,6 @@ def eval_batches(source, batch_size: int, mesh: jax.sharding.Mesh, *, size: int 
     [B, 10, size, size, 3]; the last batch padded and masked (data/batching.py)."""
     sharding = parallel.batch_sharding(mesh)
     rows = parallel.process_rows(sharding, batch_size)
-    pool = concurrent.futures.ThreadPoolExecutor(threads)
     order = np.arange(len(source))
 
     def load(index):
@@ -78,14 +77,15 @@ def eval_batches(source, batch_size: int, mesh: jax.sharding.Mesh, *, size: int 
         return (augment.imagenet_eval(np.asarray(ex["image"]), size=size, resize=resize,
                                       ten_crop=ten_crop), np.int32(ex["label"]))
 
-    # padded_batches over indices: the padding rows and the mask come from the one shared rule
-    for index, _, mask in batching.padded_batches(order, order, batch_size):
-        out = list(pool.map(load, index[rows]))
-        images = np.stack([im for im, _ in out])
-        labels = np.asarray([lb for _, lb in out], np.int32)
-        yield (parallel.global_array(images, sharding, batch_size),
-               parallel.global_array(labels, sharding, batch_size),
-               parallel.global_array(np.asarray(mask)[rows], sharding, batch_size))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        # padded_batches over indices: the padding rows and the mask follow the one shared rule
+        for index, _, mask in batching.padded_batches(order, order, batch_size):
+            out = list(pool.map(load, index[rows]))
+            images = np.stack([im for im, _ in out])
+            labels = np.asarray([lb for _, lb in out], np.int32)
+            yield (parallel.global_array(images, sharding, batch_size),
+                   parallel.global_array(labels, sharding, batch_size),
+                   parallel.global_array(np.asarray(mask)[rows], sharding, batch_size))
 
 
 def mean_image(source, count: int = 5000, size: int = 224, resize: int = 256, threads: int = 32,
