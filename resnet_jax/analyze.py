@@ -20,6 +20,7 @@ Choices the paper leaves open, with their defaults:
 """
 import csv
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -30,13 +31,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from resnet_jax import checkpoint
 from resnet_jax.data import sources
 from resnet_jax.data.batching import padded_batches
 from resnet_jax.errors import UserError, exit_on_user_error
-from resnet_jax.responses import capture_responses, merge_moments, response_moments
+from resnet_jax.responses import capture_responses, merge_moments, moments
 
 BN_MODES = ("inference", "batch")
 POOLS = ("all", "channel")
@@ -70,12 +71,12 @@ def batch_moments_fn(model, normalization: Callable, settings: Settings) -> Call
     train = settings.batch_norm == "batch"
     rngs = {"dropout": jax.random.key(0)} if train else None  # VGG's dropout comes after the taps
 
-    def moments(variables, images, mask):
-        responses = capture_responses(model, variables, normalization(images), train=train,
-                                      rngs=rngs)
-        return response_moments(responses, per_channel=settings.pool == "channel", mask=mask)
+    def batch_moments(variables, images, mask):
+        reduce = functools.partial(moments, per_channel=settings.pool == "channel", mask=mask)
+        return capture_responses(model, variables, normalization(images), train=train,
+                                 rngs=rngs, reduce=reduce)
 
-    return jax.jit(moments)
+    return jax.jit(batch_moments)
 
 
 def stream_moments(fn: Callable, variables, images: np.ndarray, settings: Settings) -> Dict:
@@ -97,7 +98,7 @@ def stream_moments(fn: Callable, variables, images: np.ndarray, settings: Settin
 def _merge_host(total, moments):
     if moments is None:
         return total
-    moments = {k: tuple(np.asarray(m, np.float64) for m in v) for k, v in jax.device_get(moments).items()}
+    moments = jax.tree.map(lambda m: np.asarray(m, np.float64), jax.device_get(moments))
     if total is None:
         return moments
     return {k: merge_moments(total[k], moments[k]) for k in total}
@@ -139,7 +140,8 @@ def response_statistics(model, variables, normalization: Callable, images: np.nd
                         settings: Settings = Settings()) -> List[Dict]:
     """Figure 7's numbers for one network: a row per 3x3 layer (see `layer_rows`)."""
     fn = batch_moments_fn(model, normalization, settings)
-    return layer_rows(stream_moments(fn, variables, images, settings), variables["params"], settings)
+    moments = stream_moments(fn, variables, images, settings)
+    return layer_rows(moments, variables["params"], settings)
 
 
 def summary_row(label: str, rows: List[Dict], baseline: Optional[List[Dict]]) -> Dict:
@@ -208,7 +210,8 @@ def open_runs(specs: Sequence[str], step: Optional[int], over_training: bool) ->
 
 
 def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
-            settings: Settings = Settings(), num_images: Optional[int] = None,
+            data_dir: Optional[str] = None, settings: Settings = Settings(),
+            num_images: Optional[int] = None,
             step: Optional[int] = None, over_training: bool = False,
             baseline: Optional[str] = None) -> str:
     """The whole command; returns the table it printed into `out`/table.txt."""
@@ -221,7 +224,9 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
         raise UserError(f"--baseline {baseline!r} is none of the labels: {', '.join(labels)}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} is a file; name a directory")
-    dataset = sources.load(data, split)
+    meta = runs[0].loaded.metadata
+    dataset = sources.load(data, split, data_dir=data_dir, image_size=meta.get("image_size", 32),
+                           num_classes=getattr(runs[0].loaded.model, "num_classes", 10))
     if num_images is not None:
         if not 0 < num_images <= len(dataset):
             raise UserError(f"--num_images must be in 1..{len(dataset)} for {dataset.name}, "
@@ -299,29 +304,36 @@ class _staged:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data", "cifar10", "image source: cifar10 (tfds), folder:PATH or synthetic[:N]")
-flags.DEFINE_string("split", "test", "split of --data")
-flags.DEFINE_string("out", None, "output directory (CSV, JSON, figure7.png/pdf, table.txt)")
-flags.DEFINE_enum("bn", "inference", BN_MODES,
-                  "BN with its running averages (inference) or each batch's statistics (batch)")
-flags.DEFINE_enum("pool", "all", POOLS,
-                  "std over all of N,H,W,C (all) or per channel then averaged (channel)")
-flags.DEFINE_bool("include_stem", True, "count the first 3x3 conv (CIFAR nets) as layer 1")
-flags.DEFINE_integer("num_images", None, "analyse the first N images (default: the whole split)")
-flags.DEFINE_integer("step", None, "checkpoint step (default: the latest of each run)")
-flags.DEFINE_integer("batch_size", 250, "images per jitted step")
-flags.DEFINE_bool("over_training", False,
-                  "also draw each run's curve at every saved step up to --step")
-flags.DEFINE_string("baseline", None, "label the table's ratios refer to (default: the first)")
+
+
+def define_flags():
+    """Defined when the CLI runs, not on import: other modules' CLIs use some of the same names."""
+    flags.DEFINE_string("data", "cifar10", "tfds name (cifar10), folder:PATH (ImageFolder "
+                        "PATH/<split>/<class>/*) or synthetic[:N]")
+    flags.DEFINE_string("split", "test", "split of --data to run over")
+    flags.DEFINE_string("data_dir", None, "tfds data directory")
+    flags.DEFINE_string("out", None, "output directory (a CSV and JSON per model, figure7.png/pdf, "
+                        "table.txt); files of the same names are replaced")
+    flags.DEFINE_enum("bn", "inference", BN_MODES,
+                      "BN with its running averages (inference) or each batch's statistics (batch)")
+    flags.DEFINE_enum("pool", "all", POOLS,
+                      "std over all of N,H,W,C (all) or per channel then averaged (channel)")
+    flags.DEFINE_bool("include_stem", True, "count the first 3x3 conv (CIFAR nets) as layer 1")
+    flags.DEFINE_integer("num_images", None, "analyse the first N images (default: all of them)")
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest of each run)")
+    flags.DEFINE_integer("batch_size", 250, "images per jitted step (the last batch is padded)")
+    flags.DEFINE_bool("over_training", False,
+                      "also draw each run's curve at every saved step up to --step")
+    flags.DEFINE_string("baseline", None, "label the table's ratios refer to (default: the first)")
 
 
 def main(argv):
-    if not FLAGS["verbosity"].present:  # orbax logs every restore; the table is the output
-        logging.set_verbosity(logging.ERROR)
+    checkpoint.quiet_orbax()
     with exit_on_user_error():
         if not FLAGS.out:
             raise UserError("--out is required: the directory for the CSV, JSON and figure")
-        table = analyze(argv[1:], data=FLAGS.data, split=FLAGS.split, out=FLAGS.out,
+        table = analyze(argv[1:], data=FLAGS.data, split=FLAGS.split, data_dir=FLAGS.data_dir,
+                        out=FLAGS.out,
                         settings=Settings(FLAGS.bn, FLAGS.pool, FLAGS.include_stem,
                                           FLAGS.batch_size),
                         num_images=FLAGS.num_images, step=FLAGS.step,
@@ -331,6 +343,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 

@@ -6,7 +6,7 @@ as `conv`, e.g. `stage2/block3/conv1`: the conv whose response it is. Blocks tha
 `nn.scan` (`stageS/blocks`, stacked) are unstacked into `blockN` names, so a name never depends
 on how the stage is compiled.
 """
-from typing import Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
 import flax.linen as nn
@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax.models.layers import Response
+
+
+_TAPPED = "responses"  # the collection each response (or its reduction) is sown into
 
 
 def _is_response(module: nn.Module, method_name: str) -> bool:
@@ -25,7 +28,7 @@ def _layer_name(path: Tuple[str, ...]) -> str:
 
 
 def _flatten(tree, path=()):
-    """Depth-first over the intermediates tree; flax fills it in call order."""
+    """Depth-first over the sown tree; flax fills it in call order."""
     for key, value in tree.items():
         if key == "__call__":
             yield path, value[0]
@@ -47,46 +50,65 @@ def _in_depth_order(tree):
             continue
         done.add(scope)
         group = [(p, v) for p, v in entries if p[: len(scope)] == scope and "blocks" in p]
-        for b in range(value.shape[0]):
+        for b in range(jax.tree.leaves(value)[0].shape[0]):
             for p, v in group:
                 i = p.index("blocks")
-                yield p[:i] + (f"block{b + 1}",) + p[i + 1:], v[b]
+                yield p[:i] + (f"block{b + 1}",) + p[i + 1:], jax.tree.map(lambda a: a[b], v)
 
 
 def capture_responses(model: nn.Module, variables, images, *, train: bool = False,
-                      rngs=None) -> Dict[str, jax.Array]:
+                      rngs=None, reduce: Optional[Callable] = None) -> Dict[str, Any]:
     """Every 3x3 conv layer's response, ordered by depth, keyed by layer name.
 
-    Pure and traceable: call it inside `jax.jit` and reduce there, so the responses are never all
-    materialised. With `train=True`, BN normalises with the batch's statistics (the updated
-    running averages are discarded)."""
+    Pure and traceable. `reduce`, a function of one response, runs where the response is made
+    (inside the scan over a stage's blocks too) and only its result is kept: with a reduction
+    such as `moments`, a jitted forward pass holds no response longer than the layers need it,
+    and the cost over a plain forward pass is one fused read of each. With `train=True`, BN
+    normalises with the batch's statistics (the updated running averages are discarded)."""
     chex.assert_rank(images, 4)
-    mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
-    _, state = model.apply(variables, images, train=train, rngs=rngs,
-                           capture_intermediates=_is_response, mutable=mutable)
-    return {_layer_name(path): r for path, r in _in_depth_order(state["intermediates"])}
+    reduce = reduce or (lambda r: r)
+
+    def tap(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if _is_response(context.module, context.method_name):
+            context.module.sow(_TAPPED, "__call__", reduce(out))
+        return out
+
+    mutable = [_TAPPED, "batch_stats"] if train else [_TAPPED]
+    with nn.intercept_methods(tap):
+        _, state = model.apply(variables, images, train=train, rngs=rngs, mutable=mutable)
+    return {_layer_name(path): r for path, r in _in_depth_order(state[_TAPPED])}
+
+
+def moments(response, *, per_channel: bool = False, mask=None):
+    """(count, mean, M2) of one response [N, ..., C] over its rows where `mask` (bool [N]) is
+    true, in float32: M2 is the sum of squared deviations, pooled over all but C by
+    `per_channel`, over everything otherwise.
+
+    One pass, numerically sound: sums of d = x - shift and of d^2, with shift = row 0's channel
+    means (near the true means), so M2 = sum(d^2) - sum(d)^2 / n cancels nothing large (the
+    shifted-data algorithm). Channels pool with Chan's merge. Moments of batches merge exactly
+    with `merge_moments`, so a split of any size streams through."""
+    r = jnp.asarray(response, jnp.float32)
+    rows = jnp.ones(r.shape[0], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    chex.assert_shape(rows, (r.shape[0],))
+    channels = r.shape[-1]
+    shift = jnp.mean(r[0].reshape(-1, channels), axis=0)
+    d = r - shift
+    n = jnp.sum(rows) * (r.size // (r.shape[0] * channels))  # per channel
+    s1 = jnp.einsum("n,n...c->c", rows, d)  # the mask as a contraction: no masked copy
+    s2 = jnp.einsum("n,n...c->c", rows, d * d)
+    mean = shift + s1 / n
+    m2 = jnp.maximum(s2 - s1 * s1 / n, 0.0)
+    if per_channel:
+        return n, mean, m2
+    pooled = jnp.mean(mean)
+    return n * channels, pooled, jnp.sum(m2) + n * jnp.sum(jnp.square(mean - pooled))
 
 
 def response_moments(responses: Dict[str, jax.Array], *, per_channel: bool = False, mask=None):
-    """Per layer: count, mean and M2 (sum of squared deviations) of its response, in float32.
-
-    Pooled over N, H, W and C by default; `per_channel=True` keeps a C axis. `mask` (bool [N])
-    leaves out padded rows, so a fixed-size last batch counts only its real images. These merge
-    exactly across batches with `merge_moments` (Chan et al.), so a split of any size streams
-    through."""
-    moments = {}
-    for name, r in responses.items():
-        r = jnp.asarray(r, jnp.float32)
-        rows = jnp.ones(r.shape[0], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
-        chex.assert_shape(rows, (r.shape[0],))
-        w = rows.reshape((-1,) + (1,) * (r.ndim - 1))
-        axes = tuple(range(r.ndim - 1)) if per_channel else tuple(range(r.ndim))
-        per_row = r.size // r.shape[0] // (r.shape[-1] if per_channel else 1)
-        count = jnp.sum(rows) * per_row
-        mean = jnp.sum(r * w, axis=axes) / count
-        m2 = jnp.sum(w * jnp.square(r - mean), axis=axes)
-        moments[name] = (count, mean, m2)
-    return moments
+    """{layer: `moments` of its response} for responses already captured."""
+    return {name: moments(r, per_channel=per_channel, mask=mask) for name, r in responses.items()}
 
 
 def merge_moments(a, b):
