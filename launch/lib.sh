@@ -52,10 +52,11 @@ spawn() {
 # job whose peer is gone can only hang or fail at its next collective. The caller defines
 # `stop_process INDEX SIGNAL` (what stopping the INDEX-th process means: a local kill, or a kill
 # over ssh). Survivors get SIGTERM (the trainer checkpoints on it), then SIGKILL after `grace`
-# seconds. SIGINT/SIGTERM to the launcher reach every process as SIGTERM.
+# seconds. A first SIGINT/SIGTERM to the launcher reaches every process as SIGTERM (they save and
+# stop together); a second one as SIGKILL.
 # Returns 0 when all succeeded, else the first failure's status.
 supervise() {
-  local grace="$1" status=0 code finished i killer="" n=${#PIDS[@]}
+  local grace="$1" status=0 code finished i killer="" signalled=0 n=${#PIDS[@]}
   local -A index=()
   for ((i = 0; i < n; i++)); do index[${PIDS[i]}]=$i; done
   local running=("${PIDS[@]}")
@@ -63,12 +64,16 @@ supervise() {
     local pid
     for pid in "${running[@]+"${running[@]}"}"; do stop_process "${index[$pid]}" "$1" 2>/dev/null || true; done
   }
-  trap 'stop_running TERM' INT TERM
+  # shellcheck disable=SC2317  # run by the trap
+  on_signal() {
+    if ((signalled++)); then stop_running KILL; else stop_running TERM; fi
+  }
+  trap on_signal INT TERM
   while ((${#running[@]})); do
     finished=""
     code=0
     wait -n -p finished "${running[@]}" || code=$?
-    [[ -n "$finished" ]] || continue  # a trapped signal interrupted wait; keep waiting
+    [[ -n "${finished:-}" ]] || continue  # a trapped signal interrupted wait (and unset it)
     local remaining=() pid
     for pid in "${running[@]}"; do [[ "$pid" == "$finished" ]] || remaining+=("$pid"); done
     running=("${remaining[@]+"${remaining[@]}"}")

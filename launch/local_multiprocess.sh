@@ -16,7 +16,8 @@ Run N JAX processes on 127.0.0.1, each seeing M CPU devices, as one multi-contro
 which resnet_jax.parallel.initialize_distributed() reads. Output lines are prefixed with
 "[i] ". When any process exits with an error the others get SIGTERM, then SIGKILL after
 --grace seconds, and the launcher exits with the first failure's status (a job whose peer is
-gone can only hang or fail in its next collective).
+gone can only hang or fail in its next collective). Ctrl-C (or SIGTERM to the launcher) sends
+SIGTERM to every process, so the trainer saves and stops at a common step; a second one SIGKILL.
 
 By default the command is `PYTHON -m resnet_jax.train`, and the arguments after the options
 are its flags:

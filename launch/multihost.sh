@@ -13,7 +13,8 @@ Start one process per host over ssh, all running the same command from the same 
               JAX_PROCESS_ID=i [--env ...] PYTHON -m resnet_jax.train TRAINER FLAGS'
 Each process uses every accelerator of its host. Output lines are prefixed with "[i] ". When one
 process fails the others get SIGTERM over ssh (the trainer checkpoints), then SIGKILL after
---grace seconds. The --workdir you give the trainer must be on a file system every host mounts
+--grace seconds. Ctrl-C (or SIGTERM to the launcher) sends SIGTERM to every process; a second
+one SIGKILL. The --workdir you give the trainer must be on a file system every host mounts
 at the same path (NFS, Lustre, gs://): the trainer checks this and stops if it is not.
 
 Example, two 8-GPU hosts:

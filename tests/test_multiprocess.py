@@ -5,13 +5,16 @@ on configs/cpu.py:tiny. Compared with one process holding all four devices:
 - the two processes end with the same parameters and BN statistics (1e-5 relative, per array);
 - their checkpoint restores in one process (this one, on one device);
 - a run whose process 1 is SIGKILLed after a checkpoint, restarted with the same command, resumes
-  from the last complete checkpoint and ends exactly where the uninterrupted run ended.
+  from the last complete checkpoint and ends exactly where the uninterrupted run ended;
+- SIGTERM to the launcher (a preemption notice) stops both processes at one step, with a
+  complete checkpoint of it, and exit status 0.
 
 lr is 0.01 rather than the tiny config's 0.1: this 4-channel net at 0.1 multiplies float
 summation-order differences about tenfold per step (0.1: 9e-2 relative after 5 steps; 0.01:
 4e-6), which would hide what the test is about. That every parameter array moved at least ten
 times the tolerance from its initial value is checked too, so equal-because-unchanged cannot pass.
 """
+import json
 import os
 import pathlib
 import re
@@ -44,17 +47,39 @@ def _env(**extra):
     return env
 
 
-def two_processes(workdir, log_dir, **popen):
-    """Start the trainer as 2 processes x 2 CPU devices; returns the launcher's Popen."""
+def two_processes(workdir, log_dir, *overrides):
+    """Start the trainer as 2 processes x 2 CPU devices; returns the launcher's Popen. Its own
+    session, so that a failed test can end the launcher and its processes together."""
     return subprocess.Popen(["bash", str(LAUNCHER), "-n", "2", "-d", "2", "-g", "2", "-l",
-                             str(log_dir), "--", *FLAGS, "--workdir", str(workdir)],
+                             str(log_dir), "--", *FLAGS, *overrides, "--workdir", str(workdir)],
                             cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def finish(proc) -> str:
-    out, _ = proc.communicate(timeout=TIMEOUT)
-    return out
+    """Its output once it ends; killed (with its processes) if it does not end in time."""
+    try:
+        return proc.communicate(timeout=TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        pytest.fail(f"no end within {TIMEOUT} s:\n{proc.communicate()[0][-3000:]}")
+
+
+def stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_for_checkpoint(proc, workdir, step: int):
+    deadline = time.monotonic() + TIMEOUT
+    while not (workdir / str(step)).is_dir():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before checkpoint {step}:\n{finish(proc)[-3000:]}")
+        if time.monotonic() > deadline:
+            stop(proc)
+            pytest.fail(f"no checkpoint {step} within {TIMEOUT} s")
+        time.sleep(0.05)
 
 
 def complete_steps(workdir) -> list:
@@ -133,11 +158,7 @@ def test_killed_process_and_restart_resume_from_last_complete_checkpoint(tmp_pat
     parameters."""
     workdir, logs = tmp_path / "run", tmp_path / "logs"
     proc = two_processes(workdir, logs)
-    deadline = time.monotonic() + TIMEOUT
-    while not (workdir / "2").is_dir():
-        assert proc.poll() is None, f"the run ended before its first checkpoint:\n{finish(proc)[-3000:]}"
-        assert time.monotonic() < deadline, "no checkpoint within the time limit"
-        time.sleep(0.05)
+    wait_for_checkpoint(proc, workdir, 2)
     os.kill(int((logs / "process_1.pid").read_text()), signal.SIGKILL)
     out = finish(proc)
     assert proc.returncode != 0, "the run finished before the kill landed:\n" + out[-2000:]
@@ -157,3 +178,19 @@ def test_killed_process_and_restart_resume_from_last_complete_checkpoint(tmp_pat
                                  checkpoint.load_model(str(two_process_dir)).variables)
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] < 1e-6, f"{worst}: {diffs[worst]:.2e} relative"
+
+
+def test_sigterm_stops_both_processes_at_one_saved_step(tmp_path):
+    """What a TPU VM preemption or SLURM's --signal does: every process gets SIGTERM; JAX's
+    preemption sync point makes them stop after the same step, save it together, exit 0."""
+    workdir = tmp_path / "run"
+    # Far more steps than it will take: the stop must come from the signal, not the end.
+    proc = two_processes(workdir, tmp_path / "logs", "--config.num_steps=1000")
+    wait_for_checkpoint(proc, workdir, 2)
+    proc.send_signal(signal.SIGTERM)  # the launcher passes it to both processes
+    out = finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    (result,) = re.findall(r'^\[0\] (\{"step".*\})$', out, flags=re.M)
+    result = json.loads(result)
+    assert result["preempted"] is True and 2 <= result["step"] < 1000
+    assert complete_steps(workdir)[-1] == result["step"]  # saved by both: orbax committed it
