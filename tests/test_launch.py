@@ -270,6 +270,29 @@ def test_local_multiprocess_sigkilled_process_gives_137(tmp_path):
     assert proc.returncode == 128 + signal.SIGKILL, err
 
 
+def test_local_multiprocess_passes_sigterm_to_every_process(tmp_path):
+    # Each process saves-and-exits on SIGTERM, as the trainer does; the launcher then exits 0.
+    code = ("import os, signal, sys, time\n"
+            "def done(*_):\n"
+            "    print('stopped', os.environ['JAX_PROCESS_ID'], flush=True); sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, done)\n"
+            "print('up', flush=True)\n"
+            "time.sleep(60)\n")
+    proc = subprocess.Popen(["bash", str(LAUNCH / "local_multiprocess.sh"), "-n", "3", "-l",
+                             str(tmp_path), "--cmd", sys.executable, "-c", code],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(
+            (tmp_path / f"process_{i}.log").exists() and "up" in (tmp_path / f"process_{i}.log").read_text()
+            for i in range(3)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert sorted(l for l in out.splitlines() if "stopped" in l) == \
+        ["[0] stopped 0", "[1] stopped 1", "[2] stopped 2"]
+
+
 def test_multihost_dry_run_sets_the_coordinator(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two GPU boxes\nalice@gpu1\ngpu2  # the second\n")
