@@ -33,7 +33,9 @@ Options:
   -s, --split SPLIT      split of --data for the analysis (default: test)
   -L, --launcher CMD     prefix that starts each training run across processes, split on spaces,
                          e.g. "launch/local_multiprocess.sh -n 2 -d 2 --cmd",
-                         "launch/multihost.sh -H gpu1,gpu2 --cmd", or "srun" inside an allocation
+                         "launch/multihost.sh -H gpu1,gpu2 --cmd", or "srun" inside a SLURM
+                         allocation with one task per GPU (for one task per node export
+                         JAX_LOCAL_DEVICE_IDS=0,...,G-1 first, as slurm.sbatch does)
                          (default: none, one process with all its local devices)
       --python PY        interpreter (default: $PYTHON, else python3)
       --no-analysis      train only
