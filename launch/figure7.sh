@@ -20,7 +20,7 @@ it was preempted); delete that file to run it again. Without the marker the trai
 a finished workdir is evaluated, not retrained, and a partial one resumes.
 
 Options:
-  -r, --root DIR         parent of the training workdirs, ROOT/MODEL (default: runs/figure7); a
+  -r, --root DIR         parent of the training workdirs, ROOT/MODEL (default: workdirs/figure7); a
                          gs://BUCKET/PATH on TPU VMs
   -o, --out DIR          local directory for the figure, tables, logs and done markers (default:
                          ROOT/figure7 when ROOT is local; needed when ROOT is gs://)
@@ -57,7 +57,7 @@ EOF
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-root="runs/figure7"
+root="workdirs/figure7"
 out=""
 models="plain20,plain56,resnet20,resnet56,resnet110"
 config="configs/cifar10.py"
