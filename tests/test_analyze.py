@@ -26,10 +26,10 @@ def _fan_in(shape):
     return np.prod(shape[-4:-1]) if len(shape) >= 4 else shape[0]  # conv (maybe stacked), dense
 
 
-def _init(name, seed):
+def _init(name, seed, options=OPTIONS):
     """Random He-scaled kernels and non-trivial BN (gamma, beta, running statistics), drawn in
     numpy from the model's shapes: nothing to compile."""
-    model = resnet_jax.create_model(name, **OPTIONS)
+    model = resnet_jax.create_model(name, **options)
     rng = np.random.default_rng(seed)
     draw = dict(scale=lambda s: rng.uniform(0.3, 2.0, s), bias=lambda s: rng.normal(0, 0.7, s),
                 var=lambda s: rng.uniform(0.5, 3.0, s), mean=lambda s: rng.normal(0, 0.3, s),
@@ -107,6 +107,22 @@ def test_rows_name_stage_block_and_kernel_and_drop_the_stem(resnet):
         ("stage1/block1/conv2", 1, "3x3x4x4")
     assert (last["layer"], last["stage"], last["block"], last["kernel"]) == \
         ("stage3/block2/conv2", "stage3", 2, "3x3x8x8")
+
+
+@pytest.mark.parametrize("name, options, kernels", [
+    # VGG-19's sixteen 3x3 convs (no BN: the response is the conv's output), shrunk in width.
+    ("vgg19", dict(stages=((4, 2), (8, 2), (8, 4), (8, 4), (8, 4)), num_classes=10),
+     ["3x3x3x4", "3x3x4x4"] + ["3x3x4x8"] + ["3x3x8x8"] * 13),
+    # ResNet-50's bottlenecks: the 3x3 conv of each of its 16 blocks, the 7x7 stem left out.
+    ("resnet50", dict(widths=(4, 8, 8, 8), num_classes=10),
+     ["3x3x4x4"] * 3 + ["3x3x8x8"] * 13),
+])
+def test_every_kind_of_net_gives_its_3x3_layers(name, options, kernels):
+    model, variables = _init(name, 3, options)
+    rows = analyze.response_statistics(model, variables, NORM, IMAGES[:6],
+                                       analyze.Settings(batch_size=4))
+    assert [r["kernel"] for r in rows] == kernels
+    assert all(np.isfinite(r["std"]) and r["std"] > 0 for r in rows)
 
 
 def _bn_of(params, layer):
