@@ -106,7 +106,8 @@ def _merge_host(total, moments):
 
 def layer_rows(moments: Dict, params, settings: Settings) -> List[Dict]:
     """One row per 3x3 layer in depth order: COLUMNS. With per-channel pooling, std and mean are
-    the averages over channels of each channel's std and mean."""
+    the averages over channels of each channel's std and mean; count is the number of response
+    values (N*H*W*C) either way."""
     rows = []
     for layer, (count, mean, m2) in moments.items():
         parts = layer.split("/")
@@ -119,7 +120,7 @@ def layer_rows(moments: Dict, params, settings: Settings) -> List[Dict]:
             block="" if block is None else block,
             kernel="x".join(map(str, _kernel_shape(params, parts))),
             std=float(np.mean(np.sqrt(m2 / count))), mean=float(np.mean(mean)),
-            count=int(np.sum(count))))
+            count=int(np.sum(np.broadcast_to(count, np.shape(mean))))))  # values, all channels
     return rows
 
 
