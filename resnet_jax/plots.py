@@ -13,6 +13,10 @@ import numpy as np  # noqa: E402
 DPI = 110
 
 
+def _layer_ticks():
+    return matplotlib.ticker.MaxNLocator(integer=True)  # layer indices are whole numbers
+
+
 def _save(fig, stem: str):
     fig.savefig(stem + ".png", dpi=DPI)
     fig.savefig(stem + ".pdf")
@@ -33,7 +37,7 @@ def figure7(stem: str, curves: Sequence[Tuple[str, Sequence[float], bool]]):
     for ax in (top, bottom):
         ax.set_ylabel("std")
         ax.set_xlim(left=0)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(_layer_ticks())
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", ncol=2)
@@ -57,9 +61,11 @@ def over_training(stem: str, label: str, curves: Dict[int, List[float]]):
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=left, label="step")
     image = right.imshow(grid, aspect="auto", origin="lower", cmap="magma",
                          extent=(0.5, grid.shape[1] + 0.5, -0.5, len(steps) - 0.5))
-    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
+    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 12)).round().astype(int))
     right.set_yticks(ticks, [str(steps[i]) for i in ticks])
     right.set(xlabel="layer index (original)", ylabel="step", title="std")
     fig.colorbar(image, ax=right, label="std")
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(_layer_ticks())
     fig.tight_layout()
     _save(fig, stem)
