@@ -1,32 +1,31 @@
 """The analysis figures: the paper's Figure 7 and the curves of one run over training.
 
-Each function saves `<stem>.png` and `<stem>.pdf`; the Agg backend draws without a display.
+Each function saves `<stem>.png` and `<stem>.pdf`. Figures are made without pyplot, so they draw
+with the Agg backend on a machine without a display and leave a caller's backend alone.
 """
 from typing import Dict, List, Sequence, Tuple
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib import cm, colormaps, colors, ticker
+from matplotlib.figure import Figure
 
 DPI = 110
 
 
 def _layer_ticks():
-    return matplotlib.ticker.MaxNLocator(integer=True)  # layer indices are whole numbers
+    return ticker.MaxNLocator(integer=True)  # layer indices are whole numbers
 
 
 def _save(fig, stem: str):
     fig.savefig(stem + ".png", dpi=DPI)
     fig.savefig(stem + ".pdf")
-    plt.close(fig)
 
 
 def figure7(stem: str, curves: Sequence[Tuple[str, Sequence[float], bool]]):
     """curves: (label, std per layer in depth order, residual). Top: layer order; bottom: sorted
     descending. Plain nets dashed, ResNets solid, as in the paper."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.4))
+    fig = Figure(figsize=(6.4, 6.4))
+    top, bottom = fig.subplots(2, 1)
     for label, stds, residual in curves:
         style = dict(linestyle="-" if residual else "--", linewidth=1.4, label=label)
         index = np.arange(1, len(stds) + 1)
@@ -50,15 +49,16 @@ def over_training(stem: str, label: str, curves: Dict[int, List[float]]):
     same as a heat map, steps up, layers across."""
     steps = sorted(curves)
     grid = np.asarray([curves[s] for s in steps])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    norm = matplotlib.colors.Normalize(min(steps), max(steps) if len(steps) > 1 else min(steps) + 1)
-    cmap = matplotlib.colormaps["viridis"]
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2)
+    norm = colors.Normalize(min(steps), max(steps) if len(steps) > 1 else min(steps) + 1)
+    cmap = colormaps["viridis"]
     index = np.arange(1, grid.shape[1] + 1)
     for s, stds in zip(steps, grid):
         left.plot(index, stds, color=cmap(norm(s)), linewidth=1.2)
     left.set(xlabel="layer index (original)", ylabel="std", title=f"{label} over training")
     left.grid(alpha=0.3)
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=left, label="step")
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=left, label="step")
     image = right.imshow(grid, aspect="auto", origin="lower", cmap="magma",
                          extent=(0.5, grid.shape[1] + 0.5, -0.5, len(steps) - 0.5))
     ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 12)).round().astype(int))
