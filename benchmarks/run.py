@@ -250,6 +250,9 @@ def run(models: List[str], modes: List[str], compile_models: List[str], *, batch
         for name in compile_models:
             add(make_row(name, "compile", "train step trace+compile",
                          compile_seconds(name, batch), "s"))
+    if "memory" in modes:
+        add(make_row("-", "memory", "peak RSS of this benchmark process",
+                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))
     if "analysis_memory" in modes:
         from benchmarks import analysis_memory
         for row in analysis_memory.run():
@@ -299,8 +302,6 @@ def main(argv):
         rows = run(FLAGS.models, FLAGS.modes, FLAGS.compile_models, batch=FLAGS.batch,
                    warmup=FLAGS.warmup, repeats=FLAGS.repeats, pytorch=pytorch,
                    threads=FLAGS.threads, report=lambda row: print(format_row(row), flush=True))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"# peak RSS of this process: {peak:.0f} MiB")
         if FLAGS.json:
             meta = dict(machine=machine(), jax=jax.__version__, backend=jax.default_backend())
             with open(FLAGS.json, "w") as f:
