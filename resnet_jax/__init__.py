@@ -7,8 +7,8 @@
     responses = resnet_jax.capture_responses(model, variables, images)
 """
 from resnet_jax.models import create_model, list_models, model_options, UnknownModelError
-from resnet_jax.responses import capture_responses
+from resnet_jax.responses import capture_responses, is_response
 
-__all__ = ["create_model", "list_models", "model_options", "capture_responses",
+__all__ = ["create_model", "list_models", "model_options", "capture_responses", "is_response",
            "UnknownModelError"]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ as `conv`, e.g. `stage2/block3/conv1`: the conv whose response it is. Blocks tha
 `nn.scan` (`stageS/blocks`, stacked) are unstacked into `blockN` names, so a name never depends
 on how the stage is compiled.
 """
+import contextlib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
@@ -16,10 +17,12 @@ import jax.numpy as jnp
 from resnet_jax.models.layers import Response
 
 
-_TAPPED = "responses"  # the collection each response (or its reduction) is sown into
+_REDUCED = "reduced_responses"  # the collection each response's reduction is sown into
 
 
-def _is_response(module: nn.Module, method_name: str) -> bool:
+def is_response(module: nn.Module, method_name: str) -> bool:
+    """The `capture_intermediates` filter that records exactly the responses:
+    `model.apply(variables, x, capture_intermediates=is_response, mutable=["intermediates"])`."""
     return isinstance(module, Response) and method_name == "__call__"
 
 
@@ -58,7 +61,8 @@ def _in_depth_order(tree):
 
 def capture_responses(model: nn.Module, variables, images, *, train: bool = False,
                       rngs=None, reduce: Optional[Callable] = None) -> Dict[str, Any]:
-    """Every 3x3 conv layer's response, ordered by depth, keyed by layer name.
+    """Every 3x3 conv layer's response, ordered by depth, keyed by layer name, recorded with
+    flax's `capture_intermediates` (filter `is_response`).
 
     Pure and traceable. `reduce`, a function of one response, runs where the response is made
     (inside the scan over a stage's blocks too) and only its result is kept: with a reduction
@@ -66,18 +70,23 @@ def capture_responses(model: nn.Module, variables, images, *, train: bool = Fals
     and the cost over a plain forward pass is one fused read of each. With `train=True`, BN
     normalises with the batch's statistics (the updated running averages are discarded)."""
     chex.assert_rank(images, 4)
-    reduce = reduce or (lambda r: r)
+    if reduce is None:  # flax's own recording, stacked over a scanned stage's blocks
+        collection, recording = "intermediates", contextlib.nullcontext()
+        kwargs = dict(capture_intermediates=is_response)
+    else:
+        # capture_intermediates keeps whole responses, which a scan stacks over its blocks;
+        # reducing at the same tap keeps only the reduction (a few numbers per layer).
+        def tap(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if is_response(context.module, context.method_name):
+                context.module.sow(_REDUCED, "__call__", reduce(out))
+            return out
 
-    def tap(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if _is_response(context.module, context.method_name):
-            context.module.sow(_TAPPED, "__call__", reduce(out))
-        return out
-
-    mutable = [_TAPPED, "batch_stats"] if train else [_TAPPED]
-    with nn.intercept_methods(tap):
-        _, state = model.apply(variables, images, train=train, rngs=rngs, mutable=mutable)
-    return {_layer_name(path): r for path, r in _in_depth_order(state[_TAPPED])}
+        collection, recording, kwargs = _REDUCED, nn.intercept_methods(tap), {}
+    mutable = [collection, "batch_stats"] if train else [collection]
+    with recording:
+        _, state = model.apply(variables, images, train=train, rngs=rngs, mutable=mutable, **kwargs)
+    return {_layer_name(path): r for path, r in _in_depth_order(state[collection])}
 
 
 def moments(response, *, per_channel: bool = False, mask=None):

@@ -77,6 +77,19 @@ def test_response_is_bn_output_before_relu_and_addition(resnet20):
     assert float(got["stage2/block1/conv2"].min()) < 0  # before ReLU
 
 
+def test_recorded_with_capture_intermediates_and_reducible_in_place(resnet20):
+    model, variables, x = resnet20
+    _, state = jax.jit(functools.partial(model.apply, capture_intermediates=resnet_jax.is_response,
+                                         mutable=["intermediates"]))(variables, x)
+    got = jax.jit(functools.partial(responses.capture_responses, model))(variables, x)
+    np.testing.assert_array_equal(
+        got["stage2/block2/conv1"], state["intermediates"]["stage2"]["blocks"]["response1"]["__call__"][0][1])
+    maxima = jax.jit(functools.partial(responses.capture_responses, model, reduce=jnp.max))(variables, x)
+    assert list(maxima) == list(got)
+    for name in got:
+        np.testing.assert_allclose(maxima[name], got[name].max(), rtol=1e-6)
+
+
 def test_train_mode_pooled_std_is_set_by_gamma_and_beta(resnet20):
     """With batch statistics each channel is normalised exactly, so over all N,H,W,C elements
     the response has variance mean(gamma^2) + var(beta): the paper's std is BN's parameters."""
