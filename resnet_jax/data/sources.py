@@ -134,7 +134,8 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str]) -> Dataset:
     import tensorflow_datasets as tfds
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        builder.download_and_prepare()
+        # as_data_source reads ArrayRecord only; tfds would prepare TFRecord by default
+        builder.download_and_prepare(file_format="array_record")
         data = builder.as_data_source(split=split)
         images = np.stack([ex["image"] for ex in data])
         labels = np.asarray([ex["label"] for ex in data], np.int32)
