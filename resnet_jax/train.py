@@ -287,26 +287,6 @@ def evaluate(eval_step, variables, batches) -> Dict[str, float]:
                 loss=float(totals["loss_sum"]) / count)
 
 
-def benchmark_setup(model: str = "resnet20", batch_size: int = 128, *, mesh=None, config=None,
-                    image_size: int = 32, num_classes: int = 10, **model_options):
-    """The training loop's own step for benchmarks: returns (step, state, (images, labels)) with
-    a fresh state on `mesh` (default: every device) and one synthetic uint8 batch sharded on it.
-    The step donates its state, so time it as `state, metrics = step(state, images, labels)`."""
-    config = (config or default_config()).copy_and_resolve_references()
-    config.model, config.batch_size = model, batch_size
-    mesh = mesh or parallel.make_mesh()
-    options = {k: v for k, v in config.model_options.items() if k in resnet_jax.model_options(model)}
-    net = resnet_jax.create_model(model, num_classes=num_classes, **{**options, **model_options})
-    state = init_state(config, net, mesh, image_size)
-    rng = np.random.default_rng(0)
-    batch = parallel.global_batch(
-        (rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),
-         rng.integers(0, num_classes, batch_size).astype(np.int32)),
-        parallel.batch_sharding(mesh), batch_size)
-    normalization = checkpoint.Normalization(np.full((image_size, image_size, 3), 0.5, np.float32))
-    return make_train_step(config, net, mesh, normalization), state, batch
-
-
 # ---------------------------------------------------------------------------------------------
 # Data, checkpoints, metrics
 
