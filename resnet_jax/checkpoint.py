@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 import resnet_jax
 from resnet_jax.errors import UserError
@@ -53,6 +54,12 @@ class LoadedModel:
     step: int
 
 
+def _path(directory) -> epath.Path:
+    """Local paths made absolute; gs:// and other URLs (TPU VM workdirs) left as they are."""
+    directory = str(directory)
+    return epath.Path(directory if "://" in directory else os.path.abspath(directory))
+
+
 def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: Optional[str] = None,
             keep_best: int = 0, read_only: bool = False, async_save: bool = True,
             item_handlers: Optional[Dict[str, Any]] = None) -> ocp.CheckpointManager:
@@ -70,15 +77,15 @@ def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: O
         save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
         preservation_policy=policy)
     if item_handlers is not None:
-        return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+        return ocp.CheckpointManager(_path(directory), options=options,
                                      item_handlers=item_handlers)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(_path(directory), options=options, item_names=ITEMS)
 
 
 def save_model(directory: str, variables, *, model_name: str, model_options: Dict[str, Any],
                normalization: Normalization, step: int = 0, extra: Optional[Dict] = None) -> str:
     """Weights alone (no training state), as a checkpoint every reader of the package accepts."""
-    if os.path.exists(directory) and os.listdir(directory):
+    if _path(directory).exists() and any(_path(directory).iterdir()):
         raise UserError(f"output directory {directory!r} is not empty; choose a new --out")
     meta = metadata(model_name, model_options, normalization, extra)
     with manager(directory, async_save=False) as mngr:
@@ -96,7 +103,7 @@ def metadata(model_name, model_options, normalization: Normalization, extra=None
 
 
 def latest_step(directory: str, step: Optional[int] = None) -> int:
-    if not os.path.isdir(directory):
+    if not _path(directory).is_dir():
         raise UserError(f"checkpoint directory {directory!r} does not exist")
     with manager(directory, read_only=True) as mngr:
         steps = mngr.all_steps()

@@ -82,3 +82,10 @@ def test_missing_directory_step_and_used_out(tmp_path):
     with pytest.raises(UserError, match="is not empty"):
         checkpoint.save_model(directory, {"params": {}}, model_name="resnet20", model_options={},
                               normalization=NORM)
+
+
+def test_bucket_workdirs_are_not_made_local():
+    """A TPU VM's workdir is a gs:// URL; os.path.abspath would turn it into ./gs:/bucket/..."""
+    from resnet_jax import checkpoint
+    assert str(checkpoint._path("gs://bucket/runs/resnet56")) == "gs://bucket/runs/resnet56"
+    assert str(checkpoint._path("runs/x")).startswith("/")
