@@ -298,13 +298,18 @@ def main(argv):
             pytorch = ""
         print(f"# {machine()}; jax {jax.__version__} ({jax.default_backend()}), "
               f"torch {_version('torch')} with {FLAGS.threads} threads; batch {FLAGS.batch}, "
-              f"median of {FLAGS.repeats} after {FLAGS.warmup} warm-up", flush=True)
+              f"median of {FLAGS.repeats} after {FLAGS.warmup} warm-up; load average "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
         print(HEADER, flush=True)
         rows = run(FLAGS.models, FLAGS.modes, FLAGS.compile_models, batch=FLAGS.batch,
                    warmup=FLAGS.warmup, repeats=FLAGS.repeats, pytorch=pytorch,
                    threads=FLAGS.threads, report=lambda row: print(format_row(row), flush=True))
+        # Other processes on the cores slow PyTorch's threads far more than XLA's: compare
+        # ratios only from runs on an otherwise idle machine (load average well below 1).
+        print(f"# load average at the end: {os.getloadavg()[0]:.1f}")
         if FLAGS.json:
-            meta = dict(machine=machine(), jax=jax.__version__, backend=jax.default_backend())
+            meta = dict(machine=machine(), jax=jax.__version__, backend=jax.default_backend(),
+                        load_average_end=round(os.getloadavg()[0], 2))
             with open(FLAGS.json, "w") as f:
                 json.dump([dict(row, **meta) for row in rows], f, indent=1)
 
