@@ -3,7 +3,7 @@ to a plain forward pass over the same batches.
 
     .venv/bin/python benchmarks/analysis_memory.py [--model resnet56] [--batch_size 250]
 
-Each measurement runs in its own process (peak RSS, `ru_maxrss`, only grows), on random weights
+Each measurement runs in its own process (peak RSS, VmHWM: it only grows), on random weights
 and random images: the statistics' values do not matter here, only what computing them costs.
 The peak includes the images themselves (3 KB each), as the command holds the split in memory.
 `run()` returns the rows for the project's benchmark entry point.
@@ -49,7 +49,17 @@ def _measure(model_name: str, count: int, batch_size: int, what: str) -> Dict:
             total = total + forward(variables, batch)  # stays on device: no sync per batch
         jax.block_until_ready(total)
     return dict(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu,
-                peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                peak_mib=_peak_rss_mib())
+
+
+def _peak_rss_mib() -> float:
+    """This process's own peak RSS. Not ru_maxrss: a child started from a large parent reports
+    the parent's peak there, so every count would read the same."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def _child(model_name: str, count: int, batch_size: int, what: str) -> Dict:
