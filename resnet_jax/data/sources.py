@@ -140,9 +140,10 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str]) -> Dataset:
         images = np.stack([ex["image"] for ex in data])
         labels = np.asarray([ex["label"] for ex in data], np.int32)
     except Exception as e:  # tfds raises many kinds; the user needs the source and the fix
+        detail = (str(e).splitlines() or [""])[0][:160]
         raise UserError(f"tfds could not load {name!r} split {split!r} ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); without internet use "
-                        "--data folder:PATH") from None
+                        f"{detail}); without internet point the data source at an image folder, "
+                        "folder:PATH (train: --config.data.source, evaluate/analyze: --data)") from None
     return Dataset(images, labels, builder.info.features["label"].num_classes, f"{name}:{split}")
 
 
