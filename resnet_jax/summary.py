@@ -88,7 +88,8 @@ def summarize(name: str, image_size: int = 224, **options) -> Dict:
 
 def format_table(summaries: List[Dict]) -> str:
     """Stages down, networks across, as the paper's Table 1."""
-    stage_names = list(dict.fromkeys(s["stage"] for m in summaries for s in m["stages"]))
+    order = lambda st: 0 if st == "stem" else (1000 if st == "head" else int(st[len("stage"):]))
+    stage_names = sorted({s["stage"] for m in summaries for s in m["stages"]}, key=order)
     col = 30
     lines = ["stage".ljust(10) + "".join(m["name"].ljust(col) for m in summaries)]
     lines.append(" " * 10 + "".join("size  layers  params  MACs".ljust(col) for _ in summaries))

@@ -49,6 +49,8 @@ def test_cli_json_and_table():
     table = subprocess.run([sys.executable, "-m", "resnet_jax.summary", "vgg19", "plain34", "resnet34"],
                            capture_output=True, text=True, check=True).stdout
     assert "19.6321G" in table and "3.6638G" in table
+    rows = [line.split()[0] for line in table.splitlines()[2:]]
+    assert rows == ["stem", "stage1", "stage2", "stage3", "stage4", "stage5", "head", "total"]
 
 
 def test_cli_unknown_model_is_one_line():
