@@ -140,8 +140,8 @@ class Net:
 
     def eval_images_per_s(self, warmup: int, repeats: int) -> float:
         import numpy as np
-        from resnet_jax import parallel, train
-        step = train.make_eval_step(self.model, self.mesh, self.normalization)
+        from resnet_jax import evaluate, parallel
+        step = evaluate.make_eval_step(self.model, self.mesh, self.normalization)
         mask = parallel.global_batch(np.ones(len(self.labels), bool),
                                      parallel.batch_sharding(self.mesh), len(self.labels))
         variables = self.state.variables

@@ -17,11 +17,12 @@ from typing import Callable, Dict, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, parallel
 from resnet_jax.data import sources
-from resnet_jax.data.batching import num_batches, padded_batches, topk_correct
+from resnet_jax.data.batching import padded_batches, topk_correct
 from resnet_jax.errors import UserError, exit_on_user_error
 
 
@@ -41,36 +42,64 @@ def stderr_progress(done: int, total: int, seconds: float):
           file=sys.stderr, flush=True)
 
 
+def make_eval_step(model, mesh, normalization: checkpoint.Normalization):
+    """jit(variables, images, labels, mask) -> summed loss and top-1/top-5 counts over the batch.
+    Images [B, K, H, W, 3] are K crops of each image (10-crop testing): their softmax averages."""
+    def eval_fn(variables, images, labels, mask):
+        x = normalization(images)
+        if x.ndim == 5:
+            b, k = x.shape[:2]
+            probs = jax.nn.softmax(model.apply(variables, x.reshape((b * k,) + x.shape[2:]), train=False))
+            logits = jnp.log(probs.reshape(b, k, -1).mean(1))
+        else:
+            logits = model.apply(variables, x, train=False)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return dict(loss_sum=jnp.sum(jnp.where(mask, loss, 0.0)),
+                    count=jnp.sum(mask, dtype=jnp.int32), **topk_correct(logits, labels, mask))
+
+    rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(eval_fn, in_shardings=(rep, batch, batch, batch), out_shardings=rep)
+
+
+def evaluate_batches(eval_step, variables, batches, progress: Optional[Callable] = None,
+                     total: int = 0, progress_every: int = 5) -> Dict:
+    """{'top1', 'top5', 'loss', 'count', 'correct_top1', 'correct_top5'} over (images, labels,
+    mask) batches. Sums stay on device (the host queues the next batch while one runs); the host
+    waits only for `progress(done, total, seconds)`, every `progress_every` batches, and at the end."""
+    totals, start, done, reported = None, time.perf_counter(), 0, True
+    for i, (images, labels, mask) in enumerate(batches):
+        out = eval_step(variables, images, labels, mask)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        done = min(done + len(labels), total) if total else done + len(labels)
+        reported = bool(progress) and (i + 1) % progress_every == 0
+        if reported:
+            jax.block_until_ready(totals)
+            progress(done, total, time.perf_counter() - start)
+    totals = jax.device_get(totals)
+    if progress and not reported:
+        progress(done, total, time.perf_counter() - start)
+    count = int(totals["count"])
+    return dict(top1=int(totals["top1"]) / max(count, 1), top5=int(totals["top5"]) / max(count, 1),
+                loss=float(totals["loss_sum"]) / max(count, 1), count=count,
+                correct_top1=int(totals["top1"]), correct_top5=int(totals["top5"]))
+
+
 def evaluate(loaded: checkpoint.LoadedModel, dataset: sources.Dataset, batch_size: int = 500,
              progress: Optional[Callable[[int, int, float], None]] = stderr_progress,
              progress_every: int = 5) -> Dict:
-    """{'top1', 'top5' (fractions), 'count', 'correct_top1', 'correct_top5', 'seconds'} of
-    `loaded` on every image of `dataset`; `progress(done, total, seconds)` about every
-    `progress_every` batches."""
+    """{'top1', 'top5' (fractions), 'loss', 'count', 'correct_top1', 'correct_top5', 'seconds'}
+    of `loaded` on every image of `dataset`, over all local devices (the batch is rounded up to
+    a multiple of their number); `progress(done, total, seconds)` about every `progress_every`
+    batches."""
     _check_fits(loaded, dataset)
-    model, normalize = loaded.model, loaded.normalization
-
-    @jax.jit
-    def correct(variables, images, labels, mask):
-        logits = model.apply(variables, normalize(images), train=False)
-        return topk_correct(logits, labels, mask)
-
-    total = len(dataset)
-    counts = {"top1": jnp.zeros((), jnp.int32), "top5": jnp.zeros((), jnp.int32)}
+    mesh = parallel.make_mesh(jax.local_devices())
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+    eval_step = make_eval_step(loaded.model, mesh, loaded.normalization)
     start = time.perf_counter()
-    batches = padded_batches(dataset.images, dataset.labels, batch_size)
-    for i, (images, labels, mask) in enumerate(batches):
-        # Sums stay on device, so the host queues the next batch while this one runs.
-        counts = jax.tree.map(jnp.add, counts, correct(loaded.variables, images, labels, mask))
-        last = i + 1 == num_batches(total, batch_size)
-        if progress and ((i + 1) % progress_every == 0 or last):
-            jax.block_until_ready(counts)
-            progress(min((i + 1) * batch_size, total), total, time.perf_counter() - start)
-    counts = {k: int(v) for k, v in counts.items()}
-    seconds = time.perf_counter() - start
-    return dict(top1=counts["top1"] / max(total, 1), top5=counts["top5"] / max(total, 1),
-                count=total, correct_top1=counts["top1"], correct_top5=counts["top5"],
-                seconds=round(seconds, 3))
+    result = evaluate_batches(eval_step, loaded.variables,
+                              padded_batches(dataset.images, dataset.labels, batch_size),
+                              progress, len(dataset), progress_every)
+    return dict(result, seconds=round(time.perf_counter() - start, 3))
 
 
 def write_json(path: str, obj) -> None:

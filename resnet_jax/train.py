@@ -43,7 +43,7 @@ from absl import logging as absl_logging
 import resnet_jax
 from resnet_jax import checkpoint, parallel
 from resnet_jax.data import pipeline, sources
-from resnet_jax.data.batching import topk_correct
+from resnet_jax.evaluate import evaluate_batches, make_eval_step
 from resnet_jax.errors import UserError, exit_on_user_error
 
 BEST_METRIC = "val_top1"
@@ -254,37 +254,6 @@ def make_train_step(config, model, mesh, normalization: checkpoint.Normalization
     rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     return jax.jit(step_fn, in_shardings=(rep, batch, batch), out_shardings=(rep, rep),
                    donate_argnums=0)
-
-
-def make_eval_step(model, mesh, normalization: checkpoint.Normalization):
-    """jit(variables, images, labels, mask) -> summed loss and top-1/top-5 counts over the batch.
-    Images [B, K, H, W, 3] are K crops of each image (10-crop testing): their softmax averages."""
-    def eval_fn(variables, images, labels, mask):
-        x = normalization(images)
-        if x.ndim == 5:
-            b, k = x.shape[:2]
-            probs = jax.nn.softmax(model.apply(variables, x.reshape((b * k,) + x.shape[2:]), train=False))
-            logits = jnp.log(probs.reshape(b, k, -1).mean(1))
-        else:
-            logits = model.apply(variables, x, train=False)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return dict(loss_sum=jnp.sum(jnp.where(mask, loss, 0.0)),
-                    count=jnp.sum(mask, dtype=jnp.int32), **topk_correct(logits, labels, mask))
-
-    rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(eval_fn, in_shardings=(rep, batch, batch, batch), out_shardings=rep)
-
-
-def evaluate(eval_step, variables, batches) -> Dict[str, float]:
-    """{'top1', 'top5', 'loss'} over (images, labels, mask) batches (one host sync, at the end)."""
-    totals = None
-    for images, labels, mask in batches:
-        out = eval_step(variables, images, labels, mask)
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
-    count = int(totals["count"])
-    return dict(top1=int(totals["top1"]) / count, top5=int(totals["top5"]) / count,
-                loss=float(totals["loss_sum"]) / count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,7 +483,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, last_saved, writ
     source = data.train
     train_step = make_train_step(config, model, mesh, data.normalization)
     eval_step = make_eval_step(model, mesh, data.normalization)
-    run_eval = lambda batches: evaluate(eval_step, state.variables, batches())
+    run_eval = lambda batches: evaluate_batches(eval_step, state.variables, batches())
 
     step = int(jax.device_get(state.step))
     warmup_logged = bool(jax.device_get(state.warmup_end) >= 0)
