@@ -282,6 +282,8 @@ def main(argv):
     with exit_on_user_error():
         import jax
         import resnet_jax
+        from resnet_jax import parallel
+        parallel.use_cpu_cores((FLAGS.batch,))
         unknown = [m for m in FLAGS.modes if m not in MODES]
         if unknown:
             raise UserError(f"unknown mode {unknown[0]!r}; --modes takes any of {', '.join(MODES)}")
@@ -296,7 +298,8 @@ def main(argv):
                                 "shared/bench/torch_cifar.py, or pass --pytorch= to skip PyTorch")
             print(f"# {pytorch} absent: PyTorch not run", file=sys.stderr)
             pytorch = ""
-        print(f"# {machine()}; jax {jax.__version__} ({jax.default_backend()}), "
+        print(f"# {machine()}; jax {jax.__version__} ({jax.default_backend()}, "
+              f"{jax.device_count()} devices), "
               f"torch {_version('torch')} with {FLAGS.threads} threads; batch {FLAGS.batch}, "
               f"median of {FLAGS.repeats} after {FLAGS.warmup} warm-up; load average "
               f"{os.getloadavg()[0]:.1f}", flush=True)

@@ -64,12 +64,15 @@ def make_eval_step(model, mesh, normalization: checkpoint.Normalization):
 def evaluate_batches(eval_step, variables, batches, progress: Optional[Callable] = None,
                      total: int = 0, progress_every: int = 5) -> Dict:
     """{'top1', 'top5', 'loss', 'count', 'correct_top1', 'correct_top5'} over (images, labels,
-    mask) batches. Sums stay on device (the host queues the next batch while one runs); the host
-    waits only for `progress(done, total, seconds)`, every `progress_every` batches, and at the end."""
+    mask) batches. Sums stay on device (the host queues the next batch while one runs, two at
+    most: `parallel.InFlight`); the host waits otherwise only for `progress(done, total,
+    seconds)`, every `progress_every` batches, and at the end."""
     totals, start, done, reported = None, time.perf_counter(), 0, True
+    in_flight = parallel.InFlight()
     for i, (images, labels, mask) in enumerate(batches):
         out = eval_step(variables, images, labels, mask)
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        in_flight.add(totals)
         done = min(done + len(labels), total) if total else done + len(labels)
         reported = bool(progress) and (i + 1) % progress_every == 0
         if reported:
@@ -142,6 +145,7 @@ def main(argv):
                             "resnet_jax.convert")
         if FLAGS.batch_size < 1:
             raise UserError(f"--batch_size must be positive, not {FLAGS.batch_size}")
+        parallel.use_cpu_cores()
         checkpoint.quiet_orbax()
         loaded = checkpoint.load_model(FLAGS.checkpoint, FLAGS.step)
         image_size = loaded.metadata.get("image_size", 32)

@@ -12,7 +12,9 @@ fills in all three. A single process (num_processes 1, or nothing set and no clu
 no-op and returns False; a started or already started runtime returns True. A partial set of
 variables (say an address without a process id) is a UserError, not a hang.
 """
+import collections
 import os
+import re
 import uuid
 from typing import Optional, Sequence
 
@@ -65,6 +67,72 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
         jax.distributed.initialize()
         return True
     return False
+
+
+# XLA:CPU runs one program per device, and at the zoo's layer sizes its convolutions barely use a
+# second core; a batch sharded over several CPU devices keeps every core busy, and BatchNorm's
+# statistics stay those of the whole batch (the step is one GSPMD program). Measured on 2 cores
+# (benchmarks/run.py, batch 128, resnet20/56/110): 4 devices train 1.3-1.5x and evaluate 1.5x the
+# images/s of one; 8 devices are slower than 4. Hence two per core, a power of two so that
+# batches split, at most 8.
+CPU_DEVICES_PER_CORE = 2
+MAX_CPU_DEVICES = 8
+# With several CPU devices, XLA runs each device's program on a thread of one pool with a thread
+# per device, and by default also hands a program's independent operations to that pool. An
+# all-reduce blocks its thread until every device arrives, so the handed-off ones can take every
+# thread while a device's own next operation waits for one: the train step deadlocked this way
+# (XLA aborts after 40 s). Without the hand-off each device runs its program on its own thread.
+SEQUENTIAL_DEVICES = "--xla_cpu_multi_thread_eigen=false"
+
+
+def default_cpu_devices(cores: Optional[int] = None) -> int:
+    """How many devices the CPU backend gets by default: two per core, a power of two, <= 8."""
+    cores = cores or len(os.sched_getaffinity(0))
+    wanted = min(CPU_DEVICES_PER_CORE * cores, MAX_CPU_DEVICES)
+    return 1 << (wanted.bit_length() - 1)
+
+
+def use_cpu_cores(batch_sizes: Sequence[int] = ()) -> int:
+    """Set up the CPU backend before it starts (the CLIs call this first thing) and return its
+    device count: `default_cpu_devices()`, halved until it splits every one of `batch_sizes`,
+    unless the user chose a count (JAX_NUM_CPU_DEVICES, jax.config's jax_num_cpu_devices, or
+    XLA_FLAGS' --xla_force_host_platform_device_count); with more than one device, also
+    SEQUENTIAL_DEVICES unless XLA_FLAGS sets that flag. Harmless with an accelerator: only the
+    CPU client changes, and meshes take the default backend's devices. -1: a backend had already
+    started, and nothing was changed."""
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    given = re.search(r"xla_force_host_platform_device_count=(\d+)", xla_flags)
+    count = jax.config.jax_num_cpu_devices
+    if count < 1 and given:
+        count = int(given.group(1))
+    if count < 1:
+        count = default_cpu_devices()
+        while any(size % count for size in batch_sizes):
+            count //= 2
+        try:
+            jax.config.update("jax_num_cpu_devices", count)
+        except RuntimeError:  # a program that embeds us already started JAX: keep its devices
+            return -1
+    if count > 1 and "xla_cpu_multi_thread_eigen" not in xla_flags:
+        os.environ["XLA_FLAGS"] = f"{xla_flags} {SEQUENTIAL_DEVICES}".strip()
+    return count
+
+
+class InFlight:
+    """At most `depth` dispatched computations left unfinished: `add` each step's output, and
+    it waits for the one `depth` steps back. Two ahead keep a device busy while the host queues
+    the next step. Unbounded async dispatch also deadlocked XLA:CPU with several devices (a
+    device stuck acquiring a launch slot while the others wait in an all-reduce, some 50
+    steps ahead), so the loops that dispatch steps in a row use this."""
+
+    def __init__(self, depth: int = 2):
+        self.depth = depth
+        self._queue = collections.deque()
+
+    def add(self, outputs):
+        self._queue.append(outputs)
+        if len(self._queue) > self.depth:
+            jax.block_until_ready(self._queue.popleft())
 
 
 def is_main_process() -> bool:

@@ -545,10 +545,12 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, last_saved, writ
         nonlocal clock
         clock = (time.perf_counter(), step)
 
+    in_flight = parallel.InFlight()
     while step < config.num_steps:
         images, labels = source.batch(step)
         state, metrics = train_step(state, images, labels)
         pending.append(metrics)
+        in_flight.add(metrics)
         step += 1
         at_end = step == config.num_steps
         if at_end or step % config.checkpoint_every == 0:
@@ -648,6 +650,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; options go as --flag=value")
     with exit_on_user_error():
+        parallel.use_cpu_cores((FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
         absl_logging.set_verbosity(absl_logging.WARNING)

@@ -69,3 +69,60 @@ def test_host_local_workdirs_with_two_processes_fail_early(tmp_path):
         errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1 and "is not shared: processes [1] of 2 cannot see" in errors[0]
     assert not any((tmp_path / "host1").glob("*shared-check*"))
+
+
+@pytest.mark.parametrize("cores, devices", [(1, 2), (2, 4), (3, 4), (4, 8), (64, 8)])
+def test_default_cpu_devices_two_per_core_power_of_two_at_most_eight(cores, devices):
+    assert parallel.default_cpu_devices(cores) == devices
+
+
+def _fresh_python(code: str, xla_flags: str = "") -> list:
+    """Run `code` in a new interpreter (no JAX backend yet) and return its printed words."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+    return out.stdout.split()
+
+
+USE_CPU_CORES = """
+import os, sys
+from resnet_jax import parallel
+count = parallel.use_cpu_cores(tuple(int(a) for a in sys.argv[1:]))
+import jax
+print(count, jax.device_count(), "multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", ""))
+"""
+
+
+def test_use_cpu_cores_gives_the_default_and_runs_devices_sequentially():
+    count, devices, sequential = _fresh_python(USE_CPU_CORES)
+    assert int(count) == int(devices) == parallel.default_cpu_devices()
+    assert sequential == str(int(devices) > 1)
+
+
+def test_use_cpu_cores_halves_until_every_batch_splits():
+    code = USE_CPU_CORES.replace("tuple(int(a) for a in sys.argv[1:])", "(6, 10)")
+    count, devices, _ = _fresh_python(code)
+    assert int(count) == int(devices) == min(2, parallel.default_cpu_devices())
+
+
+def test_use_cpu_cores_keeps_the_users_count():
+    count, devices, sequential = _fresh_python(
+        USE_CPU_CORES, "--xla_force_host_platform_device_count=3")
+    assert (int(count), int(devices), sequential) == (3, 3, "True")
+
+
+def test_use_cpu_cores_after_the_backend_started_changes_nothing():
+    code = "import jax; jax.devices()\n" + USE_CPU_CORES
+    count, devices, sequential = _fresh_python(code)
+    assert (int(count), int(devices), sequential) == (-1, 1, "False")
+
+
+def test_in_flight_waits_for_the_output_depth_steps_back(monkeypatch):
+    waited = []
+    monkeypatch.setattr(parallel.jax, "block_until_ready", waited.append)
+    in_flight = parallel.InFlight(depth=2)
+    for step in range(5):
+        in_flight.add(step)
+        assert waited == list(range(max(0, step - 1)))  # never more than 2 unwaited
