@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, parallel
 from resnet_jax.data import sources
 from resnet_jax.data.batching import padded_batches
 from resnet_jax.errors import UserError, exit_on_user_error
@@ -65,27 +66,46 @@ class Settings:
 # Statistics: importable, no files.
 
 def batch_moments_fn(model, normalization: Callable, settings: Settings) -> Callable:
-    """The one jitted function of a model: (variables, uint8 images, mask) -> per-layer
-    (count, mean, M2) over the unmasked images of the batch. Reuse it across checkpoints of the
-    same net (compiled once)."""
+    """A model's one analysis function: (variables, uint8 images, mask) -> per-layer
+    (count, mean, M2) over the unmasked images, with a leading axis of one entry per device the
+    batch was split over (fold them with `fold_moments`). Reuse it across checkpoints of the same
+    net (compiled once per batch shape).
+
+    Each device reduces its own rows: one all-reduce per layer and moment across devices would
+    cost more than the reduction itself. BN in batch mode still sees the whole batch (one GSPMD
+    program); only the moments are per device."""
     train = settings.batch_norm == "batch"
     rngs = {"dropout": jax.random.key(0)} if train else None  # VGG's dropout comes after the taps
 
-    def batch_moments(variables, images, mask):
-        reduce = functools.partial(moments, per_channel=settings.pool == "channel", mask=mask)
+    def batch_moments(variables, images, mask, groups: int):
+        def reduce(response):
+            split = lambda a: a.reshape((groups, -1) + a.shape[1:])
+            return jax.vmap(functools.partial(moments, per_channel=settings.pool == "channel"))(
+                split(response), mask=split(mask))
         return capture_responses(model, variables, normalization(images), train=train,
                                  rngs=rngs, reduce=reduce)
 
-    return jax.jit(batch_moments)
+    jitted = jax.jit(batch_moments, static_argnames="groups")
+
+    def call(variables, images: np.ndarray, mask: np.ndarray):
+        devices = jax.local_devices()
+        mesh = parallel.make_mesh(devices[:math.gcd(len(images), len(devices))])
+        variables = jax.device_put(variables, parallel.replicated(mesh))  # a no-op once there
+        images, mask = jax.device_put((images, mask), parallel.batch_sharding(mesh))
+        return jitted(variables, images, mask, groups=mesh.size)
+
+    return call
 
 
 def stream_moments(fn: Callable, variables, images: np.ndarray, settings: Settings) -> Dict:
     """{layer: (count, mean, M2)} in float64 over all `images`, batch by batch."""
     if len(images) == 0:
         raise UserError("no images to analyse; check --num_images and the split")
+    batch_size, devices = settings.batch_size, jax.local_device_count()
+    if settings.batch_norm == "inference":  # the numbers do not depend on it: fill every device
+        batch_size = -(-batch_size // devices) * devices
     total, pending = None, None
-    for batch, _, mask in padded_batches(images, np.zeros(len(images), np.int32),
-                                         settings.batch_size):
+    for batch, _, mask in padded_batches(images, np.zeros(len(images), np.int32), batch_size):
         if settings.batch_norm == "batch" and not mask.all():
             # Padding would join the batch statistics; run the remainder at its own size instead.
             batch, mask = batch[mask], mask[mask]
@@ -95,10 +115,18 @@ def stream_moments(fn: Callable, variables, images: np.ndarray, settings: Settin
     return _merge_host(total, pending)
 
 
-def _merge_host(total, moments):
-    if moments is None:
+def fold_moments(per_device: Dict) -> Dict:
+    """`batch_moments_fn`'s per-device moments -> one (count, mean, M2) per layer, float64."""
+    per_device = jax.tree.map(lambda m: np.asarray(m, np.float64), jax.device_get(per_device))
+    return {layer: functools.reduce(merge_moments, [jax.tree.map(lambda a: a[i], m)
+                                                     for i in range(len(m[0]))])
+            for layer, m in per_device.items()}
+
+
+def _merge_host(total, per_device):
+    if per_device is None:
         return total
-    moments = jax.tree.map(lambda m: np.asarray(m, np.float64), jax.device_get(moments))
+    moments = fold_moments(per_device)
     if total is None:
         return moments
     return {k: merge_moments(total[k], moments[k]) for k in total}
@@ -331,6 +359,7 @@ def define_flags():
 def main(argv):
     checkpoint.quiet_orbax()
     with exit_on_user_error():
+        parallel.use_cpu_cores()
         if not FLAGS.out:
             raise UserError("--out is required: the directory for the CSV, JSON and figure")
         table = analyze(argv[1:], data=FLAGS.data, split=FLAGS.split, data_dir=FLAGS.data_dir,

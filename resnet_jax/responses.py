@@ -107,8 +107,9 @@ def moments(response, *, per_channel: bool = False, mask=None):
     n = jnp.sum(rows) * (r.size // (r.shape[0] * channels))  # per channel
     s1 = jnp.einsum("n,n...c->c", rows, d)  # the mask as a contraction: no masked copy
     s2 = jnp.einsum("n,n...c->c", rows, d * d)
-    mean = shift + s1 / n
-    m2 = jnp.maximum(s2 - s1 * s1 / n, 0.0)
+    some = jnp.maximum(n, 1.0)  # all rows masked (a device's share of padding): (0, shift, 0)
+    mean = shift + s1 / some
+    m2 = jnp.maximum(s2 - s1 * s1 / some, 0.0)
     if per_channel:
         return n, mean, m2
     pooled = jnp.mean(mean)
@@ -121,8 +122,9 @@ def response_moments(responses: Dict[str, jax.Array], *, per_channel: bool = Fal
 
 
 def merge_moments(a, b):
-    """Chan, Golub & LeVeque's parallel update of (count, mean, M2)."""
+    """Chan, Golub & LeVeque's parallel update of (count, mean, M2); either count may be 0."""
     (na, ma, sa), (nb, mb, sb) = a, b
     n = na + nb
+    some = n + (n == 0)
     delta = mb - ma
-    return n, ma + delta * (nb / n), sa + sb + delta * delta * (na * nb / n)
+    return n, ma + delta * (nb / some), sa + sb + delta * delta * (na * nb / some)
