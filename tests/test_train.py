@@ -44,10 +44,13 @@ def env(tmp_path_factory):
 
 
 def _with_devices(env, devices):
-    return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}") if devices > 1 else env
+    """None: the CLI's own default (`parallel.use_cpu_cores`, several CPU devices here)."""
+    if devices is None:
+        return env
+    return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def start(workdir, *flags, env, devices=1):
+def start(workdir, *flags, env, devices=None):
     return subprocess.Popen(
         [sys.executable, "-m", "resnet_jax.train", "--config", TINY, "--workdir", str(workdir), *flags],
         cwd=REPO, env=_with_devices(env, devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -70,7 +73,7 @@ def finish(proc):
     return proc.returncode, out
 
 
-def train_cli(workdir, *flags, env, devices=1):
+def train_cli(workdir, *flags, env, devices=None):
     rc, out = finish(start(workdir, *flags, env=env, devices=devices))
     assert rc == 0, out[-3000:]
     return json.loads(out.strip().splitlines()[-1]), out
@@ -221,7 +224,7 @@ def test_three_steps_on_eight_devices_equal_one_device_and_resume_on_one(env, tm
     loaded = checkpoint.load_model(str(tmp_path))  # onto this process's first device
     assert loaded.step == 3 and loaded.metadata["model"] == "resnet20"
     assert len(jax.tree.leaves(loaded.variables)[0].sharding.device_set) == 1
-    result, out = train_cli(tmp_path, *RUN, env=env)  # a 1-device process resumes the 8-device run
+    result, out = train_cli(tmp_path, *RUN, env=env, devices=1)  # resumes the 8-device run
     assert "on 1 devices" in out and "resumed from" in out and "step 3" in out
     assert result["step"] == 12
 
