@@ -72,9 +72,9 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 # XLA:CPU runs one program per device, and at the zoo's layer sizes its convolutions barely use a
 # second core; a batch sharded over several CPU devices keeps every core busy, and BatchNorm's
 # statistics stay those of the whole batch (the step is one GSPMD program). Measured on 2 cores
-# (benchmarks/run.py, batch 128, resnet20/56/110): 4 devices train 1.3-1.5x and evaluate 1.5x the
-# images/s of one; 8 devices are slower than 4. Hence two per core, a power of two so that
-# batches split, at most 8.
+# (benchmarks/run.py, batch 128, resnet20/56/110): 4 devices train 1.2-1.4x and evaluate
+# 1.3-1.8x the images/s of one; 8 devices are slower than 4. Hence two per core, a power of two
+# so that batches split, at most 8.
 CPU_DEVICES_PER_CORE = 2
 MAX_CPU_DEVICES = 8
 # With several CPU devices, XLA runs each device's program on a thread of one pool with a thread
