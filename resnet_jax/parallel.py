@@ -79,9 +79,11 @@ CPU_DEVICES_PER_CORE = 2
 MAX_CPU_DEVICES = 8
 # With several CPU devices, XLA runs each device's program on a thread of one pool with a thread
 # per device, and by default also hands a program's independent operations to that pool. An
-# all-reduce blocks its thread until every device arrives, so the handed-off ones can take every
-# thread while a device's own next operation waits for one: the train step deadlocked this way
-# (XLA aborts after 40 s). Without the hand-off each device runs its program on its own thread.
+# all-reduce blocks its thread until every device arrives, so handed-off all-reduces can hold
+# threads that a device's own next operation waits for. The first hang of the train loop (XLA
+# aborts after 40 s) had its all-reduces running as such hand-offs; the cause that remained
+# without them is the one `InFlight` removes. Without the hand-off each device runs its program
+# on its own thread, at the same speed here.
 SEQUENTIAL_DEVICES = "--xla_cpu_multi_thread_eigen=false"
 
 
