@@ -15,7 +15,8 @@ Rows, each a median over `--repeats` timed calls after `--warmup` untimed ones:
 - memory: the compiled train step's XLA buffers (arguments, outputs and temporaries), MiB;
 - and `benchmarks/analysis_memory.py`'s rows (analysis peak memory and streaming).
 Where the PyTorch reference (`--pytorch`, ../shared/bench/torch_cifar.py by default) runs the same
-net, it runs just before in a subprocess with the same thread count, and the row carries
+net, it runs just before in a subprocess with the same thread count (and the allocator the user
+started with), and the row carries
 `pytorch_value` and `ratio` (resnet-jax / PyTorch; above 1 is faster).
 """
 import importlib.metadata
@@ -191,6 +192,10 @@ def torch_images_per_s(script: str, mode: str, name: str, batch: int, repeats: i
         cmd = [sys.executable, script, mode, "--depths", depth, "--batch", str(batch),
                "--steps", str(repeats), "--json", out] + (["--plain"] if kind == "plain" else [])
         env = dict(os.environ, TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+        # PyTorch as users run it: without the tcmalloc resnet-jax preloaded for itself.
+        from resnet_jax.parallel import PRELOADED
+        env["LD_PRELOAD"] = " ".join(lib for lib in env.get("LD_PRELOAD", "").split()
+                                     if lib != env.get(PRELOADED))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if proc.returncode:
             raise RuntimeError(f"PyTorch reference failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
@@ -283,6 +288,7 @@ def main(argv):
         import jax
         import resnet_jax
         from resnet_jax import parallel
+        parallel.use_tcmalloc()
         parallel.use_cpu_cores((FLAGS.batch,))
         unknown = [m for m in FLAGS.modes if m not in MODES]
         if unknown:
@@ -298,8 +304,11 @@ def main(argv):
                                 "shared/bench/torch_cifar.py, or pass --pytorch= to skip PyTorch")
             print(f"# {pytorch} absent: PyTorch not run", file=sys.stderr)
             pytorch = ""
+        from resnet_jax.models import onednn_conv
+        conv = "oneDNN" if jax.default_backend() == "cpu" and onednn_conv.available() else "XLA"
         print(f"# {machine()}; jax {jax.__version__} ({jax.default_backend()}, "
-              f"{jax.device_count()} devices), "
+              f"{jax.device_count()} devices, {conv} convolutions, malloc "
+              f"{os.environ.get(parallel.PRELOADED) or 'as started'}), "
               f"torch {_version('torch')} with {FLAGS.threads} threads; batch {FLAGS.batch}, "
               f"median of {FLAGS.repeats} after {FLAGS.warmup} warm-up; load average "
               f"{os.getloadavg()[0]:.1f}", flush=True)
@@ -312,6 +321,7 @@ def main(argv):
         print(f"# load average at the end: {os.getloadavg()[0]:.1f}")
         if FLAGS.json:
             meta = dict(machine=machine(), jax=jax.__version__, backend=jax.default_backend(),
+                        convolutions=conv, devices=jax.device_count(),
                         load_average_end=round(os.getloadavg()[0], 2))
             with open(FLAGS.json, "w") as f:
                 json.dump([dict(row, **meta) for row in rows], f, indent=1)

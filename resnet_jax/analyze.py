@@ -359,6 +359,7 @@ def define_flags():
 def main(argv):
     checkpoint.quiet_orbax()
     with exit_on_user_error():
+        parallel.use_tcmalloc()
         parallel.use_cpu_cores()
         if not FLAGS.out:
             raise UserError("--out is required: the directory for the CSV, JSON and figure")

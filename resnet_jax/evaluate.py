@@ -145,6 +145,7 @@ def main(argv):
                             "resnet_jax.convert")
         if FLAGS.batch_size < 1:
             raise UserError(f"--batch_size must be positive, not {FLAGS.batch_size}")
+        parallel.use_tcmalloc()
         parallel.use_cpu_cores()
         checkpoint.quiet_orbax()
         loaded = checkpoint.load_model(FLAGS.checkpoint, FLAGS.step)

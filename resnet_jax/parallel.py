@@ -13,8 +13,11 @@ no-op and returns False; a started or already started runtime returns True. A pa
 variables (say an address without a process id) is a UserError, not a hang.
 """
 import collections
+import ctypes.util
+import logging
 import os
 import re
+import sys
 import uuid
 from typing import Optional, Sequence
 
@@ -23,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_jax.errors import UserError
+from resnet_jax.models import onednn_conv
 
 DATA_AXIS = "data"
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -74,7 +78,9 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 # statistics stay those of the whole batch (the step is one GSPMD program). Measured on 2 cores
 # (benchmarks/run.py, batch 128, resnet20/56/110): 4 devices train 1.2-1.4x and evaluate
 # 1.3-1.8x the images/s of one; 8 devices are slower than 4. Hence two per core, a power of two
-# so that batches split, at most 8.
+# so that batches split, at most 8. With oneDNN's convolutions (models/onednn_conv.py) one device:
+# they use every core themselves, and GSPMD cannot split a custom call over devices (it gathers
+# the batch and runs the whole of it on each), so several devices would only repeat the work.
 CPU_DEVICES_PER_CORE = 2
 MAX_CPU_DEVICES = 8
 # With several CPU devices, XLA runs each device's program on a thread of one pool with a thread
@@ -87,11 +93,47 @@ MAX_CPU_DEVICES = 8
 SEQUENTIAL_DEVICES = "--xla_cpu_multi_thread_eigen=false"
 
 
-def default_cpu_devices(cores: Optional[int] = None) -> int:
-    """How many devices the CPU backend gets by default: two per core, a power of two, <= 8."""
+def default_cpu_devices(cores: Optional[int] = None, onednn: Optional[bool] = None) -> int:
+    """How many devices the CPU backend gets by default: one where oneDNN's convolutions are in
+    use (`onednn`, by default whether they are available), else two per core, a power of two,
+    <= 8."""
+    if onednn is None:
+        onednn = onednn_conv.available()
+    if onednn:
+        return 1
     cores = cores or len(os.sched_getaffinity(0))
     wanted = min(CPU_DEVICES_PER_CORE * cores, MAX_CPU_DEVICES)
     return 1 << (wanted.bit_length() - 1)
+
+
+# glibc's malloc serves XLA's large per-step buffers with fresh mmaps and returns them on free,
+# so every step page-faults its working set in again: 220k faults and 0.5 s of system time per
+# ResNet-56 train step of 1.05 s on 2 cores (getrusage). tcmalloc keeps freed pages: no faults,
+# a step of 0.69 s. It has to be loaded before anything
+# allocates, hence LD_PRELOAD and a fresh start of the same command.
+TCMALLOC = ("tcmalloc_minimal", "tcmalloc")
+PRELOADED = "RESNET_JAX_PRELOADED"  # what use_tcmalloc added to LD_PRELOAD (the benchmark reads it)
+
+
+def use_tcmalloc() -> None:
+    """Restart this command (same process id, arguments and environment) with tcmalloc preloaded,
+    where the system has it (Debian/Ubuntu: apt-get install libtcmalloc-minimal4) and it is not
+    loaded yet. The CLIs call this first thing; RESNET_JAX_TCMALLOC=0 turns it off."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    if (os.environ.get("RESNET_JAX_TCMALLOC", "1") == "0" or "tcmalloc" in preload
+            or not sys.platform.startswith("linux")):
+        return
+    library = next(filter(None, map(ctypes.util.find_library, TCMALLOC)), None)
+    if library is None:
+        logging.info("tcmalloc not found (apt-get install libtcmalloc-minimal4); glibc's malloc "
+                     "costs CPU training about a third of its speed")
+        return
+    env = dict(os.environ, LD_PRELOAD=f"{library} {preload}".strip(), **{PRELOADED: library})
+    # Buffers of a GiB are routine here; tcmalloc would report each one on stderr.
+    env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
 
 
 def use_cpu_cores(batch_sizes: Sequence[int] = ()) -> int:

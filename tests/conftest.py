@@ -20,6 +20,34 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("RESNET_JAX_SHARED", REPO.parent / "shared"))
 
 
+def _require_native(why_not):
+    """oneDNN's kernels and tcmalloc need system packages a user's machine may lack (skip there);
+    `.ci/run` installs them and sets RESNET_JAX_REQUIRE_NATIVE=1, which makes a skip a failure."""
+    if why_not is None:
+        return
+    if os.environ.get("RESNET_JAX_REQUIRE_NATIVE") == "1":
+        pytest.fail(f"{why_not}; RESNET_JAX_REQUIRE_NATIVE=1 forbids skipping", pytrace=False)
+    pytest.skip(why_not)
+
+
+@pytest.fixture
+def onednn():
+    """oneDNN's convolutions, built and registered (models/onednn_conv.py)."""
+    from resnet_jax.models import onednn_conv
+    if not onednn_conv.available():
+        _require_native(f"oneDNN convolutions unavailable: {onednn_conv._load()}")
+
+
+@pytest.fixture
+def tcmalloc() -> str:
+    """The tcmalloc library `parallel.use_tcmalloc` preloads."""
+    import ctypes.util
+    library = next(filter(None, map(ctypes.util.find_library, parallel.TCMALLOC)), None)
+    _require_native(library is None and "tcmalloc is not installed "
+                    "(apt-get install libtcmalloc-minimal4)" or None)
+    return library
+
+
 def _need(path: pathlib.Path) -> pathlib.Path:
     if not path.exists():
         msg = f"{path} is absent (set RESNET_JAX_SHARED to the shared/ folder)"

@@ -1,10 +1,18 @@
-"""fast_conv is the same convolution as lax's: identical forward, autodiff's gradients."""
+"""fast_conv is the same convolution as lax's, on both of its CPU paths (oneDNN's kernels and
+XLA's with a canonical VJP): lax's outputs and autodiff's gradients within float32 rounding."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_jax.models import cifar, fast_conv
+from resnet_jax import parallel
+from resnet_jax.models import cifar, fast_conv, onednn_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -44,15 +52,71 @@ def _outputs_and_grads(conv, inputs):
     return jax.jit(run)(inputs)
 
 
-def test_same_values_and_gradients_as_lax():
+@pytest.fixture(params=["onednn", "xla"])
+def cpu_path(request, monkeypatch):
+    """Each of fast_conv's CPU paths in turn: oneDNN's kernels, and XLA's without them."""
+    if request.param == "onednn":
+        request.getfixturevalue("onednn")
+    # The tests' 8 CPU devices would rule oneDNN out; these computations run on one of them.
+    monkeypatch.setattr(onednn_conv, "usable", lambda: request.param == "onednn")
+    return request.param
+
+
+def _assert_close(got, want, err_msg):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()),
+                               err_msg=err_msg)
+
+
+def test_same_values_and_gradients_as_lax(cpu_path):
     inputs = _inputs()
     want = _outputs_and_grads(lax.conv_general_dilated, inputs)
     got = _outputs_and_grads(fast_conv.conv_general_dilated, inputs)
-    for case, (y, dx, dw), (y_ref, dx_ref, dw_ref) in zip(CASES, got, want):
-        np.testing.assert_array_equal(y, y_ref, err_msg=str(case))
-        for g, ref in ((dx, dx_ref), (dw, dw_ref)):
-            np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()),
-                                       err_msg=str(case))
+    target = "resnet_jax_conv_forward" in str(jax.jit(
+        lambda x, w: fast_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+    ).lower(*inputs[0][:2]).as_text())
+    assert target == (cpu_path == "onednn")
+    for case, outputs, references in zip(CASES, got, want):
+        for name, g, ref in zip(("y", "dx", "dw"), outputs, references):
+            _assert_close(g, ref, f"{case} {name}")
+
+
+def test_onednn_under_vmap(onednn):
+    """bn_group_size's vmap runs the kernel once per group."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 8, 6, 6, 5), np.float32)
+    w = rng.standard_normal((3, 3, 5, 4), np.float32)
+
+    def grads(conv):
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(jax.vmap(lambda x: conv(
+            x, w, (1, 1), ((1, 1), (1, 1))))(x)) ** 2), (0, 1)))(x, w)
+    want = grads(lambda x, w, s, p: lax.conv_general_dilated(x, w, s, p, dimension_numbers=NHWC))
+    for g, ref in zip(grads(onednn_conv.conv), want):
+        _assert_close(g, ref, "vmap")
+
+
+def test_several_devices_keep_xla_convolutions(onednn):
+    """With the tests' 8 CPU devices a sharded batch would make GSPMD repeat a oneDNN call on
+    every device, so fast_conv keeps XLA's convolutions there."""
+    assert jax.device_count() > 1 and not onednn_conv.usable()
+    x, w = jnp.ones((8, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    x = jax.device_put(x, NamedSharding(parallel.make_mesh(), P(parallel.DATA_AXIS)))
+    hlo = jax.jit(lambda x, w: fast_conv.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=NHWC)).lower(x, w).as_text()
+    assert "resnet_jax_conv" not in hlo
+
+
+def test_onednn_off_or_unbuildable_falls_back_to_xla(tmp_path):
+    """RESNET_JAX_ONEDNN=0, or a compiler that fails: XLA's convolutions, the reason in one line,
+    no exception."""
+    code = ("from resnet_jax.models import onednn_conv as o; print(o.available()); "
+            "print(o._load())")
+    base = {k: v for k, v in os.environ.items() if k != "RESNET_JAX_ONEDNN"}
+    for env, reason in (({"RESNET_JAX_ONEDNN": "0"}, "RESNET_JAX_ONEDNN=0"),
+                        ({"CXX": "false"}, "failed")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env=dict(base, RESNET_JAX_CACHE=str(tmp_path),
+                                                  **env)).stdout.splitlines()
+        assert out[0] == "False" and reason in out[1], out
 
 
 def test_other_convolutions_are_lax_own():
@@ -67,6 +131,17 @@ def test_other_convolutions_are_lax_own():
         lax.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2)))
 
 
+def test_onednn_takes_float32_only(onednn, monkeypatch):
+    """bfloat16 (the TPU/GPU configs' compute dtype) stays with XLA, which has the kernels."""
+    monkeypatch.setattr(onednn_conv, "usable", lambda: True)
+    def hlo(dtype):
+        x, w = jnp.ones((2, 8, 8, 4), dtype), jnp.ones((3, 3, 4, 4), dtype)
+        return jax.jit(lambda x, w: fast_conv.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=NHWC)).lower(x, w).as_text()
+    assert "resnet_jax_conv_forward" in hlo(jnp.float32)
+    assert "resnet_jax_conv_forward" not in hlo(jnp.bfloat16)
+
+
 def _train_grads(model, variables, x, y):
     def loss(params):
         logits, _ = model.apply({**variables, "params": params}, x, train=True,
@@ -75,7 +150,7 @@ def _train_grads(model, variables, x, y):
     return jax.jit(jax.grad(loss))(variables["params"])
 
 
-def test_scanned_model_gradients_match_lax():
+def test_scanned_model_gradients_match_lax(cpu_path):
     """Through a whole train-mode ResNet whose stages run under nn.scan (option B shortcuts, so
     1x1 stride-2 convs too): the default model is the fast one on the CPU, its parameter tree is
     unchanged, and its gradients are lax's."""

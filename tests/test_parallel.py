@@ -73,7 +73,38 @@ def test_host_local_workdirs_with_two_processes_fail_early(tmp_path):
 
 @pytest.mark.parametrize("cores, devices", [(1, 2), (2, 4), (3, 4), (4, 8), (64, 8)])
 def test_default_cpu_devices_two_per_core_power_of_two_at_most_eight(cores, devices):
-    assert parallel.default_cpu_devices(cores) == devices
+    assert parallel.default_cpu_devices(cores, onednn=False) == devices
+
+
+def test_default_cpu_devices_one_with_onednn(monkeypatch):
+    assert parallel.default_cpu_devices(64, onednn=True) == 1
+    monkeypatch.setattr(parallel.onednn_conv, "available", lambda: True)
+    assert parallel.default_cpu_devices(64) == 1
+    monkeypatch.setattr(parallel.onednn_conv, "available", lambda: False)
+    assert parallel.default_cpu_devices(64) == 8
+
+
+USE_TCMALLOC = """
+import os
+from resnet_jax import parallel
+parallel.use_tcmalloc()
+with open("/proc/self/maps") as f:
+    print("tcmalloc" in f.read(), os.getpid(), os.environ.get(parallel.PRELOADED, "-"))
+"""
+
+
+def test_use_tcmalloc_restarts_the_command_with_it_preloaded(tcmalloc):
+    """The same process (pid), started again with tcmalloc mapped; once, not in a loop."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", parallel.PRELOADED)}
+    proc = subprocess.Popen([sys.executable, "-c", USE_TCMALLOC], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=120)
+    mapped, pid, preloaded = out.split()
+    assert (mapped, int(pid)) == ("True", proc.pid), err
+    assert preloaded == tcmalloc and "large alloc" not in err
+    off = subprocess.run([sys.executable, "-c", USE_TCMALLOC], capture_output=True, text=True,
+                         env=dict(env, RESNET_JAX_TCMALLOC="0"), check=True).stdout.split()
+    assert (off[0], off[2]) == ("False", "-")
 
 
 def _fresh_python(code: str, xla_flags: str = "") -> list:

@@ -1,4 +1,8 @@
-"""A drop-in `lax.conv_general_dilated` whose backward pass XLA:CPU runs fast.
+"""A drop-in `lax.conv_general_dilated` that trains fast on the CPU backend.
+
+On the CPU, float32 convolutions go to oneDNN (`onednn_conv`: about 4x XLA's own kernels,
+backward ones included) where it is installed and the program has one device (the CLIs' default
+then); everything else gets XLA's convolutions with the VJP below.
 
 XLA:CPU hands a convolution to its fast (Eigen) kernel only in canonical form: NHWC input,
 HWIO kernel, NHWC output. Autodiff's two backward convolutions are not canonical (dw contracts
@@ -17,6 +21,8 @@ from typing import Sequence, Tuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from resnet_jax.models import onednn_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 Pads = Tuple[Tuple[int, int], ...]
@@ -74,8 +80,9 @@ def _is_nhwc(lhs, rhs, dimension_numbers) -> bool:
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-    """`lax.conv_general_dilated`, with `conv_nhwc`'s backward pass where the backend is the CPU
-    and the convolution is a plain 2-D NHWC one (all of the zoo's); lax's elsewhere."""
+    """`lax.conv_general_dilated`; where the backend is the CPU and the convolution is a plain 2-D
+    NHWC one (all of the zoo's), oneDNN's for float32 where `onednn_conv.usable()`, else
+    `conv_nhwc`."""
     plain = (jax.default_backend() == "cpu" and lhs.ndim == 4
              and not any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
              and feature_group_count == 1 and batch_group_count == 1
@@ -90,4 +97,6 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if lhs.dtype == rhs.dtype == jnp.float32 and onednn_conv.usable():
+        return onednn_conv.conv(lhs, rhs, strides, pads)
     return conv_nhwc(lhs, rhs, strides, pads, precision)
