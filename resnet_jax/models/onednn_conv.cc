@@ -76,22 +76,21 @@ std::shared_ptr<const Plan> BuildPlan(const Key& k) {
     plan->conv = dnnl::convolution_forward(forward);
     plan->weights_conv = forward.weights_desc();
     plan->scratchpad = forward.scratchpad_desc();
-  } else if (kind == Kind::kBackwardData) {
-    const dnnl::convolution_backward_data::primitive_desc pd(
-        dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, src,
-                                              weights_any, dst, strides, pad_l, pad_r),
-        attr, eng, forward);
-    plan->conv = dnnl::convolution_backward_data(pd);
-    plan->weights_conv = pd.weights_desc();
-    plan->scratchpad = pd.scratchpad_desc();
   } else {
-    const dnnl::convolution_backward_weights::primitive_desc pd(
-        dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, src,
-                                                 weights_any, dst, strides, pad_l, pad_r),
-        attr, eng, forward);
-    plan->conv = dnnl::convolution_backward_weights(pd);
-    plan->weights_conv = pd.diff_weights_desc();
-    plan->scratchpad = pd.scratchpad_desc();
+    // Both backward convolutions are built alike, from the forward one as their hint.
+    auto backward = [&](auto conv) {
+      using Conv = decltype(conv);
+      const typename Conv::primitive_desc pd(
+          typename Conv::desc(dnnl::algorithm::convolution_direct, src, weights_any, dst, strides,
+                              pad_l, pad_r),
+          attr, eng, forward);
+      plan->conv = Conv(pd);
+      plan->scratchpad = pd.scratchpad_desc();
+      return pd;
+    };
+    plan->weights_conv = kind == Kind::kBackwardData
+                             ? backward(dnnl::convolution_backward_data()).weights_desc()
+                             : backward(dnnl::convolution_backward_weights()).diff_weights_desc();
   }
   plan->needs_reorder = plan->weights_conv != plan->weights_user;
   if (plan->needs_reorder) {
