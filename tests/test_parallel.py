@@ -101,7 +101,7 @@ def test_use_tcmalloc_restarts_the_command_with_it_preloaded(tcmalloc):
     out, err = proc.communicate(timeout=120)
     mapped, pid, preloaded = out.split()
     assert (mapped, int(pid)) == ("True", proc.pid), err
-    assert preloaded == tcmalloc and "large alloc" not in err
+    assert preloaded == tcmalloc
     off = subprocess.run([sys.executable, "-c", USE_TCMALLOC], capture_output=True, text=True,
                          env=dict(env, RESNET_JAX_TCMALLOC="0"), check=True).stdout.split()
     assert (off[0], off[2]) == ("False", "-")
