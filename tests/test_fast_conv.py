@@ -105,6 +105,13 @@ def test_several_devices_keep_xla_convolutions(onednn):
     assert "resnet_jax_conv" not in hlo
 
 
+def test_onednn_without_headers_is_not_attempted(monkeypatch):
+    monkeypatch.setattr(onednn_conv, "_include_dirs", lambda: [])
+    monkeypatch.setattr(onednn_conv, "_compile", lambda *a: pytest.fail("compiled anyway"))
+    monkeypatch.delenv("RESNET_JAX_ONEDNN", raising=False)
+    assert "libdnnl-dev" in onednn_conv._load.__wrapped__()
+
+
 def test_onednn_off_or_unbuildable_falls_back_to_xla(tmp_path):
     """RESNET_JAX_ONEDNN=0, or a compiler that fails: XLA's convolutions, the reason in one line,
     no exception."""

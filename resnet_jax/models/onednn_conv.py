@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
@@ -55,11 +56,22 @@ def _compile(compiler: str, include: str, out: Path) -> None:
             os.remove(tmp)
 
 
+def _include_dirs():
+    """Where the compiler looks for headers by default, plus this Python's prefix (conda)."""
+    extra = os.environ.get("CPATH", "") + ":" + os.environ.get("CPLUS_INCLUDE_PATH", "")
+    return ["/usr/include", "/usr/local/include", os.path.join(sys.prefix, "include"),
+            *filter(None, extra.split(":"))]
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> Optional[str]:
     """Registers the FFI targets; returns None, or why they are not there."""
     if os.environ.get("RESNET_JAX_ONEDNN", "1") == "0":
         return "RESNET_JAX_ONEDNN=0"
+    # Checked before compiling: every start of a CLI asks, on TPU and GPU hosts too.
+    if not any(os.path.isfile(os.path.join(d, "oneapi", "dnnl", "dnnl.hpp"))
+               for d in _include_dirs()):
+        return "oneDNN's headers not found (apt-get install libdnnl-dev, or set CPATH)"
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         return "no C++ compiler (install g++ or set CXX)"
