@@ -10,6 +10,7 @@ caller keeps XLA's convolutions: the same network, only slower.
 
 RESNET_JAX_ONEDNN=0 turns it off (to measure against, or to rule it out).
 """
+import ctypes
 import functools
 import hashlib
 import logging
@@ -49,7 +50,7 @@ def _compile(compiler: str, include: str, out: Path) -> None:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise OSError(f"{' '.join(cmd[:1])} failed: {last}")
+            raise OSError(f"{compiler} failed: {last}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -82,7 +83,6 @@ def _load() -> Optional[str]:
     try:
         if not path.exists():
             _compile(compiler, include, path)
-        import ctypes
         library = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:
         return f"{e} (apt-get install libdnnl-dev, or RESNET_JAX_ONEDNN=0 to stop trying)"
