@@ -109,10 +109,14 @@ def default_cpu_devices(cores: Optional[int] = None, onednn: Optional[bool] = No
 # glibc's malloc serves XLA's large per-step buffers with fresh mmaps and returns them on free,
 # so every step page-faults its working set in again: 220k faults and 0.5 s of system time per
 # ResNet-56 train step of 1.05 s on 2 cores (getrusage). tcmalloc keeps freed pages: no faults,
-# a step of 0.69 s. It has to be loaded before anything
-# allocates, hence LD_PRELOAD and a fresh start of the same command.
-TCMALLOC = ("tcmalloc_minimal", "tcmalloc")
+# a step of 0.69 s. It has to be loaded before anything allocates, hence LD_PRELOAD and a fresh
+# start of the same command.
 PRELOADED = "RESNET_JAX_PRELOADED"  # what use_tcmalloc added to LD_PRELOAD (the benchmark reads it)
+
+
+def tcmalloc_library() -> Optional[str]:
+    """The installed tcmalloc's library name (the minimal build first), or None."""
+    return next(filter(None, map(ctypes.util.find_library, ("tcmalloc_minimal", "tcmalloc"))), None)
 
 
 def use_tcmalloc() -> None:
@@ -123,7 +127,7 @@ def use_tcmalloc() -> None:
     if (os.environ.get("RESNET_JAX_TCMALLOC", "1") == "0" or "tcmalloc" in preload
             or not sys.platform.startswith("linux")):
         return
-    library = next(filter(None, map(ctypes.util.find_library, TCMALLOC)), None)
+    library = tcmalloc_library()
     if library is None:
         logging.info("tcmalloc not found (apt-get install libtcmalloc-minimal4); glibc's malloc "
                      "costs CPU training about a third of its speed")

@@ -41,8 +41,7 @@ def onednn():
 @pytest.fixture
 def tcmalloc() -> str:
     """The tcmalloc library `parallel.use_tcmalloc` preloads."""
-    import ctypes.util
-    library = next(filter(None, map(ctypes.util.find_library, parallel.TCMALLOC)), None)
+    library = parallel.tcmalloc_library()
     _require_native(library is None and "tcmalloc is not installed "
                     "(apt-get install libtcmalloc-minimal4)" or None)
     return library
