@@ -1,6 +1,9 @@
 """fast_conv is the same convolution as lax's, on both of its CPU paths (oneDNN's kernels and
-XLA's with a canonical VJP): lax's outputs and autodiff's gradients within float32 rounding."""
+XLA's with a canonical VJP): lax's outputs and autodiff's gradients within float32 rounding; and
+its structural choices on the CPU (unrolled stages, materialised block outputs) change nothing
+but speed."""
 import os
+import re
 import subprocess
 import sys
 
@@ -157,13 +160,14 @@ def _train_grads(model, variables, x, y):
     return jax.jit(jax.grad(loss))(variables["params"])
 
 
-def test_scanned_model_gradients_match_lax(cpu_path):
+def test_scanned_model_gradients_match_lax(cpu_path, monkeypatch):
     """Through a whole train-mode ResNet whose stages run under nn.scan (option B shortcuts, so
-    1x1 stride-2 convs too): the default model is the fast one on the CPU, its parameter tree is
-    unchanged, and its gradients are lax's."""
+    1x1 stride-2 convs too): the default model is the fast one on the CPU (oneDNN's kernels,
+    unrolled stages, materialised block outputs), its parameter tree is unchanged, and its
+    gradients are those of lax's convolutions under a rolled scan."""
     opts = dict(widths=(4, 8, 8), shortcut="B")
-    fast = cifar.CifarResNet(depth=14, **opts)
-    plain = cifar.CifarResNet(depth=14, conv_general_dilated=lax.conv_general_dilated, **opts)
+    fast = cifar.CifarResNet(depth=20, **opts)
+    plain = cifar.CifarResNet(depth=20, conv_general_dilated=lax.conv_general_dilated, **opts)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 12, 12, 3), np.float32)
     y = jnp.arange(6) % 10
@@ -172,11 +176,55 @@ def test_scanned_model_gradients_match_lax(cpu_path):
             == jax.tree.structure(jax.eval_shape(plain.init, jax.random.PRNGKey(0), x)))
     # Random values in place of `init`, whose compiled random number generation costs seconds.
     variables = jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape, np.float32), shapes)
-    assert variables["params"]["stage2"]["blocks"]["conv1"]["kernel"].shape == (1, 3, 3, 8, 8)
-    assert jax.default_backend() != "cpu" or "custom_vjp" in str(
-        jax.make_jaxpr(lambda v: fast.apply(v, x))(variables))
-    got, want = _train_grads(fast, variables, x, y), _train_grads(plain, variables, x, y)
+    assert variables["params"]["stage2"]["blocks"]["conv1"]["kernel"].shape == (2, 3, 3, 8, 8)
+    jaxpr = str(jax.make_jaxpr(lambda v: fast.apply(v, x))(variables))
+    assert "custom_vjp" in jaxpr
+    assert ("unroll=2" in jaxpr) == (cpu_path == "onednn")
+    got = _train_grads(fast, variables, x, y)
+    monkeypatch.setattr(fast_conv, "scan_unroll", lambda length, dtype: 1)
+    monkeypatch.setattr(fast_conv, "materialize", lambda x: x)
+    want = _train_grads(plain, variables, x, y)
     jax.tree_util.tree_map_with_path(
         lambda path, g, ref: np.testing.assert_allclose(
             g, ref, rtol=2e-4, atol=2e-5 * float(jnp.abs(ref).max()) + 1e-7,
             err_msg=jax.tree_util.keystr(path)), got, want)
+
+
+def test_stages_unroll_where_the_cpu_kernels_run(cpu_path):
+    """Unrolled on the CPU with oneDNN's kernels, up to ResNet-110's stages; rolled otherwise
+    (ResNet-1202 compiles in seconds only rolled)."""
+    assert fast_conv.scan_unroll(17, jnp.float32) == (17 if cpu_path == "onednn" else 1)
+    assert fast_conv.scan_unroll(198, jnp.float32) == 1
+    assert fast_conv.scan_unroll(17, jnp.bfloat16) == 1
+
+
+def test_materialize_is_the_identity(onednn, monkeypatch):
+    monkeypatch.setattr(onednn_conv, "usable", lambda: True)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 5, 6), np.float32))
+    f = jax.jit(lambda x: jnp.sum(jnp.sin(fast_conv.materialize(x * 2.0))))
+    np.testing.assert_allclose(f(x), jnp.sum(jnp.sin(x * 2.0)), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(f))(x), 2.0 * jnp.cos(x * 2.0), rtol=1e-6)
+    np.testing.assert_array_equal(jax.vmap(fast_conv.materialize)(x), x)
+    assert "resnet_jax_materialize" in jax.jit(fast_conv.materialize).lower(x).as_text()
+
+
+def _widest_activation_fusion(depth: int) -> int:
+    """The most operands of any fusion that makes an activation (rank 4) in the compiled
+    gradient of a train-mode ResNet."""
+    model = cifar.CifarResNet(depth=depth, widths=(4, 8, 8))
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 3), np.float32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, np.float32), shapes)
+    text = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(
+        {**variables, "params": p}, x, train=True, mutable=["batch_stats"])[0] ** 2))).lower(
+            variables["params"]).compile().as_text()
+    fusions = re.finditer(r"= f32\[\d+,\d+,\d+,\d+\]\S* fusion\(([^)]*)\)", text)
+    return max(len(re.findall(r"%[\w.\-]+", f.group(1))) for f in fusions)
+
+
+def test_unrolled_stages_do_not_recompute_block_outputs(onednn, monkeypatch):
+    """XLA:CPU duplicates cheap producers into their consumers: in an unrolled stage each
+    backward ReLU recomputed every earlier block's output, in fusions that widened with depth
+    (32 operands at depth 20, 68 at 56). With the block outputs materialised they do not."""
+    monkeypatch.setattr(onednn_conv, "usable", lambda: True)
+    assert _widest_activation_fusion(44) == _widest_activation_fusion(20)

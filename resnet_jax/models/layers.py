@@ -101,6 +101,7 @@ class Block(nn.Module):
         if self.residual:
             y = y + Shortcut(y.shape[-1], self.strides, self.shortcut, self.conv, self.norm,
                              name="shortcut")(x)
+            return fast_conv.materialize(self.act(y))
         return self.act(y)
 
 
@@ -139,7 +140,9 @@ def _apply_block(block, x, _):
 class Stage(nn.Module):
     """A stage of `num_blocks` blocks (a row of Table 1): `block0` may change the shape; the
     identical rest run as one `nn.scan` (`blocks`, parameters stacked on a leading axis), which
-    compiles once however deep the net: unrolled, ResNet-1202 takes minutes to compile."""
+    compiles once however deep the net: unrolled, ResNet-1202 takes minutes to compile. How many
+    blocks one iteration runs is the backend's choice (`fast_conv.scan_unroll`); the parameters
+    are the same either way."""
 
     block: ModuleDef  # a block class partially applied with everything but features/strides
     features: int
@@ -152,7 +155,8 @@ class Stage(nn.Module):
         if self.num_blocks > 1:
             scan = nn.scan(_apply_block, variable_axes={True: 0},
                            split_rngs={"params": True, "dropout": True},
-                           length=self.num_blocks - 1)
+                           length=self.num_blocks - 1,
+                           unroll=fast_conv.scan_unroll(self.num_blocks - 1, x.dtype))
             x, _ = scan(self.block(self.features, 1, name="blocks"), x, None)
         return x
 

@@ -13,6 +13,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -181,7 +182,18 @@ ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, Ints s
              dw->dimensions(), dy.typed_data(), dy.dimensions(), strides, padding);
 }
 
+// The identity, as an op XLA cannot fuse through (onednn_conv.materialize says why). Its result
+// aliases its operand, so normally there is nothing to copy.
+ffi::Error Materialize(F32 x, ffi::ResultBuffer<ffi::F32> y) {
+  if (y->typed_data() != x.typed_data())
+    std::memcpy(y->typed_data(), x.typed_data(), x.element_count() * sizeof(float));
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxMaterialize, Materialize,
+                              ffi::Ffi::Bind().Arg<F32>().Ret<F32>());
 
 #define RESNET_JAX_CONV_HANDLER(symbol, impl)                 \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                 \

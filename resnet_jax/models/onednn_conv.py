@@ -29,7 +29,8 @@ import numpy as np
 _SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = {"resnet_jax_conv_forward": "ResnetJaxConvForward",
             "resnet_jax_conv_backward_data": "ResnetJaxConvBackwardData",
-            "resnet_jax_conv_backward_weights": "ResnetJaxConvBackwardWeights"}
+            "resnet_jax_conv_backward_weights": "ResnetJaxConvBackwardWeights",
+            "resnet_jax_materialize": "ResnetJaxMaterialize"}
 Pads = Tuple[Tuple[int, int], ...]
 
 
@@ -140,3 +141,14 @@ def _bwd(strides, pads, residuals, dy):
 
 
 conv.defvjp(_fwd, _bwd)
+
+
+@jax.custom_vjp
+def materialize(x: jax.Array) -> jax.Array:
+    """`x` (float32), through a custom call: XLA cannot fuse across it, so its consumers read
+    `x`'s buffer instead of recomputing `x` from its producers (see `fast_conv.materialize`)."""
+    return jax.ffi.ffi_call("resnet_jax_materialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)
+
+
+materialize.defvjp(lambda x: (materialize(x), None), lambda _, g: (g,))
