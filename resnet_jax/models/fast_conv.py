@@ -127,8 +127,9 @@ def materialize(x: jax.Array) -> jax.Array:
     """A residual block's output, kept as a buffer on the CPU with the oneDNN kernels.
 
     XLA:CPU fuses cheap elementwise producers into every consumer, duplicating them. In an
-    unrolled stage the backward ReLU of block k needs its pre-activation, bn(conv) + x_k, and
-    XLA recomputed x_k from x_{k-1}, and so on back to the stage's input: one fusion of 60
-    operands per block, quadratic in depth (ResNet-110: 230 ms of elementwise work per step
-    instead of 45). A custom call stops the duplication; elsewhere this is the identity."""
+    unrolled stage block k's output is relu(bn(conv) + x_k), and XLA recomputed x_k from
+    x_{k-1}, and so on back to the stage's input, in the forward pass and in every backward
+    ReLU: fusions of up to 60 operands, quadratic in depth (ResNet-110's train step: 230 ms of
+    elementwise work instead of 45; ResNet-56's evaluation: 43 ms instead of 13). A custom call
+    stops the duplication; elsewhere this is the identity."""
     return onednn_conv.materialize(x) if _cpu_kernels(x.dtype) else x
