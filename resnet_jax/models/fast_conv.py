@@ -106,7 +106,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
 # The longest run of identical blocks that `Stage` unrolls on the CPU. Under a rolled scan each
 # block's saved activations are copied into stacked buffers in the forward pass and out again in
 # the backward pass (ResNet-110: 250 of 1350 ms per train step); unrolled, they stay where they
-# were made. 17 is ResNet-110's (18 blocks a stage): its train step compiles in ~10 s unrolled.
+# were made. 17 is ResNet-110's (18 blocks a stage): its train step compiles in 8-9 s unrolled.
 # Longer stages (ResNet-1202's 199, ResNet-152's 36) stay rolled, for compile time.
 MAX_UNROLLED_BLOCKS = 17
 
@@ -118,8 +118,9 @@ def _cpu_kernels(dtype) -> bool:
 
 def scan_unroll(length: int, dtype) -> int:
     """How many of a stage's `length` identical blocks (computing in `dtype`) one iteration of
-    its scan runs: all of them on the CPU with the oneDNN kernels (where it was measured: ResNet-56's train step
-    683 -> 581 ms, ResNet-110's 1350 -> 1150 ms with `materialize`), one elsewhere."""
+    its scan runs: all of them on the CPU with the oneDNN kernels, where it was measured
+    (ResNet-56's train step 683 -> 581 ms, ResNet-110's 1350 -> 1150 ms with `materialize`);
+    one elsewhere (GPU and TPU: not measured, so left as they were)."""
     return length if length <= MAX_UNROLLED_BLOCKS and _cpu_kernels(dtype) else 1
 
 
