@@ -95,10 +95,10 @@ SEQUENTIAL_DEVICES = "--xla_cpu_multi_thread_eigen=false"
 
 def default_cpu_devices(cores: Optional[int] = None, onednn: Optional[bool] = None) -> int:
     """How many devices the CPU backend gets by default: one where oneDNN's convolutions are in
-    use (`onednn`, by default whether they are available), else two per core, a power of two,
-    <= 8."""
+    use (`onednn`, by default whether they can be built here: building waits for the first CPU
+    convolution), else two per core, a power of two, <= 8."""
     if onednn is None:
-        onednn = onednn_conv.available()
+        onednn = onednn_conv.buildable()
     if onednn:
         return 1
     cores = cores or len(os.sched_getaffinity(0))

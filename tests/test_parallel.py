@@ -77,11 +77,14 @@ def test_default_cpu_devices_two_per_core_power_of_two_at_most_eight(cores, devi
 
 
 def test_default_cpu_devices_one_with_onednn(monkeypatch):
+    """One device where oneDNN can be built, decided without building it (the CLIs ask before
+    they know whether the CPU is the backend at all)."""
     assert parallel.default_cpu_devices(64, onednn=True) == 1
-    monkeypatch.setattr(parallel.onednn_conv, "available", lambda: True)
-    assert parallel.default_cpu_devices(64) == 1
-    monkeypatch.setattr(parallel.onednn_conv, "available", lambda: False)
+    monkeypatch.setattr(parallel.onednn_conv, "_load", lambda: pytest.fail("built the library"))
+    monkeypatch.setattr(parallel.onednn_conv, "_include_dirs", lambda: [])
     assert parallel.default_cpu_devices(64) == 8
+    monkeypatch.setattr(parallel.onednn_conv, "_unbuildable", lambda: None)
+    assert parallel.default_cpu_devices(64) == 1
 
 
 USE_TCMALLOC = """

@@ -65,18 +65,31 @@ def _include_dirs():
             *filter(None, extra.split(":"))]
 
 
-@functools.lru_cache(maxsize=None)
-def _load() -> Optional[str]:
-    """Registers the FFI targets; returns None, or why they are not there."""
+def _unbuildable() -> Optional[str]:
+    """Why the library cannot be built here, or None; looks at files only, compiles nothing."""
     if os.environ.get("RESNET_JAX_ONEDNN", "1") == "0":
         return "RESNET_JAX_ONEDNN=0"
-    # Checked before compiling: every start of a CLI asks, on TPU and GPU hosts too.
     if not any(os.path.isfile(os.path.join(d, "oneapi", "dnnl", "dnnl.hpp"))
                for d in _include_dirs()):
         return "oneDNN's headers not found (apt-get install libdnnl-dev, or set CPATH)"
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
         return "no C++ compiler (install g++ or set CXX)"
+    return None
+
+
+def buildable() -> bool:
+    """Whether the kernels can be built here, without building them: what the CLIs ask at start,
+    before they know the backend (a GPU or TPU host with oneDNN installed compiles nothing)."""
+    return _unbuildable() is None
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> Optional[str]:
+    """Registers the FFI targets; returns None, or why they are not there."""
+    why_not = _unbuildable()
+    if why_not is not None:
+        return why_not
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
     include = jax.ffi.include_dir()
     key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), include.encode(), compiler.encode(),
                                      jax.__version__.encode()])).hexdigest()[:16]
