@@ -98,11 +98,11 @@ class Block(nn.Module):
         y = self.norm(name=bn_name, scale_init=scale_init)(y)
         if response_name:
             y = Response(name=response_name)(y)
-        if self.residual:
-            y = y + Shortcut(y.shape[-1], self.strides, self.shortcut, self.conv, self.norm,
-                             name="shortcut")(x)
-            return fast_conv.materialize(self.act(y))
-        return self.act(y)
+        if not self.residual:
+            return self.act(y)
+        y = y + Shortcut(y.shape[-1], self.strides, self.shortcut, self.conv, self.norm,
+                         name="shortcut")(x)
+        return fast_conv.materialize(self.act(y))
 
 
 class BasicBlock(Block):

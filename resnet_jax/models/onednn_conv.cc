@@ -5,11 +5,12 @@
 // provided the weights are in oneDNN's own blocked layout. So activations stay NHWC (JAX's
 // layout, no copies), and only the weights, which are tiny, are reordered from/to HWIO per call.
 //
-// Three targets, f32 only, NHWC activations and HWIO weights:
+// Three convolution targets, f32 only, NHWC activations and HWIO weights:
 //   resnet_jax_conv_forward          (x, w)  -> y
 //   resnet_jax_conv_backward_data    (dy, w) -> dx   (the shape of dx comes from the result)
 //   resnet_jax_conv_backward_weights (x, dy) -> dw
-// with attributes `strides` (2) and `padding` (top, bottom, left, right).
+// with attributes `strides` (2) and `padding` (top, bottom, left, right); and
+//   resnet_jax_materialize           (x)     -> x   (aliased; see Materialize below)
 
 #include <array>
 #include <cstdint>

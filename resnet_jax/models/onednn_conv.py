@@ -8,6 +8,8 @@ it with `jax.ffi`. Where the build cannot happen (no C++ compiler, no oneDNN hea
 or Ubuntu `apt-get install g++ libdnnl-dev`), `available()` says so once in the log and the
 caller keeps XLA's convolutions: the same network, only slower.
 
+The same library holds `materialize`, an identity XLA cannot fuse through (fast_conv says why).
+
 RESNET_JAX_ONEDNN=0 turns it off (to measure against, or to rule it out).
 """
 import ctypes
