@@ -19,6 +19,11 @@ net, it runs just before in a subprocess with the same thread count (and the all
 started with), and the row carries
 `pytorch_value` and `ratio` (resnet-jax / PyTorch; above 1 is faster).
 """
+
+if __name__ == "__main__":  # before the imports below, while a restart costs nothing (preload)
+    from resnet_jax import preload
+    preload.use_tcmalloc()
+
 import importlib.metadata
 import json
 import os
@@ -32,6 +37,8 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from absl import app, flags
+
+from resnet_jax.preload import PRELOADED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("RESNET_JAX_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
@@ -193,7 +200,6 @@ def torch_images_per_s(script: str, mode: str, name: str, batch: int, repeats: i
                "--steps", str(repeats), "--json", out] + (["--plain"] if kind == "plain" else [])
         env = dict(os.environ, TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
         # PyTorch as users run it: without the tcmalloc resnet-jax preloaded for itself.
-        from resnet_jax.parallel import PRELOADED
         env["LD_PRELOAD"] = " ".join(lib for lib in env.get("LD_PRELOAD", "").split()
                                      if lib != env.get(PRELOADED))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -288,7 +294,6 @@ def main(argv):
         import jax
         import resnet_jax
         from resnet_jax import parallel
-        parallel.use_tcmalloc()
         parallel.use_cpu_cores((FLAGS.batch,))
         unknown = [m for m in FLAGS.modes if m not in MODES]
         if unknown:
@@ -308,7 +313,7 @@ def main(argv):
         conv = "oneDNN" if jax.default_backend() == "cpu" and onednn_conv.available() else "XLA"
         print(f"# {machine()}; jax {jax.__version__} ({jax.default_backend()}, "
               f"{jax.device_count()} devices, {conv} convolutions, malloc "
-              f"{os.environ.get(parallel.PRELOADED) or 'as started'}), "
+              f"{os.environ.get(PRELOADED) or 'as started'}), "
               f"torch {_version('torch')} with {FLAGS.threads} threads; batch {FLAGS.batch}, "
               f"median of {FLAGS.repeats} after {FLAGS.warmup} warm-up; load average "
               f"{os.getloadavg()[0]:.1f}", flush=True)

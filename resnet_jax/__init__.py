@@ -6,9 +6,22 @@
     logits = model.apply(variables, images, train=False)
     responses = resnet_jax.capture_responses(model, variables, images)
 """
-from resnet_jax.models import create_model, list_models, model_options, UnknownModelError
-from resnet_jax.responses import capture_responses, is_response
+import importlib
 
-__all__ = ["create_model", "list_models", "model_options", "capture_responses", "is_response",
-           "UnknownModelError"]
+# Imported on first use (PEP 562), so that `resnet_jax.preload` can restart a command line tool
+# before JAX is imported.
+_EXPORTS = {"create_model": "resnet_jax.models", "list_models": "resnet_jax.models",
+            "model_options": "resnet_jax.models", "UnknownModelError": "resnet_jax.models",
+            "capture_responses": "resnet_jax.responses", "is_response": "resnet_jax.responses"}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'resnet_jax' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -18,6 +18,11 @@ Choices the paper leaves open, with their defaults:
   --include_stem   the first 3x3 conv (CIFAR nets) is layer 1, as the paper's plot seems to have;
   --num_images     the whole split.
 """
+
+if __name__ == "__main__":  # before the imports below, while a restart costs nothing (preload)
+    from resnet_jax import preload
+    preload.use_tcmalloc()
+
 import csv
 import dataclasses
 import functools
@@ -359,7 +364,6 @@ def define_flags():
 def main(argv):
     checkpoint.quiet_orbax()
     with exit_on_user_error():
-        parallel.use_tcmalloc()
         parallel.use_cpu_cores()
         if not FLAGS.out:
             raise UserError("--out is required: the directory for the CSV, JSON and figure")

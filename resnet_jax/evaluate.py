@@ -7,6 +7,11 @@ Every image counts exactly once: batches have one fixed size (one compile) and t
 padded and masked. Inputs are normalised as the checkpoint's metadata says, so converted nets
 (ImageNet mean/std) and nets trained here (the paper's per-pixel mean) need no flag.
 """
+
+if __name__ == "__main__":  # before the imports below, while a restart costs nothing (preload)
+    from resnet_jax import preload
+    preload.use_tcmalloc()
+
 import json
 import os
 import sys
@@ -145,7 +150,6 @@ def main(argv):
                             "resnet_jax.convert")
         if FLAGS.batch_size < 1:
             raise UserError(f"--batch_size must be positive, not {FLAGS.batch_size}")
-        parallel.use_tcmalloc()
         parallel.use_cpu_cores()
         checkpoint.quiet_orbax()
         loaded = checkpoint.load_model(FLAGS.checkpoint, FLAGS.step)

@@ -18,6 +18,11 @@ host syncs, besides evaluation), evaluate and save asynchronously every `checkpo
 and at the end, keep the latest K plus the best by validation top-1. SIGTERM (a preempted TPU VM)
 saves and exits 0; a NaN/Inf loss stops before anything non-finite is saved.
 """
+
+if __name__ == "__main__":  # before the imports below, while a restart costs nothing (preload)
+    from resnet_jax import preload
+    preload.use_tcmalloc()
+
 import dataclasses
 import functools
 import importlib.util
@@ -650,7 +655,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; options go as --flag=value")
     with exit_on_user_error():
-        parallel.use_tcmalloc()
         parallel.use_cpu_cores((FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)

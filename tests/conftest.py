@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-from resnet_jax import parallel  # noqa: E402
+from resnet_jax import parallel, preload  # noqa: E402
 
 parallel.use_cpu_cores()  # as every CLI does: the flags several CPU devices need
 
@@ -40,8 +40,8 @@ def onednn():
 
 @pytest.fixture
 def tcmalloc() -> str:
-    """The tcmalloc library `parallel.use_tcmalloc` preloads."""
-    library = parallel.tcmalloc_library()
+    """The tcmalloc library `preload.use_tcmalloc` preloads."""
+    library = preload.tcmalloc_library()
     _require_native(library is None and "tcmalloc is not installed "
                     "(apt-get install libtcmalloc-minimal4)" or None)
     return library

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import parallel
+from resnet_jax import parallel, preload
 from resnet_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -89,16 +89,26 @@ def test_default_cpu_devices_one_with_onednn(monkeypatch):
 
 USE_TCMALLOC = """
 import os
-from resnet_jax import parallel
-parallel.use_tcmalloc()
+from resnet_jax import preload
+preload.use_tcmalloc()
 with open("/proc/self/maps") as f:
-    print("tcmalloc" in f.read(), os.getpid(), os.environ.get(parallel.PRELOADED, "-"))
+    print("tcmalloc" in f.read(), os.getpid(), os.environ.get(preload.PRELOADED, "-"))
 """
+
+
+def test_the_restart_comes_before_jax():
+    """The CLIs restart themselves (use_tcmalloc) first thing; that is cheap only while neither
+    resnet_jax nor its preload module imports JAX. The package's exports still load on use."""
+    code = ("import sys, resnet_jax, resnet_jax.preload; print('jax' in sys.modules); "
+            "print(resnet_jax.create_model('resnet20').depth)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "20"]
 
 
 def test_use_tcmalloc_restarts_the_command_with_it_preloaded(tcmalloc):
     """The same process (pid), started again with tcmalloc mapped; once, not in a loop."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", parallel.PRELOADED)}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", preload.PRELOADED)}
     proc = subprocess.Popen([sys.executable, "-c", USE_TCMALLOC], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=120)
