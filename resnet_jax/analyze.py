@@ -43,7 +43,7 @@ from resnet_jax import checkpoint, parallel
 from resnet_jax.data import sources
 from resnet_jax.data.batching import padded_batches
 from resnet_jax.errors import UserError, exit_on_user_error
-from resnet_jax.responses import capture_responses, merge_moments, moments
+from resnet_jax.responses import capture_responses, image_moments, merge_moments, pool_moments
 
 BN_MODES = ("inference", "batch")
 POOLS = ("all", "channel")
@@ -83,12 +83,12 @@ def batch_moments_fn(model, normalization: Callable, settings: Settings) -> Call
     rngs = {"dropout": jax.random.key(0)} if train else None  # VGG's dropout comes after the taps
 
     def batch_moments(variables, images, mask, groups: int):
-        def reduce(response):
-            split = lambda a: a.reshape((groups, -1) + a.shape[1:])
-            return jax.vmap(functools.partial(moments, per_channel=settings.pool == "channel"))(
-                split(response), mask=split(mask))
-        return capture_responses(model, variables, normalization(images), train=train,
-                                 rngs=rngs, reduce=reduce)
+        per_image = capture_responses(model, variables, normalization(images), train=train,
+                                      rngs=rngs, reduce=image_moments)
+        split = lambda a: a.reshape((groups, -1) + a.shape[1:])
+        pool = functools.partial(pool_moments, per_channel=settings.pool == "channel")
+        return {name: jax.vmap(pool)(jax.tree.map(split, m), mask=split(mask))
+                for name, m in per_image.items()}
 
     jitted = jax.jit(batch_moments, static_argnames="groups")
 

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.models import fast_conv, onednn_conv
 from resnet_jax.models.layers import Response
 
 
@@ -65,10 +66,12 @@ def capture_responses(model: nn.Module, variables, images, *, train: bool = Fals
     flax's `capture_intermediates` (filter `is_response`).
 
     Pure and traceable. `reduce`, a function of one response, runs where the response is made
-    (inside the scan over a stage's blocks too) and only its result is kept: with a reduction
-    such as `moments`, a jitted forward pass holds no response longer than the layers need it,
-    and the cost over a plain forward pass is one fused read of each. With `train=True`, BN
-    normalises with the batch's statistics (the updated running averages are discarded)."""
+    (inside the scan over a stage's blocks too) and only its result is kept: a jitted forward
+    pass then holds no response longer than the layers need it. With `reduce=image_moments`
+    (what Figure 7 needs) on the CPU kernels, and BN with its running averages, the moments come
+    from the conv's output while it is still in cache (`_InCacheMoments`): nearly free, where a
+    pass over the response costs a fifth of a forward pass. With `train=True`, BN normalises
+    with the batch's statistics (the updated running averages are discarded)."""
     chex.assert_rank(images, 4)
     if reduce is None:  # flax's own recording, stacked over a scanned stage's blocks
         collection, recording = "intermediates", contextlib.nullcontext()
@@ -76,10 +79,19 @@ def capture_responses(model: nn.Module, variables, images, *, train: bool = Fals
     else:
         # capture_intermediates keeps whole responses, which a scan stacks over its blocks;
         # reducing at the same tap keeps only the reduction (a few numbers per layer).
+        in_cache = _InCacheMoments() if reduce is image_moments else None
+
         def tap(next_fun, args, kwargs, context):
+            if in_cache is not None:
+                out = in_cache.intercept(next_fun, args, kwargs, context)
+                if out is not None:
+                    return out
             out = next_fun(*args, **kwargs)
             if is_response(context.module, context.method_name):
-                context.module.sow(_REDUCED, "__call__", reduce(out))
+                reduced = in_cache.lookup(args[0]) if in_cache is not None else None
+                if reduced is None:
+                    reduced = reduce(out)
+                context.module.sow(_REDUCED, "__call__", reduced)
             return out
 
         collection, recording, kwargs = _REDUCED, nn.intercept_methods(tap), {}
@@ -89,31 +101,112 @@ def capture_responses(model: nn.Module, variables, images, *, train: bool = Fals
     return {_layer_name(path): r for path, r in _in_depth_order(state[collection])}
 
 
+def _from_shifted_sums(x0, s1, s2, pixels: int):
+    """Per-image (count, mean, M2) from sums of d = x - x0 and d^2 over `pixels` per image (the
+    shifted-data algorithm: x0, a pixel of the image itself, is near its mean, so
+    M2 = sum(d^2) - sum(d)^2 / n cancels nothing large)."""
+    count = jnp.full(x0.shape[:1], float(pixels), jnp.float32)
+    return count, x0 + s1 / pixels, jnp.maximum(s2 - s1 * s1 / pixels, 0.0)
+
+
+def image_moments(response):
+    """(count [N], mean [N, C], M2 [N, C]) of each image of a response [N, ..., C], per channel,
+    in float32; `pool_moments` merges them over images and channels."""
+    r = jnp.asarray(response, jnp.float32)
+    x0 = r.reshape(r.shape[0], -1, r.shape[-1])[:, 0]
+    d = r - x0.reshape((r.shape[0],) + (1,) * (r.ndim - 2) + (r.shape[-1],))
+    axes = tuple(range(1, r.ndim - 1))
+    pixels = r.size // (r.shape[0] * r.shape[-1])
+    return _from_shifted_sums(x0, jnp.sum(d, axes), jnp.sum(d * d, axes), pixels)
+
+
+def pool_moments(per_image, *, per_channel: bool = False, mask=None):
+    """`image_moments` -> (count, mean, M2) over the images where `mask` (bool [N]) is true:
+    per channel with `per_channel`, else over everything. Chan's merge: exact for any split."""
+    count, mean, m2 = per_image
+    rows = jnp.ones_like(count) if mask is None else jnp.asarray(mask, jnp.float32)
+    chex.assert_equal_shape([rows, count])
+    w = rows * count  # elements each image contributes to each channel
+    n = jnp.sum(w)
+    some = jnp.maximum(n, 1.0)  # all rows masked (a device's share of padding): (0, mean, 0)
+    pooled_mean = jnp.where(n > 0, jnp.einsum("n,nc->c", w, mean) / some, mean[0])
+    pooled_m2 = (jnp.einsum("n,nc->c", rows, m2)
+                 + jnp.einsum("n,nc->c", w, jnp.square(mean - pooled_mean)))
+    if per_channel:
+        return n, pooled_mean, pooled_m2
+    channels = mean.shape[-1]
+    overall = jnp.mean(pooled_mean)
+    return (n * channels, overall,
+            jnp.sum(pooled_m2) + n * jnp.sum(jnp.square(pooled_mean - overall)))
+
+
 def moments(response, *, per_channel: bool = False, mask=None):
     """(count, mean, M2) of one response [N, ..., C] over its rows where `mask` (bool [N]) is
     true, in float32: M2 is the sum of squared deviations, pooled over all but C by
-    `per_channel`, over everything otherwise.
+    `per_channel`, over everything otherwise. Moments of batches merge exactly with
+    `merge_moments`, so a split of any size streams through."""
+    return pool_moments(image_moments(response), per_channel=per_channel, mask=mask)
 
-    One pass, numerically sound: sums of d = x - shift and of d^2, with shift = row 0's channel
-    means (near the true means), so M2 = sum(d^2) - sum(d)^2 / n cancels nothing large (the
-    shifted-data algorithm). Channels pool with Chan's merge. Moments of batches merge exactly
-    with `merge_moments`, so a split of any size streams through."""
-    r = jnp.asarray(response, jnp.float32)
-    rows = jnp.ones(r.shape[0], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
-    chex.assert_shape(rows, (r.shape[0],))
-    channels = r.shape[-1]
-    shift = jnp.mean(r[0].reshape(-1, channels), axis=0)
-    d = r - shift
-    n = jnp.sum(rows) * (r.size // (r.shape[0] * channels))  # per channel
-    s1 = jnp.einsum("n,n...c->c", rows, d)  # the mask as a contraction: no masked copy
-    s2 = jnp.einsum("n,n...c->c", rows, d * d)
-    some = jnp.maximum(n, 1.0)  # all rows masked (a device's share of padding): (0, shift, 0)
-    mean = shift + s1 / some
-    m2 = jnp.maximum(s2 - s1 * s1 / some, 0.0)
-    if per_channel:
-        return n, mean, m2
-    pooled = jnp.mean(mean)
-    return n * channels, pooled, jnp.sum(m2) + n * jnp.sum(jnp.square(mean - pooled))
+
+class _InCacheMoments:
+    """`image_moments` of each response, taken from its conv's output as the CPU kernels write it.
+
+    A response is BN(conv(x)), a per-channel affine map of the conv's output (BN with running
+    averages), so its moments are the conv output's, mapped. oneDNN has just written that output
+    and XLA's fused BN+ReLU is about to read it; `onednn_conv.image_sums` reduces it in between,
+    from cache, and hands the same buffer on. The chain is followed by object identity while
+    tracing: a 3x3 conv's output that goes straight into BN with running averages, whose output
+    goes straight into a `Response`. Anything else (batch statistics, bfloat16, other backends,
+    several devices) is reduced from the response itself, as before; the numbers agree to
+    float32 rounding (a test)."""
+
+    def __init__(self):
+        self._conv_out = {}  # id -> the output of a 3x3 conv
+        self._bn_out = {}  # id -> (the output of a BN fed by one, the response's image_moments)
+
+    @staticmethod
+    def _usable(x) -> bool:
+        return fast_conv.cpu_kernels(x.dtype)
+
+    def intercept(self, next_fun, args, kwargs, context):
+        """Runs the call if it is a link of the chain and returns its output, else None."""
+        module = context.module
+        if context.method_name != "__call__" or not args:
+            return None
+        if isinstance(module, nn.Conv) and tuple(module.kernel_size) == (3, 3):
+            out = next_fun(*args, **kwargs)
+            if self._usable(out):
+                self._conv_out[id(out)] = out
+            return out
+        x = args[0]
+        if (isinstance(module, nn.BatchNorm) and self._conv_out.get(id(x)) is x
+                and module.use_running_average is True and module.axis == -1
+                and len(args) == 1 and not kwargs):
+            x, s1, s2 = onednn_conv.image_sums(x)
+            out = next_fun(x)
+            self._bn_out[id(out)] = (out, _through_norm(
+                module, _from_shifted_sums(x.reshape(x.shape[0], -1, x.shape[-1])[:, 0], s1, s2,
+                                           x.size // (x.shape[0] * x.shape[-1]))))
+            return out
+        return None
+
+    def lookup(self, response):
+        """The `image_moments` of `response` if it came through the chain, else None."""
+        hit = self._bn_out.get(id(response))
+        return hit[1] if hit is not None and hit[0] is response else None
+
+
+def _through_norm(bn: nn.BatchNorm, per_image):
+    """Per-image moments of BN's input -> those of its output, BN using its running averages:
+    y = (x - mean) * scale / sqrt(var + eps) + bias, as flax computes it."""
+    count, mean, m2 = per_image
+    mul = jax.lax.rsqrt(bn.get_variable("batch_stats", "var") + bn.epsilon)
+    if bn.use_scale:
+        mul = mul * bn.get_variable("params", "scale")
+    shifted = (mean - bn.get_variable("batch_stats", "mean")) * mul
+    if bn.use_bias:
+        shifted = shifted + bn.get_variable("params", "bias")
+    return count, shifted, m2 * jnp.square(mul)
 
 
 def response_moments(responses: Dict[str, jax.Array], *, per_channel: bool = False, mask=None):

@@ -1,5 +1,6 @@
 """Responses: which layers, in what order, and that they are the BN outputs the paper means."""
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -113,3 +114,59 @@ def test_moments_merge_to_the_two_pass_result():
     assert int(n) == both.size
     np.testing.assert_allclose(mean, both.mean(), rtol=1e-5)
     np.testing.assert_allclose(np.sqrt(m2 / n), both.std(), rtol=1e-5)
+
+
+def test_image_moments_pool_to_the_masked_two_pass_result():
+    rng = np.random.default_rng(1)
+    r = rng.normal(2.0, 3.0, (6, 5, 4, 8)) * rng.uniform(0.5, 2.0, 8)
+    mask = np.array([True, False, True, True, False, True])
+    per_image = responses.image_moments(jnp.asarray(r))
+    kept = r[mask]
+    n, mean, m2 = responses.pool_moments(per_image, per_channel=True, mask=jnp.asarray(mask))
+    assert int(n) == kept.size // 8
+    np.testing.assert_allclose(mean, kept.mean((0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(m2, kept.var((0, 1, 2)) * kept.size / 8, rtol=1e-4)
+    n, mean, m2 = responses.pool_moments(per_image, mask=jnp.asarray(mask))
+    assert int(n) == kept.size
+    np.testing.assert_allclose(np.sqrt(m2 / n), kept.std(), rtol=1e-5)
+    np.testing.assert_allclose(mean, kept.mean(), rtol=1e-5)
+
+
+def _rank4_reductions(lowered) -> int:
+    """Reductions over a rank-4 tensor in a lowered program: each is a pass over an activation."""
+    return len(re.findall(r"stablehlo\.reduce.*\(tensor<\d+x\d+x\d+x\d+xf32>", lowered.as_text()))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet50"])
+def test_moments_taken_in_cache_are_the_responses_moments(name, onednn, monkeypatch):
+    """On the CPU kernels the moments come from each conv's output as it is written, mapped
+    through BN: the same numbers as reducing the captured responses, and no pass over them (the
+    analysis program reduces no more activations than the forward pass, its global pooling)."""
+    from resnet_jax.models import onednn_conv
+    monkeypatch.setattr(onednn_conv, "usable", lambda: True)  # the tests' 8 devices rule it out
+    model = resnet_jax.create_model(name)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    keys = iter(jax.random.split(jax.random.key(2), 1000))
+
+    def perturb(path, leaf):  # running statistics and affine far from a fresh BN's
+        if path[-1].key in ("scale", "var"):
+            return leaf * jax.random.uniform(next(keys), leaf.shape, minval=0.3, maxval=3.0)
+        if path[-1].key in ("bias", "mean"):
+            return leaf + jax.random.normal(next(keys), leaf.shape)
+        return leaf
+
+    variables = jax.tree_util.tree_map_with_path(perturb, variables)
+    in_cache = jax.jit(functools.partial(responses.capture_responses, model,
+                                         reduce=responses.image_moments))
+    from_responses = jax.jit(functools.partial(responses.capture_responses, model,
+                                               reduce=lambda r: responses.image_moments(r)))
+    got, want = in_cache(variables, x), from_responses(variables, x)
+    assert list(got) == list(want)
+    for layer in want:
+        for g, w in zip(got[layer], want[layer]):
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.abs(w).max()),
+                                       err_msg=layer)
+    forward = jax.jit(functools.partial(model.apply, train=False)).lower(variables, x)
+    assert _rank4_reductions(in_cache.lower(variables, x)) <= _rank4_reductions(forward)
+    assert _rank4_reductions(from_responses.lower(variables, x)) > _rank4_reductions(forward)

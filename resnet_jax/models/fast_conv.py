@@ -98,7 +98,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if lhs.dtype == rhs.dtype and _cpu_kernels(lhs.dtype):
+    if lhs.dtype == rhs.dtype and cpu_kernels(lhs.dtype):
         return onednn_conv.conv(lhs, rhs, strides, pads)
     return conv_nhwc(lhs, rhs, strides, pads, precision)
 
@@ -111,7 +111,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
 MAX_UNROLLED_BLOCKS = 17
 
 
-def _cpu_kernels(dtype) -> bool:
+def cpu_kernels(dtype) -> bool:
+    """Whether work in `dtype` goes to the native CPU kernels (`onednn_conv`) here."""
     return (jax.default_backend() == "cpu" and dtype == jnp.float32
             and onednn_conv.usable())
 
@@ -121,7 +122,7 @@ def scan_unroll(length: int, dtype) -> int:
     its scan runs: all of them on the CPU with the oneDNN kernels, where it was measured
     (ResNet-56's train step 683 -> 581 ms, ResNet-110's 1350 -> 1150 ms with `materialize`);
     one elsewhere (GPU and TPU: not measured, so left as they were)."""
-    return length if length <= MAX_UNROLLED_BLOCKS and _cpu_kernels(dtype) else 1
+    return length if length <= MAX_UNROLLED_BLOCKS and cpu_kernels(dtype) else 1
 
 
 def materialize(x: jax.Array) -> jax.Array:
@@ -133,4 +134,4 @@ def materialize(x: jax.Array) -> jax.Array:
     ReLU: fusions of up to 60 operands, quadratic in depth (ResNet-110's train step: 230 ms of
     elementwise work instead of 45; ResNet-56's evaluation: 43 ms instead of 13). A custom call
     stops the duplication; elsewhere this is the identity."""
-    return onednn_conv.materialize(x) if _cpu_kernels(x.dtype) else x
+    return onednn_conv.materialize(x) if cpu_kernels(x.dtype) else x

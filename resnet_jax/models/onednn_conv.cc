@@ -11,8 +11,11 @@
 //   resnet_jax_conv_backward_weights (x, dy) -> dw
 // with attributes `strides` (2) and `padding` (top, bottom, left, right); and
 //   resnet_jax_materialize           (x)     -> x   (aliased; see Materialize below)
+//   resnet_jax_image_sums            (x)     -> (x, s1, s2)   (x aliased; see ImageSums)
 
+#include <algorithm>
 #include <array>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -20,6 +23,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -191,7 +195,105 @@ ffi::Error Materialize(F32 x, ffi::ResultBuffer<ffi::F32> y) {
   return ffi::Error::Success();
 }
 
+// The sums of one image's pixels [p, c], shifted by its first pixel: s1 = sum(x - x[0]), s2 =
+// sum((x - x[0])^2) per channel. Rows of 64 floats tile 16, 32 or 64 channels exactly, so the
+// inner loop is one contiguous vectorisable run for these c; partial sums move to double every
+// 32 rows, so a large image loses nothing to float32 accumulation.
+void ImageSums1(const float* __restrict x, int64_t p, int64_t c, float* s1, float* s2) {
+  constexpr int64_t kLane = 64, kFlush = 32;
+  const int64_t width = (c < kLane && kLane % c == 0) ? kLane : c;
+  const int64_t rows = p * c / width;
+  std::vector<float> shift(width), part1(width), part2(width);
+  std::vector<double> total1(width, 0.0), total2(width, 0.0);
+  for (int64_t k = 0; k < width; ++k) shift[k] = x[k % c];
+  float* __restrict sh = shift.data();
+  float* __restrict u = part1.data();
+  float* __restrict v = part2.data();
+  for (int64_t j0 = 0; j0 < rows; j0 += kFlush) {
+    const int64_t j1 = std::min(j0 + kFlush, rows);
+    std::fill(u, u + width, 0.0f);
+    std::fill(v, v + width, 0.0f);
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* __restrict xj = x + j * width;
+      for (int64_t k = 0; k < width; ++k) {
+        const float d = xj[k] - sh[k];
+        u[k] += d;
+        v[k] += d * d;
+      }
+    }
+    for (int64_t k = 0; k < width; ++k) {
+      total1[k] += u[k];
+      total2[k] += v[k];
+    }
+  }
+  // What is left when p * c is no multiple of the row (9x9 pixels of 16 channels): whole pixels.
+  const float* __restrict tail = x + rows * width;
+  for (int64_t k = 0; k < p * c - rows * width; ++k) {
+    const float d = tail[k] - sh[k];
+    total1[k] += d;
+    total2[k] += d * d;
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    double a = 0.0, b = 0.0;
+    for (int64_t r = k; r < width; r += c) {
+      a += total1[r];
+      b += total2[r];
+    }
+    s1[k] = static_cast<float>(a);
+    s2[k] = static_cast<float>(b);
+  }
+}
+
+// Per image and channel of x [n, ..., c], the shifted sums of ImageSums1 ([n, c] each), with x
+// passed through (aliased). Called on a conv's output right after oneDNN wrote it, while it is
+// still in cache, and before anything else reads it (the aliasing orders it so): the moments of
+// the paper's responses then cost one cached read, not a pass over memory (responses.py).
+ffi::Error ImageSums(ffi::ThreadPool pool, F32 x, ffi::ResultBuffer<ffi::F32> y,
+                     ffi::ResultBuffer<ffi::F32> s1, ffi::ResultBuffer<ffi::F32> s2) {
+  if (y->typed_data() != x.typed_data())
+    std::memcpy(y->typed_data(), x.typed_data(), x.element_count() * sizeof(float));
+  const auto dims = x.dimensions();
+  const int64_t n = dims[0], c = dims[dims.size() - 1];
+  float* a = s1->typed_data();
+  float* b = s2->typed_data();
+  if (x.element_count() == 0) {  // no pixels: sums of nothing
+    std::fill(a, a + n * c, 0.0f);
+    std::fill(b, b + n * c, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t p = x.element_count() / (n * c);
+  const float* data = x.typed_data();
+  auto images = [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) ImageSums1(data + i * p * c, p, c, a + i * c, b + i * c);
+  };
+  // XLA's own intra-op threads, not a second pool (OpenMP) competing with them for the cores:
+  // the images split evenly, this thread taking the first share.
+  const int64_t parts = std::max<int64_t>(1, std::min(n, pool.num_threads()));
+  std::mutex mutex;
+  std::condition_variable done;
+  int64_t pending = parts - 1;
+  for (int64_t t = 1; t < parts; ++t) {
+    pool.Schedule([&, t] {
+      images(n * t / parts, n * (t + 1) / parts);
+      std::lock_guard<std::mutex> lock(mutex);
+      if (--pending == 0) done.notify_one();
+    });
+  }
+  images(0, n / parts);
+  std::unique_lock<std::mutex> lock(mutex);
+  done.wait(lock, [&] { return pending == 0; });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxImageSums, ImageSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxMaterialize, Materialize,
                               ffi::Ffi::Bind().Arg<F32>().Ret<F32>());

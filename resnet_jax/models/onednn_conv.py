@@ -8,7 +8,8 @@ it with `jax.ffi`. Where the build cannot happen (no C++ compiler, no oneDNN hea
 or Ubuntu `apt-get install g++ libdnnl-dev`), `available()` says so once in the log and the
 caller keeps XLA's convolutions: the same network, only slower.
 
-The same library holds `materialize`, an identity XLA cannot fuse through (fast_conv says why).
+The same library holds `materialize`, an identity XLA cannot fuse through (fast_conv says why),
+and `image_sums`, the per-image sums that the response moments are made of (responses.py).
 
 RESNET_JAX_ONEDNN=0 turns it off (to measure against, or to rule it out).
 """
@@ -32,7 +33,8 @@ _SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = {"resnet_jax_conv_forward": "ResnetJaxConvForward",
             "resnet_jax_conv_backward_data": "ResnetJaxConvBackwardData",
             "resnet_jax_conv_backward_weights": "ResnetJaxConvBackwardWeights",
-            "resnet_jax_materialize": "ResnetJaxMaterialize"}
+            "resnet_jax_materialize": "ResnetJaxMaterialize",
+            "resnet_jax_image_sums": "ResnetJaxImageSums"}
 Pads = Tuple[Tuple[int, int], ...]
 
 
@@ -48,7 +50,7 @@ def _compile(compiler: str, include: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}",
+        cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}",
                str(_SOURCE), "-o", tmp, "-ldnnl"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
@@ -167,3 +169,13 @@ def materialize(x: jax.Array) -> jax.Array:
 
 
 materialize.defvjp(lambda x: (materialize(x), None), lambda _, g: (g,))
+
+
+def image_sums(x: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """(x, s1, s2) for float32 x [N, ..., C]: per image and channel, the sums of x - x[:, 0...]
+    and of its square ([N, C] each), and x itself, aliased, for the consumers to read instead:
+    so the kernel runs right after x is made, while it is in cache. Not differentiable."""
+    sums = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call("resnet_jax_image_sums", (jax.ShapeDtypeStruct(x.shape, x.dtype), sums,
+                                                      sums),
+                            input_output_aliases={0: 0}, vmap_method="sequential")(x)
