@@ -8,7 +8,7 @@ Rows, each a median over `--repeats` timed calls after `--warmup` untimed ones:
   backward, SGD with momentum and weight decay, BN in training mode) on a fixed random batch;
 - eval: images/s of the trainer's evaluation step (BN in inference mode);
 - analyze: images/s of `analyze.batch_moments_fn` (Figure 7's per-layer response moments),
-  with its ratio to eval;
+  timed in turns with eval, and the median of their ratios round by round;
 - input: images/s of the training input pipeline (`pipeline.input_throughput`), with its ratio
   to the train step;
 - compile: seconds to trace, lower and compile the train step (`--compile_models`);
@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from absl import app, flags
 
@@ -70,17 +70,27 @@ def define_flags():
 # Timing
 
 
-def median_seconds(call: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall time of `call()` (its result waited for) after `warmup` untimed calls."""
+def interleaved_seconds(calls: Sequence[Callable[[], object]], warmup: int,
+                        repeats: int) -> List[List[float]]:
+    """Wall times of each `call()` (its result waited for), `repeats` of each after `warmup`
+    untimed rounds, the calls taking turns within every round: on a shared machine a slow spell
+    then slows all of them alike, and their ratio, taken round by round, keeps steady."""
     import jax
     for _ in range(warmup):
-        jax.block_until_ready(call())
-    times = []
+        for call in calls:
+            jax.block_until_ready(call())
+    times = [[] for _ in calls]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for call, mine in zip(calls, times):
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            mine.append(time.perf_counter() - start)
+    return times
+
+
+def median_seconds(call: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median wall time of `call()` (its result waited for) after `warmup` untimed calls."""
+    return statistics.median(interleaved_seconds([call], warmup, repeats)[0])
 
 
 def _version(package: str) -> str:
@@ -146,25 +156,25 @@ class Net:
             return metrics
         return len(self.labels) / median_seconds(call, warmup, repeats)
 
-    def eval_images_per_s(self, warmup: int, repeats: int) -> float:
+    def eval_call(self) -> Callable[[], object]:
+        """One evaluation step (BN inference) on the batch, as `evaluate` runs it."""
         import numpy as np
         from resnet_jax import evaluate, parallel
         step = evaluate.make_eval_step(self.model, self.mesh, self.normalization)
         mask = parallel.global_batch(np.ones(len(self.labels), bool),
                                      parallel.batch_sharding(self.mesh), len(self.labels))
         variables = self.state.variables
-        return len(self.labels) / median_seconds(lambda: step(variables, *self.batch, mask),
-                                                 warmup, repeats)
+        return lambda: step(variables, *self.batch, mask)
 
-    def analyze_images_per_s(self, warmup: int, repeats: int) -> float:
+    def analyze_call(self) -> Callable[[], object]:
+        """One batch of `analyze`'s response moments, from host images as `analyze` feeds it."""
         import numpy as np
         from resnet_jax import analyze
         fn = analyze.batch_moments_fn(self.model, self.normalization,
                                       analyze.Settings(batch_size=len(self.labels)))
         mask = np.ones(len(self.labels), bool)
         variables = self.state.variables
-        return len(self.labels) / median_seconds(lambda: fn(variables, self.images, mask),
-                                                 warmup, repeats)
+        return lambda: fn(variables, self.images, mask)
 
     def train_memory_mib(self) -> float:
         stats = self.train_step().memory_analysis()
@@ -248,13 +258,17 @@ def run(models: List[str], modes: List[str], compile_models: List[str], *, batch
             add(make_row(name, "train", "train step", train_speed, "images/s", torch_speed))
         if "eval" in modes or "analyze" in modes:
             torch_speed = torch_images_per_s(pytorch, "eval", name, batch, repeats, threads)
-            eval_speed = net.eval_images_per_s(warmup, repeats)
-            add(make_row(name, "eval", "eval step (BN inference)", eval_speed, "images/s",
-                         torch_speed))
-        if "analyze" in modes:
-            speed = net.analyze_images_per_s(warmup, repeats)
-            add(make_row(name, "analyze", "response moments", speed, "images/s",
-                         of_eval=round(speed / eval_speed, 3)))
+            # Analysis is timed against evaluation in turns (interleaved_seconds), so its
+            # ratio is the median of ratios from the same moments, not of two separate spells.
+            calls = [net.eval_call()] + ([net.analyze_call()] if "analyze" in modes else [])
+            times = interleaved_seconds(calls, warmup, repeats)
+            add(make_row(name, "eval", "eval step (BN inference)",
+                         batch / statistics.median(times[0]), "images/s", torch_speed))
+            if "analyze" in modes:
+                of_eval = statistics.median(e / a for e, a in zip(*times))
+                add(make_row(name, "analyze", "response moments",
+                             batch / statistics.median(times[1]), "images/s",
+                             of_eval=round(of_eval, 3)))
         if "input" in modes and name == models[0]:
             speed = input_images_per_s(batch)
             add(make_row("-", "input", "input pipeline (device-side augmentation)", speed,

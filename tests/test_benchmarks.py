@@ -1,5 +1,6 @@
 """The benchmark entry point: its rows, and one line for bad input."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -39,3 +40,24 @@ def test_bad_input_is_one_line(args, message):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_interleaved_calls_take_turns_after_warmup():
+    order = []
+    calls = [lambda: order.append("eval"), lambda: order.append("analyze")]
+    times = bench.interleaved_seconds(calls, warmup=1, repeats=3)
+    assert order == ["eval", "analyze"] * 4
+    assert [len(t) for t in times] == [3, 3] and all(t >= 0 for t in times[0] + times[1])
+
+
+def test_eval_and_analyze_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--models", "resnet20",
+                           "--modes", "eval,analyze", "--batch", "8", "--warmup", "1",
+                           "--repeats", "2", "--pytorch", "", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {row["mode"]: row for row in json.loads(out.read_text())}
+    assert rows["eval"]["unit"] == rows["analyze"]["unit"] == "images/s"
+    assert rows["eval"]["value"] > 0 and rows["analyze"]["of_eval"] > 0
