@@ -153,8 +153,8 @@ class _InCacheMoments:
 
     A response is BN(conv(x)), a per-channel affine map of the conv's output (BN with running
     averages), so its moments are the conv output's, mapped. oneDNN has just written that output
-    and XLA's fused BN+ReLU is about to read it; `onednn_conv.image_sums` reduces it in between,
-    from cache, and hands the same buffer on. The chain is followed by object identity while
+    and XLA's fused BN+ReLU is about to read it; `onednn_conv.image_moments` reduces it in
+    between, from cache, and hands the same buffer on. The chain is followed by object identity while
     tracing: a 3x3 conv's output that goes straight into BN with running averages, whose output
     goes straight into a `Response`. Anything else (batch statistics, bfloat16, other backends,
     several devices) is reduced from the response itself, as before; the numbers agree to
@@ -182,11 +182,10 @@ class _InCacheMoments:
         if (isinstance(module, nn.BatchNorm) and self._conv_out.get(id(x)) is x
                 and module.use_running_average is True and module.axis == -1
                 and len(args) == 1 and not kwargs):
-            x, s1, s2 = onednn_conv.image_sums(x)
+            x, mean, m2 = onednn_conv.image_moments(x)
             out = next_fun(x)
-            self._bn_out[id(out)] = (out, _through_norm(
-                module, _from_shifted_sums(x.reshape(x.shape[0], -1, x.shape[-1])[:, 0], s1, s2,
-                                           x.size // (x.shape[0] * x.shape[-1]))))
+            count = jnp.full(x.shape[:1], float(x.size // (x.shape[0] * x.shape[-1])), jnp.float32)
+            self._bn_out[id(out)] = (out, _through_norm(module, (count, mean, m2)))
             return out
         return None
 

@@ -11,7 +11,7 @@
 //   resnet_jax_conv_backward_weights (x, dy) -> dw
 // with attributes `strides` (2) and `padding` (top, bottom, left, right); and
 //   resnet_jax_materialize           (x)     -> x   (aliased; see Materialize below)
-//   resnet_jax_image_sums            (x)     -> (x, s1, s2)   (x aliased; see ImageSums)
+//   resnet_jax_image_moments         (x)     -> (x, mean, m2)   (x aliased; see ImageMoments)
 
 #include <algorithm>
 #include <array>
@@ -195,11 +195,11 @@ ffi::Error Materialize(F32 x, ffi::ResultBuffer<ffi::F32> y) {
   return ffi::Error::Success();
 }
 
-// The sums of one image's pixels [p, c], shifted by its first pixel: s1 = sum(x - x[0]), s2 =
-// sum((x - x[0])^2) per channel. Rows of 64 floats tile 16, 32 or 64 channels exactly, so the
+// The mean and M2 (sum of squared deviations) per channel of one image's pixels [p, c], from
+// sums shifted by its first pixel (the shifted-data algorithm: nothing large cancels). Rows of 64 floats tile 16, 32 or 64 channels exactly, so the
 // inner loop is one contiguous vectorisable run for these c; partial sums move to double every
 // 32 rows, so a large image loses nothing to float32 accumulation.
-void ImageSums1(const float* __restrict x, int64_t p, int64_t c, float* s1, float* s2) {
+void ImageMoments1(const float* __restrict x, int64_t p, int64_t c, float* mean, float* m2) {
   constexpr int64_t kLane = 64, kFlush = 32;
   const int64_t width = (c < kLane && kLane % c == 0) ? kLane : c;
   const int64_t rows = p * c / width;
@@ -239,24 +239,25 @@ void ImageSums1(const float* __restrict x, int64_t p, int64_t c, float* s1, floa
       a += total1[r];
       b += total2[r];
     }
-    s1[k] = static_cast<float>(a);
-    s2[k] = static_cast<float>(b);
+    mean[k] = static_cast<float>(sh[k] + a / p);
+    m2[k] = static_cast<float>(std::max(b - a * a / p, 0.0));
   }
 }
 
-// Per image and channel of x [n, ..., c], the shifted sums of ImageSums1 ([n, c] each), with x
-// passed through (aliased). Called on a conv's output right after oneDNN wrote it, while it is
+// Per image and channel of x [n, ..., c], ImageMoments1's mean and M2 ([n, c] each), with x
+// passed through (aliased). Its only reader is then the consumer XLA fuses BN into, which can
+// write over it in place as it does without this. Called on a conv's output right after oneDNN wrote it, while it is
 // still in cache, and before anything else reads it (the aliasing orders it so): the moments of
 // the paper's responses then cost one cached read, not a pass over memory (responses.py).
-ffi::Error ImageSums(ffi::ThreadPool pool, F32 x, ffi::ResultBuffer<ffi::F32> y,
-                     ffi::ResultBuffer<ffi::F32> s1, ffi::ResultBuffer<ffi::F32> s2) {
+ffi::Error ImageMoments(ffi::ThreadPool pool, F32 x, ffi::ResultBuffer<ffi::F32> y,
+                        ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> m2) {
   if (y->typed_data() != x.typed_data())
     std::memcpy(y->typed_data(), x.typed_data(), x.element_count() * sizeof(float));
   const auto dims = x.dimensions();
   const int64_t n = dims[0], c = dims[dims.size() - 1];
-  float* a = s1->typed_data();
-  float* b = s2->typed_data();
-  if (x.element_count() == 0) {  // no pixels: sums of nothing
+  float* a = mean->typed_data();
+  float* b = m2->typed_data();
+  if (x.element_count() == 0) {  // no pixels: nothing to measure
     std::fill(a, a + n * c, 0.0f);
     std::fill(b, b + n * c, 0.0f);
     return ffi::Error::Success();
@@ -264,7 +265,7 @@ ffi::Error ImageSums(ffi::ThreadPool pool, F32 x, ffi::ResultBuffer<ffi::F32> y,
   const int64_t p = x.element_count() / (n * c);
   const float* data = x.typed_data();
   auto images = [=](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) ImageSums1(data + i * p * c, p, c, a + i * c, b + i * c);
+    for (int64_t i = begin; i < end; ++i) ImageMoments1(data + i * p * c, p, c, a + i * c, b + i * c);
   };
   // XLA's own intra-op threads, not a second pool (OpenMP) competing with them for the cores:
   // the images split evenly, this thread taking the first share.
@@ -287,7 +288,7 @@ ffi::Error ImageSums(ffi::ThreadPool pool, F32 x, ffi::ResultBuffer<ffi::F32> y,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxImageSums, ImageSums,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxImageMoments, ImageMoments,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>()

@@ -9,7 +9,7 @@ or Ubuntu `apt-get install g++ libdnnl-dev`), `available()` says so once in the 
 caller keeps XLA's convolutions: the same network, only slower.
 
 The same library holds `materialize`, an identity XLA cannot fuse through (fast_conv says why),
-and `image_sums`, the per-image sums that the response moments are made of (responses.py).
+and `image_moments`, per-image moments of a conv's output as it is written (responses.py).
 
 RESNET_JAX_ONEDNN=0 turns it off (to measure against, or to rule it out).
 """
@@ -34,7 +34,7 @@ _TARGETS = {"resnet_jax_conv_forward": "ResnetJaxConvForward",
             "resnet_jax_conv_backward_data": "ResnetJaxConvBackwardData",
             "resnet_jax_conv_backward_weights": "ResnetJaxConvBackwardWeights",
             "resnet_jax_materialize": "ResnetJaxMaterialize",
-            "resnet_jax_image_sums": "ResnetJaxImageSums"}
+            "resnet_jax_image_moments": "ResnetJaxImageMoments"}
 Pads = Tuple[Tuple[int, int], ...]
 
 
@@ -171,11 +171,11 @@ def materialize(x: jax.Array) -> jax.Array:
 materialize.defvjp(lambda x: (materialize(x), None), lambda _, g: (g,))
 
 
-def image_sums(x: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    """(x, s1, s2) for float32 x [N, ..., C]: per image and channel, the sums of x - x[:, 0...]
-    and of its square ([N, C] each), and x itself, aliased, for the consumers to read instead:
+def image_moments(x: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """(x, mean, M2) for float32 x [N, ..., C]: per image and channel the mean and the sum of
+    squared deviations ([N, C] each), and x itself, aliased, for the consumers to read instead:
     so the kernel runs right after x is made, while it is in cache. Not differentiable."""
-    sums = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("resnet_jax_image_sums", (jax.ShapeDtypeStruct(x.shape, x.dtype), sums,
-                                                      sums),
+    stats = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call("resnet_jax_image_moments",
+                            (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats),
                             input_output_aliases={0: 0}, vmap_method="sequential")(x)
