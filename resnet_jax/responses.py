@@ -101,23 +101,25 @@ def capture_responses(model: nn.Module, variables, images, *, train: bool = Fals
     return {_layer_name(path): r for path, r in _in_depth_order(state[collection])}
 
 
-def _from_shifted_sums(x0, s1, s2, pixels: int):
-    """Per-image (count, mean, M2) from sums of d = x - x0 and d^2 over `pixels` per image (the
-    shifted-data algorithm: x0, a pixel of the image itself, is near its mean, so
-    M2 = sum(d^2) - sum(d)^2 / n cancels nothing large)."""
-    count = jnp.full(x0.shape[:1], float(pixels), jnp.float32)
-    return count, x0 + s1 / pixels, jnp.maximum(s2 - s1 * s1 / pixels, 0.0)
+def _image_count(x):
+    """Elements of each image per channel of x [N, ..., C], as the count [N] of its moments."""
+    return jnp.full(x.shape[:1], float(x.size // (x.shape[0] * x.shape[-1])), jnp.float32)
 
 
 def image_moments(response):
     """(count [N], mean [N, C], M2 [N, C]) of each image of a response [N, ..., C], per channel,
-    in float32; `pool_moments` merges them over images and channels."""
+    in float32; `pool_moments` merges them over images and channels.
+
+    One pass, from sums of d = x - x0 and d^2 with x0 the image's first pixel: near its mean, so
+    M2 = sum(d^2) - sum(d)^2 / n cancels nothing large (the shifted-data algorithm)."""
     r = jnp.asarray(response, jnp.float32)
     x0 = r.reshape(r.shape[0], -1, r.shape[-1])[:, 0]
     d = r - x0.reshape((r.shape[0],) + (1,) * (r.ndim - 2) + (r.shape[-1],))
     axes = tuple(range(1, r.ndim - 1))
-    pixels = r.size // (r.shape[0] * r.shape[-1])
-    return _from_shifted_sums(x0, jnp.sum(d, axes), jnp.sum(d * d, axes), pixels)
+    s1, s2 = jnp.sum(d, axes), jnp.sum(d * d, axes)
+    count = _image_count(r)
+    n = count[:, None]
+    return count, x0 + s1 / n, jnp.maximum(s2 - s1 * s1 / n, 0.0)
 
 
 def pool_moments(per_image, *, per_channel: bool = False, mask=None):
@@ -154,19 +156,15 @@ class _InCacheMoments:
     A response is BN(conv(x)), a per-channel affine map of the conv's output (BN with running
     averages), so its moments are the conv output's, mapped. oneDNN has just written that output
     and XLA's fused BN+ReLU is about to read it; `onednn_conv.image_moments` reduces it in
-    between, from cache, and hands the same buffer on. The chain is followed by object identity while
-    tracing: a 3x3 conv's output that goes straight into BN with running averages, whose output
-    goes straight into a `Response`. Anything else (batch statistics, bfloat16, other backends,
-    several devices) is reduced from the response itself, as before; the numbers agree to
-    float32 rounding (a test)."""
+    between, from cache, and hands the same buffer on. The chain is followed by object identity
+    while tracing: a 3x3 conv's output that goes straight into BN with running averages, whose
+    output goes straight into a `Response`. Anything else (batch statistics, bfloat16, other
+    backends, several devices) is reduced from the response itself, as before; the numbers agree
+    to float32 rounding (a test)."""
 
     def __init__(self):
         self._conv_out = {}  # id -> the output of a 3x3 conv
         self._bn_out = {}  # id -> (the output of a BN fed by one, the response's image_moments)
-
-    @staticmethod
-    def _usable(x) -> bool:
-        return fast_conv.cpu_kernels(x.dtype)
 
     def intercept(self, next_fun, args, kwargs, context):
         """Runs the call if it is a link of the chain and returns its output, else None."""
@@ -175,7 +173,7 @@ class _InCacheMoments:
             return None
         if isinstance(module, nn.Conv) and tuple(module.kernel_size) == (3, 3):
             out = next_fun(*args, **kwargs)
-            if self._usable(out):
+            if fast_conv.cpu_kernels(out.dtype):
                 self._conv_out[id(out)] = out
             return out
         x = args[0]
@@ -184,8 +182,7 @@ class _InCacheMoments:
                 and len(args) == 1 and not kwargs):
             x, mean, m2 = onednn_conv.image_moments(x)
             out = next_fun(x)
-            count = jnp.full(x.shape[:1], float(x.size // (x.shape[0] * x.shape[-1])), jnp.float32)
-            self._bn_out[id(out)] = (out, _through_norm(module, (count, mean, m2)))
+            self._bn_out[id(out)] = (out, _through_norm(module, (_image_count(x), mean, m2)))
             return out
         return None
 
