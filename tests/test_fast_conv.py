@@ -240,3 +240,12 @@ def test_image_moments_are_each_images_mean_and_m2(onednn, shape):
     flat = np.asarray(x, np.float64).reshape(shape[0], -1, shape[-1])
     np.testing.assert_allclose(mean, flat.mean(1), rtol=1e-6)
     np.testing.assert_allclose(m2, flat.var(1) * flat.shape[1], rtol=1e-5)
+
+
+def test_image_moments_side_by_side(onednn):
+    """Independent calls XLA may run at once on its pool, each sharing its images with the pool:
+    no call waits on a share nobody runs."""
+    xs = [jax.random.normal(jax.random.key(i), (16, 32, 32, 16)) + i for i in range(4)]
+    results = jax.jit(lambda *xs: [onednn_conv.image_moments(x * 2.0)[1] for x in xs])(*xs)
+    for x, mean in zip(xs, results):
+        np.testing.assert_allclose(mean, np.asarray(x * 2.0).mean((1, 2)), rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -187,102 +188,140 @@ ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, Ints s
              dw->dimensions(), dy.typed_data(), dy.dimensions(), strides, padding);
 }
 
-// The identity, as an op XLA cannot fuse through (onednn_conv.materialize says why). Its result
-// aliases its operand, so normally there is nothing to copy.
-ffi::Error Materialize(F32 x, ffi::ResultBuffer<ffi::F32> y) {
+// y = x where XLA gave the result its own buffer; normally it aliases x and nothing moves.
+void PassThrough(const F32& x, ffi::ResultBuffer<ffi::F32>& y) {
   if (y->typed_data() != x.typed_data())
     std::memcpy(y->typed_data(), x.typed_data(), x.element_count() * sizeof(float));
+}
+
+// The identity, as an op XLA cannot fuse through (onednn_conv.materialize says why).
+ffi::Error Materialize(F32 x, ffi::ResultBuffer<ffi::F32> y) {
+  PassThrough(x, y);
   return ffi::Error::Success();
 }
 
-// The mean and M2 (sum of squared deviations) per channel of one image's pixels [p, c], from
-// sums shifted by its first pixel (the shifted-data algorithm: nothing large cancels). Rows of 64 floats tile 16, 32 or 64 channels exactly, so the
-// inner loop is one contiguous vectorisable run for these c; partial sums move to double every
-// 32 rows, so a large image loses nothing to float32 accumulation.
-void ImageMoments1(const float* __restrict x, int64_t p, int64_t c, float* mean, float* m2) {
-  constexpr int64_t kLane = 64, kFlush = 32;
-  const int64_t width = (c < kLane && kLane % c == 0) ? kLane : c;
-  const int64_t rows = p * c / width;
-  std::vector<float> shift(width), part1(width), part2(width);
-  std::vector<double> total1(width, 0.0), total2(width, 0.0);
-  for (int64_t k = 0; k < width; ++k) shift[k] = x[k % c];
-  float* __restrict sh = shift.data();
-  float* __restrict u = part1.data();
-  float* __restrict v = part2.data();
-  for (int64_t j0 = 0; j0 < rows; j0 += kFlush) {
-    const int64_t j1 = std::min(j0 + kFlush, rows);
-    std::fill(u, u + width, 0.0f);
-    std::fill(v, v + width, 0.0f);
-    for (int64_t j = j0; j < j1; ++j) {
-      const float* __restrict xj = x + j * width;
-      for (int64_t k = 0; k < width; ++k) {
-        const float d = xj[k] - sh[k];
-        u[k] += d;
-        v[k] += d * d;
+// Per-channel mean and M2 (sum of squared deviations) of images [p, c], one image at a time, from
+// sums shifted by the image's first pixel (the shifted-data algorithm: nothing large cancels).
+// Rows of 64 floats tile 16, 32 or 64 channels exactly, so the inner loop is one contiguous
+// vectorisable run for these c; partial sums move to double every 32 rows, so a large image
+// loses nothing to float32 accumulation. The scratch rows live as long as the object: one
+// allocation per share of a batch, not per image.
+class ImageMoments1 {
+ public:
+  explicit ImageMoments1(int64_t c)
+      : c_(c),
+        width_((c < kLane && kLane % c == 0) ? kLane : c),
+        shift_(width_),
+        part1_(width_),
+        part2_(width_),
+        total1_(width_),
+        total2_(width_) {}
+
+  void operator()(const float* __restrict x, int64_t p, float* mean, float* m2) {
+    const int64_t rows = p * c_ / width_;
+    float* __restrict sh = shift_.data();
+    float* __restrict u = part1_.data();
+    float* __restrict v = part2_.data();
+    for (int64_t k = 0; k < width_; ++k) sh[k] = x[k % c_];
+    std::fill(total1_.begin(), total1_.end(), 0.0);
+    std::fill(total2_.begin(), total2_.end(), 0.0);
+    for (int64_t j0 = 0; j0 < rows; j0 += kFlush) {
+      const int64_t j1 = std::min(j0 + kFlush, rows);
+      std::fill(u, u + width_, 0.0f);
+      std::fill(v, v + width_, 0.0f);
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* __restrict xj = x + j * width_;
+        for (int64_t k = 0; k < width_; ++k) {
+          const float d = xj[k] - sh[k];
+          u[k] += d;
+          v[k] += d * d;
+        }
+      }
+      for (int64_t k = 0; k < width_; ++k) {
+        total1_[k] += u[k];
+        total2_[k] += v[k];
       }
     }
-    for (int64_t k = 0; k < width; ++k) {
-      total1[k] += u[k];
-      total2[k] += v[k];
+    // What is left when p * c is no multiple of the row (9x9 pixels of 16 channels): whole pixels.
+    const float* __restrict tail = x + rows * width_;
+    for (int64_t k = 0; k < p * c_ - rows * width_; ++k) {
+      const float d = tail[k] - sh[k];
+      total1_[k] += d;
+      total2_[k] += d * d;
+    }
+    for (int64_t k = 0; k < c_; ++k) {
+      double a = 0.0, b = 0.0;
+      for (int64_t r = k; r < width_; r += c_) {
+        a += total1_[r];
+        b += total2_[r];
+      }
+      mean[k] = static_cast<float>(sh[k] + a / p);
+      m2[k] = static_cast<float>(std::max(b - a * a / p, 0.0));
     }
   }
-  // What is left when p * c is no multiple of the row (9x9 pixels of 16 channels): whole pixels.
-  const float* __restrict tail = x + rows * width;
-  for (int64_t k = 0; k < p * c - rows * width; ++k) {
-    const float d = tail[k] - sh[k];
-    total1[k] += d;
-    total2[k] += d * d;
-  }
-  for (int64_t k = 0; k < c; ++k) {
-    double a = 0.0, b = 0.0;
-    for (int64_t r = k; r < width; r += c) {
-      a += total1[r];
-      b += total2[r];
+
+ private:
+  static constexpr int64_t kLane = 64, kFlush = 32;
+  const int64_t c_, width_;
+  std::vector<float> shift_, part1_, part2_;
+  std::vector<double> total1_, total2_;
+};
+
+// Runs share(0) ... share(parts - 1) on this thread and XLA's intra-op pool (not a second pool,
+// such as OpenMP's, competing with it for the cores). Shares go to whichever thread asks next,
+// and this thread asks too: should every pool thread be busy (or itself waiting in a call like
+// this one), it does them all, and a task the pool starts later finds nothing left to do. Only
+// the shared counters outlive the call.
+template <typename Share>
+void RunShares(ffi::ThreadPool& pool, int64_t parts, const Share& share) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+    int64_t done = 0;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, parts, &share] {
+    for (int64_t t; (t = state->next.fetch_add(1)) < parts;) {
+      share(t);
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (++state->done == parts) state->finished.notify_all();
     }
-    mean[k] = static_cast<float>(sh[k] + a / p);
-    m2[k] = static_cast<float>(std::max(b - a * a / p, 0.0));
+  };
+  for (int64_t t = 1; t < parts; ++t) {
+    pool.Schedule([state, parts, work] {
+      if (state->next.load() < parts) work();
+    });
   }
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done == parts; });
 }
 
-// Per image and channel of x [n, ..., c], ImageMoments1's mean and M2 ([n, c] each), with x
-// passed through (aliased). Its only reader is then the consumer XLA fuses BN into, which can
-// write over it in place as it does without this. Called on a conv's output right after oneDNN wrote it, while it is
-// still in cache, and before anything else reads it (the aliasing orders it so): the moments of
-// the paper's responses then cost one cached read, not a pass over memory (responses.py).
+// Per image and channel of x [n, ..., c], the mean and M2 ([n, c] each), with x passed through
+// (aliased). Called on a conv's output right after oneDNN wrote it and before XLA's fused BN+ReLU
+// reads it (the aliasing orders it so): the moments of the paper's responses then cost a read of
+// data still in cache, not a pass over the responses (responses.py).
 ffi::Error ImageMoments(ffi::ThreadPool pool, F32 x, ffi::ResultBuffer<ffi::F32> y,
                         ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> m2) {
-  if (y->typed_data() != x.typed_data())
-    std::memcpy(y->typed_data(), x.typed_data(), x.element_count() * sizeof(float));
+  PassThrough(x, y);
   const auto dims = x.dimensions();
   const int64_t n = dims[0], c = dims[dims.size() - 1];
-  float* a = mean->typed_data();
-  float* b = m2->typed_data();
+  float* out_mean = mean->typed_data();
+  float* out_m2 = m2->typed_data();
   if (x.element_count() == 0) {  // no pixels: nothing to measure
-    std::fill(a, a + n * c, 0.0f);
-    std::fill(b, b + n * c, 0.0f);
+    std::fill(out_mean, out_mean + n * c, 0.0f);
+    std::fill(out_m2, out_m2 + n * c, 0.0f);
     return ffi::Error::Success();
   }
   const int64_t p = x.element_count() / (n * c);
   const float* data = x.typed_data();
-  auto images = [=](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) ImageMoments1(data + i * p * c, p, c, a + i * c, b + i * c);
-  };
-  // XLA's own intra-op threads, not a second pool (OpenMP) competing with them for the cores:
-  // the images split evenly, this thread taking the first share.
   const int64_t parts = std::max<int64_t>(1, std::min(n, pool.num_threads()));
-  std::mutex mutex;
-  std::condition_variable done;
-  int64_t pending = parts - 1;
-  for (int64_t t = 1; t < parts; ++t) {
-    pool.Schedule([&, t] {
-      images(n * t / parts, n * (t + 1) / parts);
-      std::lock_guard<std::mutex> lock(mutex);
-      if (--pending == 0) done.notify_one();
-    });
-  }
-  images(0, n / parts);
-  std::unique_lock<std::mutex> lock(mutex);
-  done.wait(lock, [&] { return pending == 0; });
+  RunShares(pool, parts, [&](int64_t t) {
+    ImageMoments1 moments(c);
+    for (int64_t i = n * t / parts; i < n * (t + 1) / parts; ++i)
+      moments(data + i * p * c, p, out_mean + i * c, out_m2 + i * c);
+  });
   return ffi::Error::Success();
 }
 
