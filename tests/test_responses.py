@@ -45,23 +45,26 @@ def test_names_are_in_depth_order():
     assert list(abstract_responses("resnet50", 64))[:2] == ["stage1/block0/conv2", "stage1/block1/conv2"]
 
 
+def perturbed_bn(variables):
+    """Every BN's affine and running statistics far from a fresh BN's, so that the response
+    statistics are not those of one."""
+    keys = iter(jax.random.split(jax.random.key(2), 1000))
+
+    def perturb(path, leaf):
+        if path[-1].key in ("scale", "var"):
+            return leaf * jax.random.uniform(next(keys), leaf.shape, minval=0.3, maxval=3.0)
+        if path[-1].key in ("bias", "mean"):
+            return leaf + jax.random.normal(next(keys), leaf.shape)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(perturb, variables)
+
+
 @pytest.fixture(scope="module")
 def resnet20():
     model = resnet_jax.create_model("resnet20")
     x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
-    # Non-trivial gamma/beta, so the response statistics are not those of a fresh BN.
-    keys = iter(jax.random.split(jax.random.key(2), 1000))
-
-    def perturb(path, leaf):
-        name = path[-1].key
-        if name == "scale":
-            return leaf * jax.random.uniform(next(keys), leaf.shape, minval=0.2, maxval=2.0)
-        if name == "bias":
-            return leaf + jax.random.normal(next(keys), leaf.shape) * 0.5
-        return leaf
-
-    variables = {**variables, "params": jax.tree_util.tree_map_with_path(perturb, variables["params"])}
+    variables = perturbed_bn(jax.jit(model.init)(jax.random.key(1), x))
     return model, variables, x
 
 
@@ -146,17 +149,7 @@ def test_moments_taken_in_cache_are_the_responses_moments(name, onednn, monkeypa
     monkeypatch.setattr(onednn_conv, "usable", lambda: True)  # the tests' 8 devices rule it out
     model = resnet_jax.create_model(name)
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
-    keys = iter(jax.random.split(jax.random.key(2), 1000))
-
-    def perturb(path, leaf):  # running statistics and affine far from a fresh BN's
-        if path[-1].key in ("scale", "var"):
-            return leaf * jax.random.uniform(next(keys), leaf.shape, minval=0.3, maxval=3.0)
-        if path[-1].key in ("bias", "mean"):
-            return leaf + jax.random.normal(next(keys), leaf.shape)
-        return leaf
-
-    variables = jax.tree_util.tree_map_with_path(perturb, variables)
+    variables = perturbed_bn(jax.jit(model.init)(jax.random.key(1), x))
     in_cache = jax.jit(functools.partial(responses.capture_responses, model,
                                          reduce=responses.image_moments))
     from_responses = jax.jit(functools.partial(responses.capture_responses, model,
