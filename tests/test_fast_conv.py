@@ -115,6 +115,16 @@ def test_onednn_without_headers_is_not_attempted(monkeypatch):
     assert "libdnnl-dev" in onednn_conv._load.__wrapped__()
 
 
+def test_library_is_cached_per_cpu(monkeypatch):
+    """The library is built with -march=native: a cache shared by hosts of different CPUs (an
+    NFS home) must give each CPU its own build, not one that may hold instructions it lacks."""
+    path = lambda: onednn_conv._library_path("/usr/bin/g++", "/include")
+    here = path()
+    assert path() == here
+    monkeypatch.setattr(onednn_conv, "_cpu_signature", lambda: b"flags : fpu sse2")
+    assert path() != here
+
+
 def test_onednn_off_or_unbuildable_falls_back_to_xla(tmp_path):
     """RESNET_JAX_ONEDNN=0, or a compiler that fails: XLA's convolutions, the reason in one line,
     no exception."""

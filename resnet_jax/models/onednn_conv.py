@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,30 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+# -march=native: the moments kernel's loops vectorise to the host's widest lanes (AVX-512 here:
+# its cost per stage-3 layer fell from 11 % to 4 % of conv+BN+ReLU). oneDNN JITs for the host
+# anyway; only our own loops depend on it, and so the cache key names the CPU (`_cpu_signature`).
+_CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def _cpu_signature() -> bytes:
+    """What the CPU can run, for the cache key: a home directory shared by hosts of different
+    CPUs (a cluster's NFS) must not hand one host a library built for another's instructions."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("flags", "Features", "model name"))]
+        return "".join(sorted(set(lines))).encode()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}".encode()
+
+
+def _library_path(compiler: str, include: str) -> Path:
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), include.encode(), compiler.encode(),
+                                     jax.__version__.encode(), " ".join(_CXXFLAGS).encode(),
+                                     _cpu_signature()])).hexdigest()[:16]
+    return _cache_dir() / f"onednn_conv-{key}.so"
+
+
 def _compile(compiler: str, include: str, out: Path) -> None:
     """Builds the library into `out` atomically: processes that start together (one per host
     device, tests) either find a whole library or build their own copy and rename it over."""
@@ -50,8 +75,7 @@ def _compile(compiler: str, include: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}",
-               str(_SOURCE), "-o", tmp, "-ldnnl"]
+        cmd = [compiler, *_CXXFLAGS, f"-I{include}", str(_SOURCE), "-o", tmp, "-ldnnl"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -95,9 +119,7 @@ def _load() -> Optional[str]:
         return why_not
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     include = jax.ffi.include_dir()
-    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), include.encode(), compiler.encode(),
-                                     jax.__version__.encode()])).hexdigest()[:16]
-    path = _cache_dir() / f"onednn_conv-{key}.so"
+    path = _library_path(compiler, include)
     try:
         if not path.exists():
             _compile(compiler, include, path)
