@@ -252,6 +252,26 @@ def test_image_moments_are_each_images_mean_and_m2(onednn, shape):
     np.testing.assert_allclose(m2, flat.var(1) * flat.shape[1], rtol=1e-5)
 
 
+def test_image_moments_read_the_conv_output_before_anything_else(onednn):
+    """The kernel is there to read a conv's output while it is in cache: XLA's schedule must run
+    it before the fused BN+ReLU that reads (and overwrites) the same buffer, which it did not
+    without the ordering."""
+    conv = lambda x, w: onednn_conv.conv(x, w, (1, 1), ((1, 1), (1, 1)))
+
+    def layer(x, w):
+        y, mean, m2 = onednn_conv.image_moments(conv(x, w))
+        return conv(jax.nn.relu(y * 1.5 + 0.5), w), mean, m2
+
+    x, w = jnp.ones((8, 16, 16, 16)), jnp.ones((3, 3, 16, 16))
+    schedule = [line for line in jax.jit(layer).lower(x, w).compile().as_text().splitlines()
+                if " = " in line and "ENTRY" not in line]
+    moments = next(i for i, line in enumerate(schedule) if "resnet_jax_image_moments" in line)
+    conv_out = re.search(r"custom-call\((%[\w.]+)\)", schedule[moments]).group(1)
+    readers = [i for i, line in enumerate(schedule)
+               if re.search(re.escape(conv_out) + r"[,)]", line.split(" = ", 1)[1])]
+    assert len(readers) >= 2 and readers[0] == moments, schedule
+
+
 def test_image_moments_side_by_side(onednn):
     """Independent calls XLA may run at once on its pool, each sharing its images with the pool:
     no call waits on a share nobody runs."""

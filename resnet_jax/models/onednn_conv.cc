@@ -11,7 +11,7 @@
 //   resnet_jax_conv_backward_weights (x, dy) -> dw
 // with attributes `strides` (2) and `padding` (top, bottom, left, right); and
 //   resnet_jax_materialize           (x)     -> x   (aliased; see Materialize below)
-//   resnet_jax_image_moments         (x)     -> (x, mean, m2)   (x aliased; see ImageMoments)
+//   resnet_jax_image_moments         (x)     -> (mean, m2)   (see ImageMoments)
 
 #include <algorithm>
 #include <array>
@@ -188,15 +188,11 @@ ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, Ints s
              dw->dimensions(), dy.typed_data(), dy.dimensions(), strides, padding);
 }
 
-// y = x where XLA gave the result its own buffer; normally it aliases x and nothing moves.
-void PassThrough(const F32& x, ffi::ResultBuffer<ffi::F32>& y) {
+// The identity, as an op XLA cannot fuse through (onednn_conv.materialize says why). y normally
+// aliases x and nothing moves; the copy is for where XLA gave y its own buffer.
+ffi::Error Materialize(F32 x, ffi::ResultBuffer<ffi::F32> y) {
   if (y->typed_data() != x.typed_data())
     std::memcpy(y->typed_data(), x.typed_data(), x.element_count() * sizeof(float));
-}
-
-// The identity, as an op XLA cannot fuse through (onednn_conv.materialize says why).
-ffi::Error Materialize(F32 x, ffi::ResultBuffer<ffi::F32> y) {
-  PassThrough(x, y);
   return ffi::Error::Success();
 }
 
@@ -298,13 +294,12 @@ void RunShares(ffi::ThreadPool& pool, int64_t parts, const Share& share) {
   state->finished.wait(lock, [&] { return state->done == parts; });
 }
 
-// Per image and channel of x [n, ..., c], the mean and M2 ([n, c] each), with x passed through
-// (aliased). Called on a conv's output right after oneDNN wrote it and before XLA's fused BN+ReLU
-// reads it (the aliasing orders it so): the moments of the paper's responses then cost a read of
-// data still in cache, not a pass over the responses (responses.py).
-ffi::Error ImageMoments(ffi::ThreadPool pool, F32 x, ffi::ResultBuffer<ffi::F32> y,
-                        ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> m2) {
-  PassThrough(x, y);
+// Per image and channel of x [n, ..., c], the mean and M2 ([n, c] each). Called on a conv's
+// output right after oneDNN wrote it and before XLA's fused BN+ReLU reads it (onednn_conv.py
+// orders it so): the moments of the paper's responses then cost a read of data still in cache,
+// not a pass over the responses (responses.py).
+ffi::Error ImageMoments(ffi::ThreadPool pool, F32 x, ffi::ResultBuffer<ffi::F32> mean,
+                        ffi::ResultBuffer<ffi::F32> m2) {
   const auto dims = x.dimensions();
   const int64_t n = dims[0], c = dims[dims.size() - 1];
   float* out_mean = mean->typed_data();
@@ -331,7 +326,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxImageMoments, ImageMoments,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>()
-                                  .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>());
 

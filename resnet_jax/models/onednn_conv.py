@@ -195,9 +195,15 @@ materialize.defvjp(lambda x: (materialize(x), None), lambda _, g: (g,))
 
 def image_moments(x: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """(x, mean, M2) for float32 x [N, ..., C]: per image and channel the mean and the sum of
-    squared deviations ([N, C] each), and x itself, aliased, for the consumers to read instead:
-    so the kernel runs right after x is made, while it is in cache. Not differentiable."""
+    squared deviations ([N, C] each), and x itself, for the consumers to read instead. Not
+    differentiable.
+
+    The kernel only reads x; the optimization barrier makes x's other consumers wait for it, so
+    it runs right after x is made, while x is in cache (unordered, XLA ran it after the fused
+    BN+ReLU). Ordering it by aliasing x through the kernel instead made x's buffer hold two
+    values, and XLA then gave the BN+ReLU a fresh output buffer rather than writing in place:
+    2.9 -> 4-8 ms per ResNet-20 step of stage-1 BN+ReLU."""
     stats = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("resnet_jax_image_moments",
-                            (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats),
-                            input_output_aliases={0: 0}, vmap_method="sequential")(x)
+    mean, m2 = jax.ffi.ffi_call("resnet_jax_image_moments", (stats, stats),
+                                vmap_method="sequential")(x)
+    return jax.lax.optimization_barrier((x, mean, m2))
