@@ -14,16 +14,18 @@ Rows, each a median over `--repeats` timed calls after `--warmup` untimed ones:
 - compile: seconds to trace, lower and compile the train step (`--compile_models`);
 - memory: the compiled train step's XLA buffers (arguments, outputs and temporaries), MiB;
 - and `benchmarks/analysis_memory.py`'s rows (analysis peak memory and streaming).
-Where the PyTorch reference (`--pytorch`, ../shared/bench/torch_cifar.py by default) runs the same
-net, it runs just before in a subprocess with the same thread count (and the allocator the user
-started with), and the row carries
-`pytorch_value` and `ratio` (resnet-jax / PyTorch; above 1 is faster).
+Where the PyTorch reference (`--pytorch`, ../shared/bench/torch_cifar.py by default) has the same
+net, its own step runs in a child process with the same thread count (and the allocator the user
+started with), timed in turns with resnet-jax's, and the row carries `pytorch_value` and `ratio`:
+resnet-jax / PyTorch, the median of the per-round ratios (above 1 is faster). A shared machine's
+slow spells then slow both alike: timed in separate spells, the same code's ratio moved by 0.1-0.3.
 """
 
 if __name__ == "__main__":  # before the imports below, while a restart costs nothing (preload)
     from resnet_jax import preload
     preload.use_tcmalloc()
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -34,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
@@ -86,11 +88,6 @@ def interleaved_seconds(calls: Sequence[Callable[[], object]], warmup: int,
             jax.block_until_ready(call())
             mine.append(time.perf_counter() - start)
     return times
-
-
-def median_seconds(call: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall time of `call()` (its result waited for) after `warmup` untimed calls."""
-    return statistics.median(interleaved_seconds([call], warmup, repeats)[0])
 
 
 def _version(package: str) -> str:
@@ -148,13 +145,14 @@ class Net:
             self.compile_seconds = time.perf_counter() - start
         return self._train
 
-    def train_images_per_s(self, warmup: int, repeats: int) -> float:
+    def train_call(self) -> Callable[[], object]:
+        """One train step on the batch, as the trainer runs it (the state is donated)."""
         step = self.train_step()
 
         def call():
-            self.state, metrics = step(self.state, *self.batch)  # the state is donated
+            self.state, metrics = step(self.state, *self.batch)
             return metrics
-        return len(self.labels) / median_seconds(call, warmup, repeats)
+        return call
 
     def eval_call(self) -> Callable[[], object]:
         """One evaluation step (BN inference) on the batch, as `evaluate` runs it."""
@@ -198,25 +196,67 @@ def compile_seconds(name: str, batch: int) -> float:
 # PyTorch
 
 
-def torch_images_per_s(script: str, mode: str, name: str, batch: int, repeats: int,
-                       threads: int) -> Optional[float]:
-    """images/s of torch_cifar.py on the same net, or None where it has no such net."""
-    kind, depth = name.rstrip("0123456789"), name[len(name.rstrip("0123456789")):]
-    if not script or kind not in TORCH_NETS:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.json")
-        cmd = [sys.executable, script, mode, "--depths", depth, "--batch", str(batch),
-               "--steps", str(repeats), "--json", out] + (["--plain"] if kind == "plain" else [])
+class PyTorchStep:
+    """One step of the PyTorch reference on the same net per call, run by a child process that
+    stays up between calls (`benchmarks/torch_steps.py`), so that it can take turns with
+    resnet-jax's steps in `interleaved_seconds`. Same thread count; the allocator the user
+    started with (PyTorch as users run it: without the tcmalloc resnet-jax preloaded for itself)."""
+
+    def __init__(self, script: str, mode: str, name: str, batch: int, threads: int):
+        depth = name[len(name.rstrip("0123456789")):]
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                            "torch_steps.py"), script, mode, depth, str(batch)]
+        cmd += ["--plain"] if name.startswith("plain") else []
         env = dict(os.environ, TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-        # PyTorch as users run it: without the tcmalloc resnet-jax preloaded for itself.
         env["LD_PRELOAD"] = " ".join(lib for lib in env.get("LD_PRELOAD", "").split()
                                      if lib != env.get(PRELOADED))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        if proc.returncode:
-            raise RuntimeError(f"PyTorch reference failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
-        with open(out) as f:
-            return json.load(f)[0]["images_per_s"]
+        self._cmd = " ".join(cmd)
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, text=True, env=env)
+        self._expect("ready")
+
+    def _expect(self, word: str) -> None:
+        line = self._proc.stdout.readline().strip()
+        if line != word:
+            self._stderr.seek(0)
+            raise RuntimeError(f"PyTorch reference failed ({self._cmd}):\n"
+                               f"{self._stderr.read()[-2000:]}")
+
+    def __call__(self) -> None:
+        self._proc.stdin.write("step\n")
+        self._proc.stdin.flush()
+        self._expect("done")
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        self._proc.wait()
+        self._stderr.close()
+
+
+@contextlib.contextmanager
+def pytorch_step(script: str, mode: str, name: str, batch: int,
+                 threads: int) -> Iterator[Optional[PyTorchStep]]:
+    """The reference's step on `name` while the block runs, or None where it has no such net (or
+    no script)."""
+    if not script or name.rstrip("0123456789") not in TORCH_NETS:
+        yield None
+        return
+    step = PyTorchStep(script, mode, name, batch, threads)
+    try:
+        yield step
+    finally:
+        step.close()
+
+
+def timed_with_pytorch(calls: List[Callable[[], object]], step: Optional[Callable[[], object]],
+                       warmup: int, repeats: int) -> Tuple[List[List[float]], Optional[List[float]]]:
+    """`interleaved_seconds` of `calls`, with the PyTorch step (if any) taking its turn last in
+    each round: (the calls' times, PyTorch's times or None)."""
+    if step is None:
+        return interleaved_seconds(calls, warmup, repeats), None
+    times = interleaved_seconds(list(calls) + [step], warmup, repeats)
+    return times[:-1], times[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,10 +264,14 @@ def torch_images_per_s(script: str, mode: str, name: str, batch: int, repeats: i
 
 
 def make_row(model: str, mode: str, metric: str, value: float, unit: str,
-             pytorch_value: Optional[float] = None, **extra) -> Dict:
+             pytorch_value: Optional[float] = None, ratio: Optional[float] = None,
+             **extra) -> Dict:
+    """A row; `ratio` (resnet-jax / PyTorch) defaults to value / pytorch_value, and is given where
+    the two were timed in turns (the median of the per-round ratios)."""
     row = dict(model=model, mode=mode, metric=metric, value=round(value, 3), unit=unit)
     if pytorch_value is not None:
-        row.update(pytorch_value=round(pytorch_value, 3), ratio=round(value / pytorch_value, 3))
+        ratio = value / pytorch_value if ratio is None else ratio
+        row.update(pytorch_value=round(pytorch_value, 3), ratio=round(ratio, 3))
     row.update(extra)
     return row
 
@@ -253,22 +297,25 @@ def run(models: List[str], modes: List[str], compile_models: List[str], *, batch
         net = Net(name, batch)
         train_speed = None
         if "train" in modes:
-            torch_speed = torch_images_per_s(pytorch, "train", name, batch, repeats, threads)
-            train_speed = net.train_images_per_s(warmup, repeats)
-            add(make_row(name, "train", "train step", train_speed, "images/s", torch_speed))
+            with pytorch_step(pytorch, "train", name, batch, threads) as torch_step:
+                (times,), torch_times = timed_with_pytorch([net.train_call()], torch_step,
+                                                           warmup, repeats)
+            train_speed = batch / statistics.median(times)
+            add(make_row(name, "train", "train step", train_speed, "images/s",
+                         *_against(batch, times, torch_times)))
         if "eval" in modes or "analyze" in modes:
-            torch_speed = torch_images_per_s(pytorch, "eval", name, batch, repeats, threads)
-            # Analysis is timed against evaluation in turns (interleaved_seconds), so its
-            # ratio is the median of ratios from the same moments, not of two separate spells.
+            # Analysis is timed against evaluation in turns, and both against PyTorch, so each
+            # ratio is the median of ratios from the same moments, not of separate spells.
             calls = [net.eval_call()] + ([net.analyze_call()] if "analyze" in modes else [])
-            times = interleaved_seconds(calls, warmup, repeats)
+            with pytorch_step(pytorch, "eval", name, batch, threads) as torch_step:
+                times, torch_times = timed_with_pytorch(calls, torch_step, warmup, repeats)
             add(make_row(name, "eval", "eval step (BN inference)",
-                         batch / statistics.median(times[0]), "images/s", torch_speed))
+                         batch / statistics.median(times[0]), "images/s",
+                         *_against(batch, times[0], torch_times)))
             if "analyze" in modes:
-                of_eval = statistics.median(e / a for e, a in zip(*times))
                 add(make_row(name, "analyze", "response moments",
                              batch / statistics.median(times[1]), "images/s",
-                             of_eval=round(of_eval, 3)))
+                             of_eval=round(_median_ratio(times[0], times[1]), 3)))
         if "input" in modes and name == models[0]:
             speed = input_images_per_s(batch)
             add(make_row("-", "input", "input pipeline (device-side augmentation)", speed,
@@ -284,6 +331,18 @@ def run(models: List[str], modes: List[str], compile_models: List[str], *, batch
         add(make_row("-", "memory", "peak RSS of this benchmark process",
                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))
     return rows
+
+
+def _median_ratio(slow: Sequence[float], fast: Sequence[float]) -> float:
+    """Median over rounds of slow / fast seconds: how many times faster `fast` ran."""
+    return statistics.median(s / f for s, f in zip(slow, fast))
+
+
+def _against(batch: int, times: Sequence[float], torch_times: Optional[Sequence[float]]):
+    """(pytorch_value, ratio) for `make_row` from times taken in turns, or (None, None)."""
+    if torch_times is None:
+        return None, None
+    return batch / statistics.median(torch_times), _median_ratio(torch_times, times)
 
 
 def format_row(row: Dict) -> str:

@@ -63,6 +63,12 @@ def cifar_jpeg() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def torch_reference() -> pathlib.Path:
+    """The PyTorch reference nets the benchmark measures against (bench/torch_cifar.py)."""
+    return _need(SHARED / "bench" / "torch_cifar.py")
+
+
+@pytest.fixture(scope="session")
 def akamaster_dir() -> pathlib.Path:
     """Trained CIFAR ResNet-20/32/44/56 from the public PyTorch reproduction, as .npz."""
     return _need(SHARED / "data" / "pretrained" / "akamaster-cifar10")

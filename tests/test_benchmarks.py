@@ -22,8 +22,29 @@ def test_rows_carry_pytorch_ratio_only_where_pytorch_ran():
 
 
 def test_pytorch_is_asked_only_for_its_own_nets():
-    assert bench.torch_images_per_s("torch_cifar.py", "train", "vgg19", 128, 1, 2) is None
-    assert bench.torch_images_per_s("", "train", "resnet20", 128, 1, 2) is None
+    for script, name in (("torch_cifar.py", "vgg19"), ("", "resnet20")):
+        with bench.pytorch_step(script, "train", name, 128, 2) as step:
+            assert step is None
+
+
+def test_pytorch_steps_take_turns_with_ours(torch_reference):
+    """The reference's own train step, one per call from a child process that stays up, taking
+    its turn after ours in every round."""
+    order = []
+    with bench.pytorch_step(str(torch_reference), "train", "plain20", 4, 1) as step:
+        ours = lambda: order.append("ours")
+        theirs = lambda: (step(), order.append("pytorch"))
+        (times,), torch_times = bench.timed_with_pytorch([ours], theirs, warmup=1, repeats=2)
+    assert order == ["ours", "pytorch"] * 3 and len(times) == len(torch_times) == 2
+    assert step._proc.returncode == 0 and min(torch_times) > max(times)
+
+
+def test_a_failing_reference_is_one_clear_error(tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text("raise SystemExit('no torch here')\n")
+    with pytest.raises(RuntimeError, match="(?s)PyTorch reference failed.*no torch here"):
+        with bench.pytorch_step(str(script), "train", "resnet20", 4, 1):
+            pass
 
 
 @pytest.mark.parametrize("args,message", [
@@ -61,3 +82,16 @@ def test_eval_and_analyze_rows(tmp_path):
     rows = {row["mode"]: row for row in json.loads(out.read_text())}
     assert rows["eval"]["unit"] == rows["analyze"]["unit"] == "images/s"
     assert rows["eval"]["value"] > 0 and rows["analyze"]["of_eval"] > 0
+
+
+def test_train_row_against_pytorch(tmp_path, torch_reference):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--models", "plain20",
+                           "--modes", "train", "--batch", "8", "--warmup", "1", "--repeats", "3",
+                           "--pytorch", str(torch_reference), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert row["mode"] == "train" and row["value"] > 0 and row["pytorch_value"] > 0
+    assert row["ratio"] > 0
