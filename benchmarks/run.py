@@ -65,6 +65,9 @@ def define_flags():
                         "the PyTorch reference script; '' skips PyTorch")
     flags.DEFINE_integer("threads", os.cpu_count() or 1,
                          "PyTorch's thread count (XLA uses every core of the machine)")
+    flags.DEFINE_bool("pytorch_tcmalloc", False,
+                      "preload into PyTorch the tcmalloc resnet-jax preloads for itself (by "
+                      "default PyTorch runs as users start it, with the allocator they started)")
     flags.DEFINE_string("json", "", "also write the rows to this JSON file")
 
 
@@ -200,16 +203,19 @@ class PyTorchStep:
     """One step of the PyTorch reference on the same net per call, run by a child process that
     stays up between calls (`benchmarks/torch_steps.py`), so that it can take turns with
     resnet-jax's steps in `interleaved_seconds`. Same thread count; the allocator the user
-    started with (PyTorch as users run it: without the tcmalloc resnet-jax preloaded for itself)."""
+    started with (PyTorch as users run it: without the tcmalloc resnet-jax preloaded for itself),
+    or with that tcmalloc too (`tcmalloc`)."""
 
-    def __init__(self, script: str, mode: str, name: str, batch: int, threads: int):
+    def __init__(self, script: str, mode: str, name: str, batch: int, threads: int,
+                 tcmalloc: bool = False):
         depth = name[len(name.rstrip("0123456789")):]
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                             "torch_steps.py"), script, mode, depth, str(batch)]
         cmd += ["--plain"] if name.startswith("plain") else []
         env = dict(os.environ, TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-        env["LD_PRELOAD"] = " ".join(lib for lib in env.get("LD_PRELOAD", "").split()
-                                     if lib != env.get(PRELOADED))
+        if not tcmalloc:
+            env["LD_PRELOAD"] = " ".join(lib for lib in env.get("LD_PRELOAD", "").split()
+                                         if lib != env.get(PRELOADED))
         self._cmd = " ".join(cmd)
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -236,13 +242,13 @@ class PyTorchStep:
 
 @contextlib.contextmanager
 def pytorch_step(script: str, mode: str, name: str, batch: int,
-                 threads: int) -> Iterator[Optional[PyTorchStep]]:
+                 threads: int, tcmalloc: bool = False) -> Iterator[Optional[PyTorchStep]]:
     """The reference's step on `name` while the block runs, or None where it has no such net (or
     no script)."""
     if not script or name.rstrip("0123456789") not in TORCH_NETS:
         yield None
         return
-    step = PyTorchStep(script, mode, name, batch, threads)
+    step = PyTorchStep(script, mode, name, batch, threads, tcmalloc)
     try:
         yield step
     finally:
@@ -278,6 +284,7 @@ def make_row(model: str, mode: str, metric: str, value: float, unit: str,
 
 def run(models: List[str], modes: List[str], compile_models: List[str], *, batch: int = 128,
         warmup: int = 3, repeats: int = 12, pytorch: str = "", threads: int = 2,
+        pytorch_tcmalloc: bool = False,
         report: Callable[[Dict], None] = lambda row: None) -> List[Dict]:
     """Measure and return the rows (`report` sees each as it is made)."""
     rows = []
@@ -297,7 +304,8 @@ def run(models: List[str], modes: List[str], compile_models: List[str], *, batch
         net = Net(name, batch)
         train_speed = None
         if "train" in modes:
-            with pytorch_step(pytorch, "train", name, batch, threads) as torch_step:
+            with pytorch_step(pytorch, "train", name, batch, threads,
+                              pytorch_tcmalloc) as torch_step:
                 (times,), torch_times = timed_with_pytorch([net.train_call()], torch_step,
                                                            warmup, repeats)
             train_speed = batch / statistics.median(times)
@@ -307,7 +315,8 @@ def run(models: List[str], modes: List[str], compile_models: List[str], *, batch
             # Analysis is timed against evaluation in turns, and both against PyTorch, so each
             # ratio is the median of ratios from the same moments, not of separate spells.
             calls = [net.eval_call()] + ([net.analyze_call()] if "analyze" in modes else [])
-            with pytorch_step(pytorch, "eval", name, batch, threads) as torch_step:
+            with pytorch_step(pytorch, "eval", name, batch, threads,
+                              pytorch_tcmalloc) as torch_step:
                 times, torch_times = timed_with_pytorch(calls, torch_step, warmup, repeats)
             add(make_row(name, "eval", "eval step (BN inference)",
                          batch / statistics.median(times[0]), "images/s",
@@ -387,13 +396,14 @@ def main(argv):
         print(f"# {machine()}; jax {jax.__version__} ({jax.default_backend()}, "
               f"{jax.device_count()} devices, {conv} convolutions, malloc "
               f"{os.environ.get(PRELOADED) or 'as started'}), "
-              f"torch {_version('torch')} with {FLAGS.threads} threads; batch {FLAGS.batch}, "
+              f"torch {_version('torch')} with {FLAGS.threads} threads"
+              f"{' and the same tcmalloc' if FLAGS.pytorch_tcmalloc else ''}; batch {FLAGS.batch}, "
               f"median of {FLAGS.repeats} after {FLAGS.warmup} warm-up; load average "
               f"{os.getloadavg()[0]:.1f}", flush=True)
         print(HEADER, flush=True)
         rows = run(FLAGS.models, FLAGS.modes, FLAGS.compile_models, batch=FLAGS.batch,
                    warmup=FLAGS.warmup, repeats=FLAGS.repeats, pytorch=pytorch,
-                   threads=FLAGS.threads, report=lambda row: print(format_row(row), flush=True))
+                   threads=FLAGS.threads, pytorch_tcmalloc=FLAGS.pytorch_tcmalloc, report=lambda row: print(format_row(row), flush=True))
         # Other processes on the cores slow PyTorch's threads far more than XLA's: compare
         # ratios only from runs on an otherwise idle machine (load average well below 1).
         print(f"# load average at the end: {os.getloadavg()[0]:.1f}")

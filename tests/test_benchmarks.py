@@ -95,3 +95,22 @@ def test_train_row_against_pytorch(tmp_path, torch_reference):
     (row,) = json.loads(out.read_text())
     assert row["mode"] == "train" and row["value"] > 0 and row["pytorch_value"] > 0
     assert row["ratio"] > 0
+
+
+@pytest.mark.parametrize("tcmalloc", [False, True])
+def test_pytorch_gets_our_tcmalloc_only_when_asked(tmp_path, monkeypatch, tcmalloc):
+    """By default PyTorch runs as users start it, without the allocator resnet-jax preloads for
+    itself; --pytorch_tcmalloc hands it the same one."""
+    seen = tmp_path / "ld_preload"
+    script = tmp_path / "reference.py"
+    script.write_text("import os\n"
+                      "def timed(step, warmup, steps): pass\n"
+                      "def bench(mode, depths, plain, batch, steps):\n"
+                      f"    timed(lambda: open({str(seen)!r}, 'w').write(\n"
+                      "        os.environ.get('LD_PRELOAD', '')), 0, 1)\n")
+    ours = str(tmp_path / "libtcmalloc_minimal.so.4")  # absent: the loader ignores it
+    monkeypatch.setenv("LD_PRELOAD", ours)
+    monkeypatch.setenv(bench.PRELOADED, ours)
+    with bench.pytorch_step(str(script), "train", "resnet20", 4, 1, tcmalloc) as step:
+        step()
+    assert (ours in seen.read_text()) == tcmalloc
