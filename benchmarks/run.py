@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.run [--models resnet20,resnet56] [--modes train,eval]
         [--repeats 12] [--json results.json]
 
-Rows, each a median over `--repeats` timed calls after `--warmup` untimed ones:
+Rows, each a median over `--repeats` timed calls after `--warmup` untimed rounds (and one untimed
+call before each timed one, `interleaved_seconds` says why):
 - train: images/s of the trainer's own jitted step (`train.make_train_step`: forward, loss,
   backward, SGD with momentum and weight decay, BN in training mode) on a fixed random batch;
 - eval: images/s of the trainer's evaluation step (BN in inference mode);
@@ -79,7 +80,11 @@ def interleaved_seconds(calls: Sequence[Callable[[], object]], warmup: int,
                         repeats: int) -> List[List[float]]:
     """Wall times of each `call()` (its result waited for), `repeats` of each after `warmup`
     untimed rounds, the calls taking turns within every round: on a shared machine a slow spell
-    then slows all of them alike, and their ratio, taken round by round, keeps steady."""
+    then slows all of them alike, and their ratio, taken round by round, keeps steady.
+
+    Each turn runs its call once untimed before the timed one: the first call after another
+    program (PyTorch's process, or the other jitted function) finds the caches and threads that
+    one left, and took 1-10 % longer for it here than the call after it, unevenly across nets."""
     import jax
     for _ in range(warmup):
         for call in calls:
@@ -87,6 +92,7 @@ def interleaved_seconds(calls: Sequence[Callable[[], object]], warmup: int,
     times = [[] for _ in calls]
     for _ in range(repeats):
         for call, mine in zip(calls, times):
+            jax.block_until_ready(call())
             start = time.perf_counter()
             jax.block_until_ready(call())
             mine.append(time.perf_counter() - start)

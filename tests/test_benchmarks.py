@@ -35,7 +35,8 @@ def test_pytorch_steps_take_turns_with_ours(torch_reference):
         ours = lambda: order.append("ours")
         theirs = lambda: (step(), order.append("pytorch"))
         (times,), torch_times = bench.timed_with_pytorch([ours], theirs, warmup=1, repeats=2)
-    assert order == ["ours", "pytorch"] * 3 and len(times) == len(torch_times) == 2
+    assert order == ["ours", "pytorch"] + ["ours", "ours", "pytorch", "pytorch"] * 2
+    assert len(times) == len(torch_times) == 2
     assert step._proc.returncode == 0 and min(torch_times) > max(times)
 
 
@@ -67,7 +68,7 @@ def test_interleaved_calls_take_turns_after_warmup():
     order = []
     calls = [lambda: order.append("eval"), lambda: order.append("analyze")]
     times = bench.interleaved_seconds(calls, warmup=1, repeats=3)
-    assert order == ["eval", "analyze"] * 4
+    assert order == ["eval", "analyze"] + ["eval", "eval", "analyze", "analyze"] * 3
     assert [len(t) for t in times] == [3, 3] and all(t >= 0 for t in times[0] + times[1])
 
 
