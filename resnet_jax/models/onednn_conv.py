@@ -202,7 +202,7 @@ def image_moments(x: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
     it runs right after x is made, while x is in cache (unordered, XLA ran it after the fused
     BN+ReLU). Ordering it by aliasing x through the kernel instead made x's buffer hold two
     values, and XLA then gave the BN+ReLU a fresh output buffer rather than writing in place:
-    2.9 -> 4-8 ms per ResNet-20 step of stage-1 BN+ReLU."""
+    2.9 -> 4-8 ms per plain-20 step of stage-1 BN+ReLU."""
     stats = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32)
     mean, m2 = jax.ffi.ffi_call("resnet_jax_image_moments", (stats, stats),
                                 vmap_method="sequential")(x)
