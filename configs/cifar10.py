@@ -8,7 +8,7 @@ Batch 128 (the paper: 64 on each of two GPUs; here BN sees the whole batch unles
 48k iterations, 64k iterations, per-pixel mean subtraction, pad-4 random crop and flip, option A
 shortcuts. The paper fixed that schedule on a 45k/5k train/val split (--config.data.holdout=5000)
 and then trained on all 50k and reported the test set (the default: holdout 0, val = test).
-ResNet-110 and ResNet-1202 warm up at lr 0.01 until the training error is below 80 %.
+ResNet-110 and ResNet-1202 warm up at lr 0.01 until the running training error is below 80 %.
 
 The paper's schedule compressed 8x (the recorded CPU experiment):
     --config.num_steps=8000 --config.lr_boundaries='(4000, 6000)'
