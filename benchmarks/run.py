@@ -231,6 +231,8 @@ class PyTorchStep:
     def _expect(self, word: str) -> None:
         line = self._proc.stdout.readline().strip()
         if line != word:
+            self._proc.kill()
+            self._proc.wait()
             self._stderr.seek(0)
             raise RuntimeError(f"PyTorch reference failed ({self._cmd}):\n"
                                f"{self._stderr.read()[-2000:]}")

@@ -191,7 +191,8 @@ def _init_fn(config, model, image_size: int):
                           batch_stats=variables.get("batch_stats", {}),
                           opt_state=optimizer(config).init(params), lr_scale=jnp.float32(1.0),
                           warmup_done=jnp.asarray(not config.warmup_lr), warmup_end=jnp.int32(-1),
-                          warmup_error=jnp.float32(1.0), best_error=jnp.float32(1.0), stale_evals=jnp.int32(0))
+                          warmup_error=jnp.float32(1.0), best_error=jnp.float32(1.0),
+                          stale_evals=jnp.int32(0))
     return init
 
 
