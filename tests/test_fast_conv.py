@@ -22,21 +22,24 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 # The zoo's convolutions (3x3 pad 1, 1x1 pad 0, 7x7 pad 3; stride 1 and 2), on even and odd
 # sizes (where the stride does not divide the padded input and its last rows get no gradient),
-# non-square maps, and flax's 'VALID' string.
+# non-square maps, and flax's 'VALID' string; with 5 -> 4 channels, and the last three with
+# enough for oneDNN's Winograd kernels (3x3 stride 1; sizes that its 4x4 tiles do not divide).
 CASES = [
-    (3, 1, ((1, 1), (1, 1)), (8, 9)), (3, 2, ((1, 1), (1, 1)), (8, 8)),
-    (3, 2, ((1, 1), (1, 1)), (9, 7)), (1, 1, "VALID", (6, 5)), (1, 2, "VALID", (8, 8)),
-    (1, 2, ((0, 0), (0, 0)), (7, 9)), (7, 2, ((3, 3), (3, 3)), (16, 15)),
-    (7, 2, ((3, 3), (3, 3)), (11, 12)),
+    (3, 1, ((1, 1), (1, 1)), (8, 9), (5, 4)), (3, 2, ((1, 1), (1, 1)), (8, 8), (5, 4)),
+    (3, 2, ((1, 1), (1, 1)), (9, 7), (5, 4)), (1, 1, "VALID", (6, 5), (5, 4)),
+    (1, 2, "VALID", (8, 8), (5, 4)), (1, 2, ((0, 0), (0, 0)), (7, 9), (5, 4)),
+    (7, 2, ((3, 3), (3, 3)), (16, 15), (5, 4)), (7, 2, ((3, 3), (3, 3)), (11, 12), (5, 4)),
+    (3, 1, ((1, 1), (1, 1)), (8, 9), (32, 32)), (3, 1, ((1, 1), (1, 1)), (7, 6), (64, 32)),
+    (3, 2, ((1, 1), (1, 1)), (8, 8), (32, 64)),
 ]
 
 
 def _inputs():
     rng = np.random.default_rng(0)
     inputs = []
-    for kernel, stride, padding, size in CASES:
-        x = rng.standard_normal((3, *size, 5), np.float32)
-        w = rng.standard_normal((kernel, kernel, 5, 4), np.float32)
+    for kernel, stride, padding, size, (c, o) in CASES:
+        x = rng.standard_normal((3, *size, c), np.float32)
+        w = rng.standard_normal((kernel, kernel, c, o), np.float32)
         y = jax.eval_shape(lambda x, w: lax.conv_general_dilated(
             x, w, (stride, stride), padding, dimension_numbers=NHWC), x, w)
         inputs.append((x, w, rng.standard_normal(y.shape, np.float32)))
@@ -47,7 +50,7 @@ def _outputs_and_grads(conv, inputs):
     """Per case: output, dx and dw; all cases in one jit (one compile: CPU time is scarce)."""
     def run(inputs):
         results = []
-        for (kernel, stride, padding, size), (x, w, dy) in zip(CASES, inputs):
+        for (kernel, stride, padding, *_), (x, w, dy) in zip(CASES, inputs):
             y, vjp = jax.vjp(lambda x, w: conv(x, w, (stride, stride), padding,
                                                dimension_numbers=NHWC), x, w)
             results.append((y, *vjp(dy)))
@@ -81,6 +84,36 @@ def test_same_values_and_gradients_as_lax(cpu_path):
     for case, outputs, references in zip(CASES, got, want):
         for name, g, ref in zip(("y", "dx", "dw"), outputs, references):
             _assert_close(g, ref, f"{case} {name}")
+
+
+def test_winograd_kernels_where_they_pay(onednn, tmp_path):
+    """oneDNN's Winograd kernels do stride-1 3x3 convolutions of 32 channels or more (all three
+    directions), where they take half to two thirds of the direct kernels' time; others stay
+    direct. oneDNN has them for AVX-512 only: elsewhere everything must fall back to direct."""
+    code = """if True:
+        import jax, numpy as np
+        from resnet_jax.models import onednn_conv
+        assert onednn_conv.available()
+        for c, stride in ((32, 1), (16, 1), (32, 2)):
+            x, w = np.ones((2, 8, 8, c), np.float32), np.ones((3, 3, c, c), np.float32)
+            f = lambda x, w: onednn_conv.conv(x, w, (stride, stride), ((1, 1), (1, 1))).sum()
+            jax.block_until_ready(jax.jit(jax.value_and_grad(f, (0, 1)))(x, w))
+    """
+    env = dict(os.environ, ONEDNN_VERBOSE="1", XLA_FLAGS="")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env).stdout
+    used = set()
+    for line in out.splitlines():
+        if line.startswith("onednn_verbose,exec,cpu,convolution,"):
+            shape = re.search(r"mb2_ic(\d+)oc\d+_ih8oh(\d+)", line)
+            direction = re.search(r"(forward_training|backward_data|backward_weights)", line)
+            algorithm = re.search(r"alg:convolution_(\w+)", line)
+            used.add((int(shape[1]), int(shape[2]), direction[1], algorithm[1]))
+    with open("/proc/cpuinfo") as f:
+        avx512 = " avx512f" in f.read()
+    directions = ("forward_training", "backward_data", "backward_weights")
+    assert used == {(c, oh, d, "winograd" if (c, oh) == (32, 8) and avx512 else "direct")
+                    for c, oh in ((32, 8), (16, 8), (32, 4)) for d in directions}
 
 
 def test_onednn_under_vmap(onednn):

@@ -3,7 +3,9 @@
 // XLA:CPU runs a 3x3 convolution of the CIFAR nets at about 55 GFLOP/s; oneDNN's JIT kernels run
 // the same one, and both of its backward convolutions, at 200-270 GFLOP/s on the same two cores,
 // provided the weights are in oneDNN's own blocked layout. So activations stay NHWC (JAX's
-// layout, no copies), and only the weights, which are tiny, are reordered from/to HWIO per call.
+// layout, no copies) for its direct kernels, and only the weights, which are tiny, are reordered
+// from/to HWIO per call; its Winograd kernels (WantsWinograd) are faster still where they apply,
+// even with their activations reordered from and to NHWC around each call.
 //
 // Three convolution targets, f32 only, NHWC activations and HWIO weights:
 //   resnet_jax_conv_forward          (x, w)  -> y
@@ -41,12 +43,17 @@ using Key = std::array<int64_t, 16>;
 
 // A primitive and what it needs, built once per geometry: building one costs milliseconds
 // (oneDNN JIT-compiles its kernel), running one about as much as the convolution.
+// x names the input side (src, or diff_src), y the output side (dst, or diff_dst).
 struct Plan {
   dnnl::primitive conv;
   memory::desc weights_user;  // HWIO, as JAX holds them
   memory::desc weights_conv;  // the layout the kernel wants
   dnnl::reorder reorder;      // user -> conv (forward, backward data) or conv -> user (weights)
   bool needs_reorder = false;
+  // Activations as the kernel wants them: NHWC for the direct kernels (no copies), blocked by 16
+  // channels for Winograd's, reordered from and to NHWC around the call.
+  memory::desc x_conv, y_conv;
+  dnnl::reorder x_in, x_out, y_in, y_out;  // NHWC -> kernel (in), kernel -> NHWC (out)
   memory::desc scratchpad;
 };
 
@@ -55,7 +62,17 @@ const dnnl::engine& Engine() {
   return engine;
 }
 
-std::shared_ptr<const Plan> BuildPlan(const Key& k) {
+// Winograd's F(4x4, 3x3) does a stride-1 3x3 convolution in a quarter of the multiplications.
+// oneDNN's AVX-512 kernels for it, reorders to and from NHWC included, take 68 % (32 channels)
+// and 51 % (64) of the direct kernels' time for a forward + both backward convolutions at the
+// CIFAR nets' stage-2 and stage-3 shapes, batch 128, and differ from them by ~1e-6 relative
+// (float32 rounding); with 16 channels they are slower. Where oneDNN has no such kernel (no
+// AVX-512) building the plan fails and the direct one is used.
+bool WantsWinograd(const Key& k) {
+  return k[4] == 3 && k[5] == 3 && k[9] == 1 && k[10] == 1 && std::min(k[3], k[6]) >= 32;
+}
+
+std::shared_ptr<const Plan> BuildPlan(const Key& k, dnnl::algorithm algorithm) {
   const auto& eng = Engine();
   const int64_t n = k[0], h = k[1], w = k[2], c = k[3], kh = k[4], kw = k[5], o = k[6],
                 oh = k[7], ow = k[8];
@@ -64,8 +81,11 @@ std::shared_ptr<const Plan> BuildPlan(const Key& k) {
   const auto kind = static_cast<Kind>(k[15]);
   using tag = memory::format_tag;
   const auto f32 = memory::data_type::f32;
-  const memory::desc src({n, c, h, w}, f32, tag::nhwc);
-  const memory::desc dst({n, o, oh, ow}, f32, tag::nhwc);
+  const memory::desc x_user({n, c, h, w}, f32, tag::nhwc);
+  const memory::desc y_user({n, o, oh, ow}, f32, tag::nhwc);
+  const auto activations = algorithm == dnnl::algorithm::convolution_winograd ? tag::any : tag::nhwc;
+  const memory::desc src({n, c, h, w}, f32, activations);
+  const memory::desc dst({n, o, oh, ow}, f32, activations);
   const memory::desc weights_any({o, c, kh, kw}, f32, tag::any);
 
   dnnl::primitive_attr attr;
@@ -75,29 +95,37 @@ std::shared_ptr<const Plan> BuildPlan(const Key& k) {
   auto plan = std::make_shared<Plan>();
   plan->weights_user = memory::desc({o, c, kh, kw}, f32, tag::hwio);
   const dnnl::convolution_forward::primitive_desc forward(
-      dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
-                                      dnnl::algorithm::convolution_direct, src, weights_any, dst,
-                                      strides, pad_l, pad_r),
+      dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, algorithm, src,
+                                      weights_any, dst, strides, pad_l, pad_r),
       attr, eng);
   if (kind == Kind::kForward) {
     plan->conv = dnnl::convolution_forward(forward);
     plan->weights_conv = forward.weights_desc();
+    plan->x_conv = forward.src_desc();
+    plan->y_conv = forward.dst_desc();
     plan->scratchpad = forward.scratchpad_desc();
   } else {
     // Both backward convolutions are built alike, from the forward one as their hint.
     auto backward = [&](auto conv) {
       using Conv = decltype(conv);
       const typename Conv::primitive_desc pd(
-          typename Conv::desc(dnnl::algorithm::convolution_direct, src, weights_any, dst, strides,
-                              pad_l, pad_r),
-          attr, eng, forward);
+          typename Conv::desc(algorithm, src, weights_any, dst, strides, pad_l, pad_r), attr,
+          eng, forward);
       plan->conv = Conv(pd);
       plan->scratchpad = pd.scratchpad_desc();
       return pd;
     };
-    plan->weights_conv = kind == Kind::kBackwardData
-                             ? backward(dnnl::convolution_backward_data()).weights_desc()
-                             : backward(dnnl::convolution_backward_weights()).diff_weights_desc();
+    if (kind == Kind::kBackwardData) {
+      const auto pd = backward(dnnl::convolution_backward_data());
+      plan->weights_conv = pd.weights_desc();
+      plan->x_conv = pd.diff_src_desc();
+      plan->y_conv = pd.diff_dst_desc();
+    } else {
+      const auto pd = backward(dnnl::convolution_backward_weights());
+      plan->weights_conv = pd.diff_weights_desc();
+      plan->x_conv = pd.src_desc();
+      plan->y_conv = pd.diff_dst_desc();
+    }
   }
   plan->needs_reorder = plan->weights_conv != plan->weights_user;
   if (plan->needs_reorder) {
@@ -106,7 +134,28 @@ std::shared_ptr<const Plan> BuildPlan(const Key& k) {
         eng, to_user ? plan->weights_conv : plan->weights_user, eng,
         to_user ? plan->weights_user : plan->weights_conv));
   }
+  auto between = [&](const memory::desc& from, const memory::desc& to) {
+    return dnnl::reorder(dnnl::reorder::primitive_desc(eng, from, eng, to));
+  };
+  if (plan->x_conv != x_user) {
+    plan->x_in = between(x_user, plan->x_conv);
+    plan->x_out = between(plan->x_conv, x_user);
+  }
+  if (plan->y_conv != y_user) {
+    plan->y_in = between(y_user, plan->y_conv);
+    plan->y_out = between(plan->y_conv, y_user);
+  }
   return plan;
+}
+
+std::shared_ptr<const Plan> BuildPlan(const Key& key) {
+  if (WantsWinograd(key)) {
+    try {
+      return BuildPlan(key, dnnl::algorithm::convolution_winograd);
+    } catch (const dnnl::error&) {  // no Winograd kernel for this CPU: the direct one below
+    }
+  }
+  return BuildPlan(key, dnnl::algorithm::convolution_direct);
 }
 
 std::shared_ptr<const Plan> GetPlan(const Key& key) {
@@ -145,20 +194,28 @@ ffi::Error Run(Kind kind, float* x, ffi::Span<const int64_t> x_dims, float* w,
                            memory::format_tag::nhwc);
     memory x_mem(src, eng, x), y_mem(dst, eng, y), w_user(plan->weights_user, eng, w);
     memory w_conv = plan->needs_reorder ? memory(plan->weights_conv, eng) : w_user;
+    memory x_conv = plan->x_conv == src ? x_mem : memory(plan->x_conv, eng);
+    memory y_conv = plan->y_conv == dst ? y_mem : memory(plan->y_conv, eng);
     memory scratchpad(plan->scratchpad, eng);
+    // What the kernel reads: x (forward, backward weights), y (both backward), w (not weights).
+    if (kind != Kind::kBackwardData && x_conv != x_mem) plan->x_in.execute(stream, x_mem, x_conv);
+    if (kind != Kind::kForward && y_conv != y_mem) plan->y_in.execute(stream, y_mem, y_conv);
     if (kind != Kind::kBackwardWeights && plan->needs_reorder)
       plan->reorder.execute(stream, w_user, w_conv);
     std::unordered_map<int, memory> args = {{DNNL_ARG_SCRATCHPAD, scratchpad}};
     if (kind == Kind::kForward) {
-      args.insert({{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_WEIGHTS, w_conv}, {DNNL_ARG_DST, y_mem}});
+      args.insert({{DNNL_ARG_SRC, x_conv}, {DNNL_ARG_WEIGHTS, w_conv}, {DNNL_ARG_DST, y_conv}});
     } else if (kind == Kind::kBackwardData) {
-      args.insert({{DNNL_ARG_DIFF_SRC, x_mem}, {DNNL_ARG_WEIGHTS, w_conv},
-                   {DNNL_ARG_DIFF_DST, y_mem}});
+      args.insert({{DNNL_ARG_DIFF_SRC, x_conv}, {DNNL_ARG_WEIGHTS, w_conv},
+                   {DNNL_ARG_DIFF_DST, y_conv}});
     } else {
-      args.insert({{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_DIFF_WEIGHTS, w_conv},
-                   {DNNL_ARG_DIFF_DST, y_mem}});
+      args.insert({{DNNL_ARG_SRC, x_conv}, {DNNL_ARG_DIFF_WEIGHTS, w_conv},
+                   {DNNL_ARG_DIFF_DST, y_conv}});
     }
     plan->conv.execute(stream, args);
+    // What it wrote: y (forward), x (backward data), w (backward weights).
+    if (kind == Kind::kForward && y_conv != y_mem) plan->y_out.execute(stream, y_conv, y_mem);
+    if (kind == Kind::kBackwardData && x_conv != x_mem) plan->x_out.execute(stream, x_conv, x_mem);
     if (kind == Kind::kBackwardWeights && plan->needs_reorder)
       plan->reorder.execute(stream, w_conv, w_user);
     stream.wait();
