@@ -22,8 +22,9 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 # The zoo's convolutions (3x3 pad 1, 1x1 pad 0, 7x7 pad 3; stride 1 and 2), on even and odd
 # sizes (where the stride does not divide the padded input and its last rows get no gradient),
-# non-square maps, and flax's 'VALID' string; with 5 -> 4 channels, and the last three with
-# enough for oneDNN's Winograd kernels (3x3 stride 1; sizes that its 4x4 tiles do not divide).
+# non-square maps, and flax's 'VALID' string; with 5 -> 4 channels, then two with enough for
+# oneDNN's Winograd kernels (3x3 stride 1, sizes that its 4x4 tiles do not divide) and a strided
+# one of as many, which stays direct.
 CASES = [
     (3, 1, ((1, 1), (1, 1)), (8, 9), (5, 4)), (3, 2, ((1, 1), (1, 1)), (8, 8), (5, 4)),
     (3, 2, ((1, 1), (1, 1)), (9, 7), (5, 4)), (1, 1, "VALID", (6, 5), (5, 4)),
@@ -86,7 +87,7 @@ def test_same_values_and_gradients_as_lax(cpu_path):
             _assert_close(g, ref, f"{case} {name}")
 
 
-def test_winograd_kernels_where_they_pay(onednn, tmp_path):
+def test_winograd_kernels_where_they_pay(onednn):
     """oneDNN's Winograd kernels do stride-1 3x3 convolutions of 32 channels or more (all three
     directions), where they take half to two thirds of the direct kernels' time; others stay
     direct. oneDNN has them for AVX-512 only: elsewhere everything must fall back to direct."""
