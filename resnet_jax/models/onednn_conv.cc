@@ -138,13 +138,15 @@ std::shared_ptr<const Plan> BuildPlan(const Key& k, dnnl::algorithm algorithm) {
   auto between = [&](const memory::desc& from, const memory::desc& to) {
     return dnnl::reorder(dnnl::reorder::primitive_desc(eng, from, eng, to));
   };
+  // Only the reorders this direction runs (Run): it reads x unless it computes dx, reads y
+  // unless it computes y, and writes the one it computes.
   if (plan->x_conv != x_user) {
-    plan->x_in = between(x_user, plan->x_conv);
-    plan->x_out = between(plan->x_conv, x_user);
+    if (kind == Kind::kBackwardData) plan->x_out = between(plan->x_conv, x_user);
+    else plan->x_in = between(x_user, plan->x_conv);
   }
   if (plan->y_conv != y_user) {
-    plan->y_in = between(y_user, plan->y_conv);
-    plan->y_out = between(plan->y_conv, y_user);
+    if (kind == Kind::kForward) plan->y_out = between(plan->y_conv, y_user);
+    else plan->y_in = between(y_user, plan->y_conv);
   }
   return plan;
 }
