@@ -179,9 +179,8 @@ class Net:
         from resnet_jax import analyze
         fn = analyze.batch_moments_fn(self.model, self.normalization,
                                       analyze.Settings(batch_size=len(self.labels)))
-        mask = np.ones(len(self.labels), bool)
-        variables = self.state.variables
-        return lambda: fn(variables, self.images, mask)
+        moments_of, mask = fn(self.state.variables), np.ones(len(self.labels), bool)
+        return lambda: moments_of(self.images, mask)
 
     def train_memory_mib(self) -> float:
         stats = self.train_step().memory_analysis()

@@ -124,22 +124,30 @@ def image_moments(response):
 
 def pool_moments(per_image, *, per_channel: bool = False, mask=None):
     """`image_moments` -> (count, mean, M2) over the images where `mask` (bool [N]) is true:
-    per channel with `per_channel`, else over everything. Chan's merge: exact for any split."""
+    per channel with `per_channel` (count [C] too), else over everything (`pool_channels`).
+    An image's count is [N], or [N, C] where channels differ in it (layers side by side, as
+    `analyze` pools them, all in one go). Chan's merge: exact for any split."""
     count, mean, m2 = per_image
-    rows = jnp.ones_like(count) if mask is None else jnp.asarray(mask, jnp.float32)
-    chex.assert_equal_shape([rows, count])
-    w = rows * count  # elements each image contributes to each channel
-    n = jnp.sum(w)
+    rows = jnp.ones(mean.shape[:1]) if mask is None else jnp.asarray(mask, jnp.float32)
+    chex.assert_shape(rows, mean.shape[:1])
+    # Sums over images as products with `rows`: XLA:CPU reduces the leading axis of [N, C] in a
+    # slow loop (ResNet-20's 688 channels side by side: 1.7 ms a batch), a product in 0.1 ms.
+    count = jnp.broadcast_to(count.reshape(count.shape[0], -1), mean.shape)
+    n = rows @ count
     some = jnp.maximum(n, 1.0)  # all rows masked (a device's share of padding): (0, mean, 0)
-    pooled_mean = jnp.where(n > 0, jnp.einsum("n,nc->c", w, mean) / some, mean[0])
-    pooled_m2 = (jnp.einsum("n,nc->c", rows, m2)
-                 + jnp.einsum("n,nc->c", w, jnp.square(mean - pooled_mean)))
+    pooled_mean = jnp.where(n > 0, rows @ (count * mean) / some, mean[0])
+    pooled_m2 = rows @ (m2 + count * jnp.square(mean - pooled_mean))
     if per_channel:
         return n, pooled_mean, pooled_m2
-    channels = mean.shape[-1]
-    overall = jnp.mean(pooled_mean)
-    return (n * channels, overall,
-            jnp.sum(pooled_m2) + n * jnp.sum(jnp.square(pooled_mean - overall)))
+    return pool_channels((n, pooled_mean, pooled_m2))
+
+
+def pool_channels(per_channel):
+    """(count, mean, M2) per channel, [..., C] each -> one over all channels; numpy or jax."""
+    n, mean, m2 = per_channel
+    total = n.sum(-1)
+    overall = (n * mean).sum(-1) / (total + (total == 0))
+    return total, overall, m2.sum(-1) + (n * (mean - overall[..., None]) ** 2).sum(-1)
 
 
 def moments(response, *, per_channel: bool = False, mask=None):
