@@ -37,7 +37,7 @@ def _measure(model_name: str, count: int, batch_size: int, what: str) -> Dict:
     settings = analyze.Settings(batch_size=batch_size)
     if what == "analyze":
         fn = analyze.batch_moments_fn(model, normalize, settings)
-        jax.block_until_ready(fn(variables, images[:batch_size], np.ones(batch_size, bool)))
+        jax.block_until_ready(fn(variables)(images[:batch_size], np.ones(batch_size, bool)))
         start, cpu = time.perf_counter(), time.process_time()
         analyze.stream_moments(fn, variables, images, settings)
     else:

@@ -85,6 +85,19 @@ def test_eval_and_analyze_rows(tmp_path):
     assert rows["eval"]["value"] > 0 and rows["analyze"]["of_eval"] > 0
 
 
+def test_analysis_memory_rows():
+    """Each figure comes from its own child process: streaming and forward-only both run."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_analysis_memory", os.path.join(REPO, "benchmarks", "analysis_memory.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = {row["metric"]: row for row in module.run("resnet20", counts=(8, 24), batch_size=8)}
+    assert rows["peak RSS"]["images"] == 24 and rows["peak RSS"]["value"] > 100
+    assert rows["analysis throughput"]["value"] > 0
+    assert rows["forward-only throughput (BN inference)"]["value"] > 0
+    assert "peak RSS growth 8 -> 24 images" in rows
+
+
 def test_train_row_against_pytorch(tmp_path, torch_reference):
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--models", "plain20",
