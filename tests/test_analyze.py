@@ -109,6 +109,16 @@ def test_rows_name_stage_block_and_kernel_and_drop_the_stem(resnet):
         ("stage3/block2/conv2", "stage3", 2, "3x3x8x8")
 
 
+def test_rows_keep_depth_order_past_the_tenth_block():
+    """ResNet-110's 18 blocks a stage: block10 comes after block9, not after block1 (as the keys
+    of a dict returned from jit come back, sorted), or Figure 7's layer-order curve is shuffled."""
+    model, variables = _init("resnet110", 0, dict(widths=(2, 4, 4)))
+    rows = analyze.response_statistics(model, variables, NORM, IMAGES[:8],
+                                       analyze.Settings(batch_size=8))
+    assert [r["layer"] for r in rows] == ["conv1"] + [
+        f"stage{s}/block{b}/conv{c}" for s in (1, 2, 3) for b in range(18) for c in (1, 2)]
+
+
 @pytest.mark.parametrize("name, options, kernels", [
     # VGG-19's sixteen 3x3 convs (no BN: the response is the conv's output), shrunk in width.
     ("vgg19", dict(stages=((4, 2), (8, 2), (8, 4), (8, 4), (8, 4)), num_classes=10),
