@@ -12,7 +12,8 @@ import importlib
 # before JAX is imported.
 _EXPORTS = {"create_model": "resnet_jax.models", "list_models": "resnet_jax.models",
             "model_options": "resnet_jax.models", "UnknownModelError": "resnet_jax.models",
-            "capture_responses": "resnet_jax.responses", "is_response": "resnet_jax.responses"}
+            "capture_responses": "resnet_jax.responses", "is_response": "resnet_jax.responses",
+            "in_depth_order": "resnet_jax.responses"}
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
 

@@ -7,6 +7,7 @@ as `conv`, e.g. `stage2/block3/conv1`: the conv whose response it is. Blocks tha
 on how the stage is compiled.
 """
 import contextlib
+import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
@@ -71,7 +72,10 @@ def capture_responses(model: nn.Module, variables, images, *, train: bool = Fals
     (what Figure 7 needs) on the CPU kernels, and BN with its running averages, the moments come
     from the conv's output while it is still in cache (`_InCacheMoments`): nearly free, where a
     pass over the response costs a fifth of a forward pass. With `train=True`, BN normalises
-    with the batch's statistics (the updated running averages are discarded)."""
+    with the batch's statistics (the updated running averages are discarded).
+
+    A dict returned from `jax.jit` (or `eval_shape`) comes back with its keys sorted as strings,
+    `stage1/block10` before `stage1/block2`: `in_depth_order` puts it back."""
     chex.assert_rank(images, 4)
     if reduce is None:  # flax's own recording, stacked over a scanned stage's blocks
         collection, recording = "intermediates", contextlib.nullcontext()
@@ -99,6 +103,16 @@ def capture_responses(model: nn.Module, variables, images, *, train: bool = Fals
     with recording:
         _, state = model.apply(variables, images, train=train, rngs=rngs, mutable=mutable, **kwargs)
     return {_layer_name(path): r for path, r in _in_depth_order(state[collection])}
+
+
+def _depth_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def in_depth_order(by_layer: Dict[str, Any]) -> Dict[str, Any]:
+    """`capture_responses`'s dict (or any keyed by its layer names) in depth order, whatever
+    order its keys come in: names number their stages, blocks and convs in depth order."""
+    return {name: by_layer[name] for name in sorted(by_layer, key=_depth_key)}
 
 
 def _image_count(x):

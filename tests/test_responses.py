@@ -45,6 +45,21 @@ def test_names_are_in_depth_order():
     assert list(abstract_responses("resnet50", 64))[:2] == ["stage1/block0/conv2", "stage1/block1/conv2"]
 
 
+def test_depth_order_survives_jit_past_the_tenth_block():
+    """ResNet-110 has 18 blocks a stage; jit hands a dict back with its keys sorted as strings
+    (block10 before block2), and `in_depth_order` restores the order of the forward pass."""
+    model = resnet_jax.create_model("resnet110", widths=(2, 4, 4))
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    direct = list(responses.capture_responses(model, variables, x))
+    assert direct == ["conv1"] + [f"stage{s}/block{b}/conv{c}" for s in (1, 2, 3)
+                                  for b in range(18) for c in (1, 2)]
+    jitted = jax.jit(functools.partial(responses.capture_responses, model))(variables, x)
+    assert list(jitted) != direct  # what the helper is for
+    assert list(responses.in_depth_order(jitted)) == direct
+    assert list(resnet_jax.in_depth_order(abstract_responses("resnet110"))) == direct
+
+
 def perturbed_bn(variables):
     """Every BN's affine and running statistics far from a fresh BN's, so that the response
     statistics are not those of one."""
