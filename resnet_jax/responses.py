@@ -146,11 +146,13 @@ def pool_moments(per_image, *, per_channel: bool = False, mask=None):
     chex.assert_shape(rows, mean.shape[:1])
     # Sums over images as products with `rows`: XLA:CPU reduces the leading axis of [N, C] in a
     # slow loop (ResNet-20's 688 channels side by side: 1.7 ms a batch), a product in 0.1 ms.
+    # HIGHEST: TPUs would otherwise multiply float32 in bfloat16 (8 bits of mantissa).
+    over_images = lambda a: jnp.dot(rows, a, precision=jax.lax.Precision.HIGHEST)
     count = jnp.broadcast_to(count.reshape(count.shape[0], -1), mean.shape)
-    n = rows @ count
+    n = over_images(count)
     some = jnp.maximum(n, 1.0)  # all rows masked (a device's share of padding): (0, mean, 0)
-    pooled_mean = jnp.where(n > 0, rows @ (count * mean) / some, mean[0])
-    pooled_m2 = rows @ (m2 + count * jnp.square(mean - pooled_mean))
+    pooled_mean = jnp.where(n > 0, over_images(count * mean) / some, mean[0])
+    pooled_m2 = over_images(m2 + count * jnp.square(mean - pooled_mean))
     if per_channel:
         return n, pooled_mean, pooled_m2
     return pool_channels((n, pooled_mean, pooled_m2))

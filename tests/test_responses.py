@@ -150,6 +150,15 @@ def test_image_moments_pool_to_the_masked_two_pass_result():
     np.testing.assert_allclose(mean, kept.mean(), rtol=1e-5)
 
 
+def test_pooling_asks_for_float32_products():
+    """The sums over images are products with the mask; on TPU a float32 product defaults to
+    bfloat16 passes, which would round the counts and sums to 8 bits of mantissa."""
+    per_image = responses.image_moments(jnp.ones((4, 3, 3, 8)))
+    text = jax.jit(responses.pool_moments).lower(per_image).as_text()
+    dots = re.findall(r"stablehlo\.dot_general.*", text)
+    assert dots and all("precision = [HIGHEST, HIGHEST]" in d for d in dots), dots
+
+
 def _rank4_reductions(lowered) -> int:
     """Reductions over a rank-4 tensor in a lowered program: each is a pass over an activation."""
     return len(re.findall(r"stablehlo\.reduce.*\(tensor<\d+x\d+x\d+x\d+xf32>", lowered.as_text()))
