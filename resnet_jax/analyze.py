@@ -82,10 +82,14 @@ class LayerMoments:
     mean: Any
     m2: Any
 
+    @property
+    def moments(self) -> Tuple[Any, Any, Any]:
+        return self.count, self.mean, self.m2
+
     def by_layer(self, pool: str = "channel") -> Dict:
         """{layer: (count, mean, M2)}: per channel, or over all channels with `pool='all'`."""
         bounds = np.cumsum([c for _, c in self.layers])[:-1]
-        parts = [np.split(np.asarray(a), bounds, axis=-1) for a in (self.count, self.mean, self.m2)]
+        parts = [np.split(np.asarray(a), bounds, axis=-1) for a in self.moments]
         out = {name: tuple(p[i] for p in parts) for i, (name, _) in enumerate(self.layers)}
         return {k: pool_channels(m) for k, m in out.items()} if pool == "all" else out
 
@@ -158,8 +162,7 @@ def stream_moments(fn: Callable, variables, images: np.ndarray, settings: Settin
 
 def fold_moments(per_device: LayerMoments) -> LayerMoments:
     """`batch_moments_fn`'s per-device moments -> one (count, mean, M2) per channel, float64."""
-    count, mean, m2 = (np.asarray(a, np.float64) for a in
-                       jax.device_get((per_device.count, per_device.mean, per_device.m2)))
+    count, mean, m2 = (np.asarray(a, np.float64) for a in jax.device_get(per_device.moments))
     merged = functools.reduce(merge_moments, zip(count, mean, m2))
     return LayerMoments(per_device.layers, *merged)
 
@@ -170,8 +173,7 @@ def _merge_host(total: Optional[LayerMoments], per_device: Optional[LayerMoments
     moments = fold_moments(per_device)
     if total is None:
         return moments
-    return LayerMoments(total.layers, *merge_moments((total.count, total.mean, total.m2),
-                                                     (moments.count, moments.mean, moments.m2)))
+    return LayerMoments(total.layers, *merge_moments(total.moments, moments.moments))
 
 
 def layer_rows(moments: Dict, params, settings: Settings) -> List[Dict]:
