@@ -27,10 +27,10 @@ def _measure(model_name: str, count: int, batch_size: int, what: str) -> Dict:
     import numpy as np
 
     import resnet_jax
-    from resnet_jax import analyze, checkpoint
+    from resnet_jax import analyze, checkpoint, kernels
     from resnet_jax.data.batching import padded_batches
 
-    model = resnet_jax.create_model(model_name)
+    model = resnet_jax.create_model(model_name, kernels=kernels.for_devices(jax.devices()))
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     normalize = checkpoint.Normalization(mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
     images = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)

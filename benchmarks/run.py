@@ -126,13 +126,14 @@ class Net:
     def __init__(self, name: str, batch: int):
         import jax
         import numpy as np
-        from resnet_jax import checkpoint, parallel, train
+        from resnet_jax import checkpoint, kernels, parallel, train
 
         self.name = name
         self.config = train.default_config()
         self.config.model = name
-        self.model, _ = train.create_model(self.config, num_classes=10)
         self.mesh = parallel.make_mesh()
+        self.model, _ = train.create_model(self.config, num_classes=10,
+                                           kernels=kernels.for_devices(self.mesh.devices.flat))
         self.normalization = checkpoint.Normalization(**NORMALIZATION)
         rng = np.random.default_rng(0)
         self.images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
@@ -382,8 +383,8 @@ def main(argv):
     with exit_on_user_error():
         import jax
         import resnet_jax
-        from resnet_jax import parallel
-        parallel.use_cpu_cores((FLAGS.batch,))
+        from resnet_jax.kernels import cpu
+        cpu.use_cpu_cores((FLAGS.batch,))
         unknown = [m for m in FLAGS.modes if m not in MODES]
         if unknown:
             raise UserError(f"unknown mode {unknown[0]!r}; --modes takes any of {', '.join(MODES)}")
@@ -398,8 +399,8 @@ def main(argv):
                                 "shared/bench/torch_cifar.py, or pass --pytorch= to skip PyTorch")
             print(f"# {pytorch} absent: PyTorch not run", file=sys.stderr)
             pytorch = ""
-        from resnet_jax.models import onednn_conv
-        conv = "oneDNN" if jax.default_backend() == "cpu" and onednn_conv.available() else "XLA"
+        from resnet_jax import kernels
+        conv = kernels.for_devices(jax.devices()).name
         print(f"# {machine()}; jax {jax.__version__} ({jax.default_backend()}, "
               f"{jax.device_count()} devices, {conv} convolutions, malloc "
               f"{os.environ.get(PRELOADED) or 'as started'}), "

@@ -21,6 +21,7 @@ from absl import app, flags
 
 import resnet_jax
 from resnet_jax.errors import UserError, exit_on_user_error
+from resnet_jax.models import layout
 from resnet_jax.summary import summarize
 
 
@@ -96,17 +97,13 @@ ASSUMPTIONS = f"""\
 
 
 def bn_layers(name: str, image_size: int):
-    """(BatchNorm layers, their channels summed) from the parameter tree; scanned blocks count
-    once per block they stand for."""
+    """(BatchNorm layers, their channels summed) from the parameter tree, block by block."""
     model = resnet_jax.create_model(name)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
-    layers = channels = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["params"]):
-        if path[-1].key == "scale":  # BN's scale; the networks have no other `scale`
-            count = leaf.shape[0] if leaf.ndim == 2 else 1  # (blocks, C) under nn.scan
-            layers += count
-            channels += count * leaf.shape[-1]
-    return layers, channels
+    scales = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
+        layout.unstack_blocks(shapes["params"]))
+        if path[-1].key == "scale"]  # BN's scale; the networks have no other `scale`
+    return len(scales), sum(leaf.shape[-1] for leaf in scales)
 
 
 def work(w: Workload) -> Dict:

@@ -41,10 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from resnet_jax import checkpoint, parallel
+from resnet_jax import checkpoint, kernels, parallel
+from resnet_jax.kernels import cpu
 from resnet_jax.data import sources
 from resnet_jax.data.batching import padded_batches
 from resnet_jax.errors import UserError, exit_on_user_error
+from resnet_jax.models import layout
 from resnet_jax.responses import (capture_responses, image_moments, merge_moments, pool_channels,
                                   pool_moments)
 
@@ -180,7 +182,7 @@ def layer_rows(moments: Dict, params, settings: Settings) -> List[Dict]:
     """One row per 3x3 layer in depth order: COLUMNS. With per-channel pooling, std and mean are
     the averages over channels of each channel's std and mean; count is the number of response
     values (N*H*W*C) either way."""
-    rows = []
+    rows, params = [], layout.unstack_blocks(params)
     for layer, (count, mean, m2) in moments.items():
         parts = layer.split("/")
         if len(parts) == 1 and not settings.include_stem:
@@ -190,23 +192,14 @@ def layer_rows(moments: Dict, params, settings: Settings) -> List[Dict]:
             layer_index=len(rows) + 1, layer=layer,
             stage=parts[0] if parts[0].startswith("stage") else "stem",
             block="" if block is None else block,
-            kernel="x".join(map(str, _kernel_shape(params, parts))),
+            kernel="x".join(map(str, np.shape(_node(params, parts)["kernel"]))),
             std=float(np.mean(np.sqrt(m2 / count))), mean=float(np.mean(mean)),
             count=int(np.sum(np.broadcast_to(count, np.shape(mean))))))  # values, all channels
     return rows
 
 
-def _kernel_shape(params, parts: Sequence[str]):
-    """HWIO shape of the conv whose response `parts` names; block b > 0 of a stage is index b - 1
-    of the stage's scanned `blocks`."""
-    node, stacked = params, False
-    for p in parts:
-        if re.fullmatch(r"block\d+", p) and p not in node:
-            node, stacked = node["blocks"], True
-        else:
-            node = node[p]
-    shape = tuple(np.shape(node["kernel"]))
-    return shape[1:] if stacked else shape
+def _node(tree, parts: Sequence[str]):
+    return functools.reduce(lambda node, name: node[name], parts, tree)
 
 
 def response_statistics(model, variables, normalization: Callable, images: np.ndarray,
@@ -258,14 +251,15 @@ def is_residual(model) -> bool:
 
 
 def open_runs(specs: Sequence[str], step: Optional[int], over_training: bool) -> List[Run]:
-    """PATH[=LABEL] -> loaded runs, with every problem found before any work is done."""
+    """PATH[=LABEL] -> loaded runs, with every problem found before any work is done; their models
+    compute with the kernels for this process's devices."""
     if not specs:
         raise UserError("name at least one training workdir or checkpoint, e.g. "
                         "`python -m resnet_jax.analyze /tmp/resnet20=ResNet-20 --out /tmp/fig7`")
     runs, seen = [], {}
     for spec in specs:
         path, _, label = spec.rpartition("=") if "=" in spec else (spec, "", "")
-        loaded = checkpoint.load_model(path, step)
+        loaded = checkpoint.load_model(path, step, kernels.for_devices(jax.local_devices()))
         label = label or display_name(loaded.metadata["model"])
         if not _LABEL.match(label):
             raise UserError(f"label {label!r} of {path!r} must be letters, digits, '.', '_', "
@@ -310,7 +304,8 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
     for run in runs:
         fn = batch_moments_fn(run.loaded.model, run.loaded.normalization, settings)
         for s in run.steps:
-            loaded = run.loaded if s == run.loaded.step else checkpoint.load_model(run.path, s)
+            loaded = (run.loaded if s == run.loaded.step else
+                      checkpoint.load_model(run.path, s, run.loaded.model.kernels))
             rows = layer_rows(stream_moments(fn, loaded.variables, images, settings),
                               loaded.variables["params"], settings)
             history.setdefault(run.label, {})[s] = rows
@@ -403,7 +398,7 @@ def define_flags():
 def main(argv):
     checkpoint.quiet_orbax()
     with exit_on_user_error():
-        parallel.use_cpu_cores()
+        cpu.use_cpu_cores()
         if not FLAGS.out:
             raise UserError("--out is required: the directory for the CSV, JSON and figure")
         table = analyze(argv[1:], data=FLAGS.data, split=FLAGS.split, data_dir=FLAGS.data_dir,

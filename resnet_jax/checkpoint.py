@@ -21,6 +21,7 @@ from etils import epath
 
 import resnet_jax
 from resnet_jax.errors import UserError
+from resnet_jax.models import XLA, Kernels
 
 ITEMS = ("model", "train", "metadata")
 
@@ -171,11 +172,13 @@ def _guess_stored_model(stored, model: nn.Module, model_name: str, options: Dict
     return ""
 
 
-def load_model(directory: str, step: Optional[int] = None) -> LoadedModel:
-    """The model, its variables and its normalisation from a workdir or converted weights."""
+def load_model(directory: str, step: Optional[int] = None,
+               kernels: Kernels = XLA) -> LoadedModel:
+    """The model (computing with `kernels`), its variables and its normalisation from a workdir
+    or converted weights."""
     step = latest_step(directory, step)
     meta = read_metadata(directory, step)
-    model = resnet_jax.create_model(meta["model"], **meta.get("model_options", {}))
+    model = resnet_jax.create_model(meta["model"], kernels=kernels, **meta.get("model_options", {}))
     target = abstract_variables(model, meta.get("image_size", 32))
     # Compare shapes first: a mismatched restore fails deep inside orbax's async machinery and
     # leaves 'Event loop is closed' tracebacks on stderr at exit.

@@ -9,7 +9,7 @@ Two key namings are recognised from the keys themselves:
                option-A shortcuts (no weights) or option B as `shortcut.{0,1}`, head `linear`;
   torchvision  torchvision.models.resnet*: `layer{s}.{i}.downsample.{0,1}`, head `fc`; bottleneck
                nets in its "v1.5" layout (stride in the 3x3 conv), which is set on the model.
-Block i > 0 of a stage lands at index i - 1 of the stage's scanned `blocks` parameters.
+Names are matched block by block (`layout.unstack_blocks`), then stacked as the model holds them.
 
 `.npz` is read with numpy (never pickle); `.pt/.pth/.th` only through torch with
 `weights_only=True`, so an untrusted file cannot run code either way.
@@ -26,6 +26,7 @@ from flax import traverse_util
 import resnet_jax
 from resnet_jax import checkpoint
 from resnet_jax.errors import UserError, exit_on_user_error
+from resnet_jax.models import layout
 from resnet_jax.models.cifar import CifarResNet
 from resnet_jax.models.imagenet import ImageNetResNet, STAGE_SIZES
 
@@ -108,18 +109,16 @@ def guess_models(state: Dict[str, np.ndarray], fmt: str) -> List[str]:
     return [f"resnet{d}" for d, s in STAGE_SIZES.items() if s == sizes and (d >= 50) == bottleneck]
 
 
-def _torch_name(path: Tuple[str, ...], fmt: str, block: Optional[int]) -> str:
-    """('params', 'stage2', 'blocks', 'shortcut', 'bn', 'scale'), block 3 -> 'layer2.4.shortcut.1.weight'."""
+def _torch_name(path: Tuple[str, ...], fmt: str) -> str:
+    """('params', 'stage2', 'block4', 'shortcut', 'bn', 'scale') -> 'layer2.4.shortcut.1.weight'."""
     collection, *modules, leaf = path
     spec = FORMATS[fmt]
     out = []
     for i, name in enumerate(modules):
         if name.startswith("stage"):
             out.append("layer" + name[len("stage"):])
-        elif name == "block0":
-            out.append("0")
-        elif name == "blocks":
-            out.append(str(block + 1))
+        elif re.fullmatch(r"block\d+", name):
+            out.append(name[len("block"):])
         elif name == "shortcut":
             out.append(spec["shortcut"])
         elif i > 0 and modules[i - 1] == "shortcut":
@@ -170,28 +169,20 @@ def convert_state_dict(state: Dict[str, np.ndarray], model_name: str, options: O
         if "stride_in_3x3" not in options:  # torchvision's layout, unless the user says otherwise
             options["stride_in_3x3"] = True
             model = resnet_jax.create_model(model_name, **options)
-    target = traverse_util.flatten_dict(
-        checkpoint.abstract_variables(model, FORMATS[fmt]["image_size"]))
+    target = traverse_util.flatten_dict(layout.unstack_blocks(
+        checkpoint.abstract_variables(model, FORMATS[fmt]["image_size"])))
 
-    flat, used, missing, mismatched = {}, set(), [], []
+    flat, missing, mismatched = {}, [], []
     for path, leaf in target.items():
-        stacked = "blocks" in path
-        blocks = range(leaf.shape[0]) if stacked else [None]
-        shape = leaf.shape[1:] if stacked else leaf.shape
-        arrays = []
-        for b in blocks:
-            key = _torch_name(path, fmt, b)
-            if key not in state:
-                missing.append(key)
-                continue
-            used.add(key)
-            if tuple(state[key].shape) != _torch_shape(shape):
-                mismatched.append(f"{key} {tuple(state[key].shape)} where {model_name} needs "
-                                  f"{_torch_shape(shape)}")
-                continue
-            arrays.append(_to_flax(np.asarray(state[key])).astype(leaf.dtype))
-        if len(arrays) == len(blocks):
-            flat[path] = np.stack(arrays) if stacked else arrays[0]
+        key = _torch_name(path, fmt)
+        if key not in state:
+            missing.append(key)
+        elif tuple(state[key].shape) != _torch_shape(leaf.shape):
+            mismatched.append(f"{key} {tuple(state[key].shape)} where {model_name} needs "
+                              f"{_torch_shape(leaf.shape)}")
+        else:
+            flat[path] = _to_flax(np.asarray(state[key])).astype(leaf.dtype)
+    used = {_torch_name(path, fmt) for path in target}
     unexpected = sorted(set(state) - used)
     if missing or mismatched or unexpected:
         guess = [g for g in guess_models(state, fmt) if g != model_name]
@@ -201,7 +192,7 @@ def convert_state_dict(state: Dict[str, np.ndarray], model_name: str, options: O
         hint = f"; the keys look like {' or '.join(guess)}: pass --model {guess[0]}" if guess else ""
         raise UserError(f"{source} ({fmt} naming) does not fit {model_name}: "
                         f"{'; '.join(problems)}{hint}")
-    variables = traverse_util.unflatten_dict(flat)
+    variables = layout.stack_blocks(traverse_util.unflatten_dict(flat))
     variables.setdefault("batch_stats", {})
     return variables, options, fmt
 

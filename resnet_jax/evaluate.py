@@ -25,7 +25,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from resnet_jax import checkpoint, parallel
+from resnet_jax import checkpoint, kernels, parallel
+from resnet_jax.kernels import cpu
 from resnet_jax.data import sources
 from resnet_jax.data.batching import padded_batches, topk_correct
 from resnet_jax.errors import UserError, exit_on_user_error
@@ -150,9 +151,10 @@ def main(argv):
                             "resnet_jax.convert")
         if FLAGS.batch_size < 1:
             raise UserError(f"--batch_size must be positive, not {FLAGS.batch_size}")
-        parallel.use_cpu_cores()
+        cpu.use_cpu_cores()
         checkpoint.quiet_orbax()
-        loaded = checkpoint.load_model(FLAGS.checkpoint, FLAGS.step)
+        loaded = checkpoint.load_model(FLAGS.checkpoint, FLAGS.step,
+                                       kernels.for_devices(jax.local_devices()))
         image_size = loaded.metadata.get("image_size", 32)
         dataset = sources.load(FLAGS.data, FLAGS.split, data_dir=FLAGS.data_dir,
                                image_size=image_size,

@@ -14,7 +14,6 @@ variables (say an address without a process id) is a UserError, not a hang.
 """
 import collections
 import os
-import re
 import uuid
 from typing import Optional, Sequence
 
@@ -23,7 +22,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_jax.errors import UserError
-from resnet_jax.models import onednn_conv
 
 DATA_AXIS = "data"
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -70,77 +68,22 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     return False
 
 
-# XLA:CPU runs one program per device, and at the zoo's layer sizes its convolutions barely use a
-# second core; a batch sharded over several CPU devices keeps every core busy, and BatchNorm's
-# statistics stay those of the whole batch (the step is one GSPMD program). Measured on 2 cores
-# (benchmarks/run.py, batch 128, resnet20/56/110): 4 devices train 1.2-1.4x and evaluate
-# 1.3-1.8x the images/s of one; 8 devices are slower than 4. Hence two per core, a power of two
-# so that batches split, at most 8. With oneDNN's convolutions (models/onednn_conv.py) one device:
-# they use every core themselves, and GSPMD cannot split a custom call over devices (it gathers
-# the batch and runs the whole of it on each), so several devices would only repeat the work.
-CPU_DEVICES_PER_CORE = 2
-MAX_CPU_DEVICES = 8
-# With several CPU devices, XLA runs each device's program on a thread of one pool with a thread
-# per device, and by default also hands a program's independent operations to that pool. An
-# all-reduce blocks its thread until every device arrives, so handed-off all-reduces can hold
-# threads that a device's own next operation waits for. The first hang of the train loop (XLA
-# aborts after 40 s) had its all-reduces running as such hand-offs; the cause that remained
-# without them is the one `InFlight` removes. Without the hand-off each device runs its program
-# on its own thread, at the same speed here.
-SEQUENTIAL_DEVICES = "--xla_cpu_multi_thread_eigen=false"
-
-
-def default_cpu_devices(cores: Optional[int] = None, onednn: Optional[bool] = None) -> int:
-    """How many devices the CPU backend gets by default: one where oneDNN's convolutions are in
-    use (`onednn`, by default whether they can be built here: building waits for the first CPU
-    convolution), else two per core, a power of two, <= 8."""
-    if onednn is None:
-        onednn = onednn_conv.buildable()
-    if onednn:
-        return 1
-    cores = cores or len(os.sched_getaffinity(0))
-    wanted = min(CPU_DEVICES_PER_CORE * cores, MAX_CPU_DEVICES)
-    return 1 << (wanted.bit_length() - 1)
-
-
-def use_cpu_cores(batch_sizes: Sequence[int] = ()) -> int:
-    """Set up the CPU backend before it starts (the CLIs call this first thing) and return its
-    device count: `default_cpu_devices()`, halved until it splits every one of `batch_sizes`,
-    unless the user chose a count (JAX_NUM_CPU_DEVICES, jax.config's jax_num_cpu_devices, or
-    XLA_FLAGS' --xla_force_host_platform_device_count); with more than one device, also
-    SEQUENTIAL_DEVICES unless XLA_FLAGS sets that flag. Harmless with an accelerator: only the
-    CPU client changes, and meshes take the default backend's devices. -1: a backend had already
-    started, and nothing was changed."""
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-    given = re.search(r"xla_force_host_platform_device_count=(\d+)", xla_flags)
-    count = jax.config.jax_num_cpu_devices
-    if count < 1 and given:
-        count = int(given.group(1))
-    if count < 1:
-        count = default_cpu_devices()
-        while any(size % count for size in batch_sizes):
-            count //= 2
-        try:
-            jax.config.update("jax_num_cpu_devices", count)
-        except RuntimeError:  # a program that embeds us already started JAX: keep its devices
-            return -1
-    if count > 1 and "xla_cpu_multi_thread_eigen" not in xla_flags:
-        os.environ["XLA_FLAGS"] = f"{xla_flags} {SEQUENTIAL_DEVICES}".strip()
-    return count
-
-
 class InFlight:
-    """At most `depth` dispatched computations left unfinished: `add` each step's output, and
-    it waits for the one `depth` steps back. Two ahead keep a device busy while the host queues
-    the next step. Unbounded async dispatch also deadlocked XLA:CPU with several devices (a
-    device stuck acquiring a launch slot while the others wait in an all-reduce, some 50
-    steps ahead), so the loops that dispatch steps in a row use this."""
+    """At most `depth` dispatched CPU computations left unfinished: `add` each step's output, and
+    it waits for the one `depth` steps back. Unbounded async dispatch deadlocked XLA:CPU with
+    several devices (a device stuck acquiring a launch slot while the others wait in an
+    all-reduce, some 50 steps ahead), so the loops that dispatch steps in a row use this; two
+    ahead keep a device busy while the host queues the next. Outputs on GPUs or TPUs pass
+    through: their runtimes bound their own queues."""
 
     def __init__(self, depth: int = 2):
         self.depth = depth
         self._queue = collections.deque()
 
     def add(self, outputs):
+        leaf = jax.tree.leaves(outputs)[0]
+        if next(iter(leaf.devices())).platform != "cpu":
+            return
         self._queue.append(outputs)
         if len(self._queue) > self.depth:
             jax.block_until_ready(self._queue.popleft())

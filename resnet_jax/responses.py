@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.models import fast_conv, onednn_conv
+from resnet_jax.models import layout
 from resnet_jax.models.layers import Response
 
 
@@ -33,32 +33,13 @@ def _layer_name(path: Tuple[str, ...]) -> str:
 
 
 def _flatten(tree, path=()):
-    """Depth-first over the sown tree; flax fills it in call order."""
+    """Depth-first over the sown tree; flax fills it in call order, and `unstack_blocks` puts a
+    stage's scanned blocks where they ran."""
     for key, value in tree.items():
         if key == "__call__":
             yield path, value[0]
         else:
             yield from _flatten(value, path + (key,))
-
-
-def _in_depth_order(tree):
-    """(path, response) in depth order, scanned blocks unstacked: a `blocks` scope holds each of
-    its responses stacked over blocks, so emit them block by block, not response by response."""
-    entries = list(_flatten(tree))
-    done = set()
-    for path, value in entries:
-        if "blocks" not in path:
-            yield path, value
-            continue
-        scope = path[: path.index("blocks")]
-        if scope in done:
-            continue
-        done.add(scope)
-        group = [(p, v) for p, v in entries if p[: len(scope)] == scope and "blocks" in p]
-        for b in range(jax.tree.leaves(value)[0].shape[0]):
-            for p, v in group:
-                i = p.index("blocks")
-                yield p[:i] + (f"block{b + 1}",) + p[i + 1:], jax.tree.map(lambda a: a[b], v)
 
 
 def capture_responses(model: nn.Module, variables, images, *, train: bool = False,
@@ -83,7 +64,9 @@ def capture_responses(model: nn.Module, variables, images, *, train: bool = Fals
     else:
         # capture_intermediates keeps whole responses, which a scan stacks over its blocks;
         # reducing at the same tap keeps only the reduction (a few numbers per layer).
-        in_cache = _InCacheMoments() if reduce is image_moments else None
+        # The zoo's networks carry their kernels (models/compute.py); other modules have none.
+        factory = getattr(getattr(model, "kernels", None), "response_tap", None)
+        in_cache = factory() if factory is not None and reduce is image_moments else None
 
         def tap(next_fun, args, kwargs, context):
             if in_cache is not None:
@@ -102,7 +85,8 @@ def capture_responses(model: nn.Module, variables, images, *, train: bool = Fals
     mutable = [collection, "batch_stats"] if train else [collection]
     with recording:
         _, state = model.apply(variables, images, train=train, rngs=rngs, mutable=mutable, **kwargs)
-    return {_layer_name(path): r for path, r in _in_depth_order(state[collection])}
+    return {_layer_name(path): r
+            for path, r in _flatten(layout.unstack_blocks(state[collection]))}
 
 
 def _depth_key(name: str):
@@ -115,7 +99,7 @@ def in_depth_order(by_layer: Dict[str, Any]) -> Dict[str, Any]:
     return {name: by_layer[name] for name in sorted(by_layer, key=_depth_key)}
 
 
-def _image_count(x):
+def image_count(x):
     """Elements of each image per channel of x [N, ..., C], as the count [N] of its moments."""
     return jnp.full(x.shape[:1], float(x.size // (x.shape[0] * x.shape[-1])), jnp.float32)
 
@@ -131,7 +115,7 @@ def image_moments(response):
     d = r - x0.reshape((r.shape[0],) + (1,) * (r.ndim - 2) + (r.shape[-1],))
     axes = tuple(range(1, r.ndim - 1))
     s1, s2 = jnp.sum(d, axes), jnp.sum(d * d, axes)
-    count = _image_count(r)
+    count = image_count(r)
     n = count[:, None]
     return count, x0 + s1 / n, jnp.maximum(s2 - s1 * s1 / n, 0.0)
 
@@ -172,61 +156,6 @@ def moments(response, *, per_channel: bool = False, mask=None):
     `per_channel`, over everything otherwise. Moments of batches merge exactly with
     `merge_moments`, so a split of any size streams through."""
     return pool_moments(image_moments(response), per_channel=per_channel, mask=mask)
-
-
-class _InCacheMoments:
-    """`image_moments` of each response, taken from its conv's output as the CPU kernels write it.
-
-    A response is BN(conv(x)), a per-channel affine map of the conv's output (BN with running
-    averages), so its moments are the conv output's, mapped. oneDNN has just written that output
-    and XLA's fused BN+ReLU is about to read it; `onednn_conv.image_moments` reduces it in
-    between, from cache, and hands the same buffer on. The chain is followed by object identity
-    while tracing: a 3x3 conv's output that goes straight into BN with running averages, whose
-    output goes straight into a `Response`. Anything else (batch statistics, bfloat16, other
-    backends, several devices) is reduced from the response itself, as before; the numbers agree
-    to float32 rounding (a test)."""
-
-    def __init__(self):
-        self._conv_out = {}  # id -> the output of a 3x3 conv
-        self._bn_out = {}  # id -> (the output of a BN fed by one, the response's image_moments)
-
-    def intercept(self, next_fun, args, kwargs, context):
-        """Runs the call if it is a link of the chain and returns its output, else None."""
-        module = context.module
-        if context.method_name != "__call__" or not args:
-            return None
-        if isinstance(module, nn.Conv) and tuple(module.kernel_size) == (3, 3):
-            out = next_fun(*args, **kwargs)
-            if fast_conv.cpu_kernels(out.dtype):
-                self._conv_out[id(out)] = out
-            return out
-        x = args[0]
-        if (isinstance(module, nn.BatchNorm) and self._conv_out.get(id(x)) is x
-                and module.use_running_average is True and module.axis == -1
-                and len(args) == 1 and not kwargs):
-            x, mean, m2 = onednn_conv.image_moments(x)
-            out = next_fun(x)
-            self._bn_out[id(out)] = (out, _through_norm(module, (_image_count(x), mean, m2)))
-            return out
-        return None
-
-    def lookup(self, response):
-        """The `image_moments` of `response` if it came through the chain, else None."""
-        hit = self._bn_out.get(id(response))
-        return hit[1] if hit is not None and hit[0] is response else None
-
-
-def _through_norm(bn: nn.BatchNorm, per_image):
-    """Per-image moments of BN's input -> those of its output, BN using its running averages:
-    y = (x - mean) * scale / sqrt(var + eps) + bias, as flax computes it."""
-    count, mean, m2 = per_image
-    mul = jax.lax.rsqrt(bn.get_variable("batch_stats", "var") + bn.epsilon)
-    if bn.use_scale:
-        mul = mul * bn.get_variable("params", "scale")
-    shifted = (mean - bn.get_variable("batch_stats", "mean")) * mul
-    if bn.use_bias:
-        shifted = shifted + bn.get_variable("params", "bias")
-    return count, shifted, m2 * jnp.square(mul)
 
 
 def response_moments(responses: Dict[str, jax.Array], *, per_channel: bool = False, mask=None):

@@ -17,6 +17,7 @@ from absl import app, flags
 
 import resnet_jax
 from resnet_jax.errors import exit_on_user_error
+from resnet_jax.models import layout
 from resnet_jax.models.layers import Stage
 
 
@@ -61,7 +62,7 @@ def summarize(name: str, image_size: int = 224, **options) -> Dict:
         if isinstance(module, (nn.Conv, nn.Dense)) and module.path not in seen:
             seen.add(module.path)
             path = module.path
-            n = scan_length[path[: path.index("blocks")]] if "blocks" in path else 1
+            n = scan_length[path[: path.index(layout.SCANNED)]] if layout.SCANNED in path else 1
             s = stages.setdefault(_stage_of(module), StageSummary(_stage_of(module)))
             kernel = module.variables["params"]["kernel"]
             s.mult_adds += n * int(np.prod(out.shape[1:])) * int(np.prod(kernel.shape[:-1]))

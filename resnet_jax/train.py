@@ -46,10 +46,13 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 import resnet_jax
+import resnet_jax.kernels
 from resnet_jax import checkpoint, parallel
 from resnet_jax.data import pipeline, sources
 from resnet_jax.evaluate import evaluate_batches, make_eval_step
 from resnet_jax.errors import UserError, exit_on_user_error
+from resnet_jax.kernels import cpu
+from resnet_jax.models import XLA, Kernels
 
 BEST_METRIC = "val_top1"
 # The console: the trainer's own lines at INFO; orbax and jax (absl logging) only warnings.
@@ -171,7 +174,8 @@ def learning_rate(config, step, lr_scale, warmup_done):
     return lr.astype(jnp.float32)
 
 
-def create_model(config, num_classes: int):
+def create_model(config, num_classes: int, kernels: Kernels = XLA):
+    """(the config's model computing with `kernels`, the options its checkpoints record)."""
     options = dict(config.model_options)
     options["num_classes"] = num_classes
     model_options = dict(options)  # what the checkpoint's metadata records (JSON-able)
@@ -179,7 +183,7 @@ def create_model(config, num_classes: int):
         if config.compute_dtype != "bfloat16":
             raise UserError(f"compute_dtype must be 'float32' or 'bfloat16', not {config.compute_dtype!r}")
         options["dtype"] = jnp.bfloat16
-    return resnet_jax.create_model(config.model, **options), model_options
+    return resnet_jax.create_model(config.model, kernels=kernels, **options), model_options
 
 
 def _init_fn(config, model, image_size: int):
@@ -466,7 +470,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     parallel.check_shared_directory(workdir)
     main = parallel.is_main_process()
     data = make_data(config, mesh)
-    model, model_options = create_model(config, data.num_classes)
+    model, model_options = create_model(config, data.num_classes,
+                                        resnet_jax.kernels.for_devices(mesh.devices.flat))
     meta = checkpoint.metadata(config.model, model_options, data.normalization, extra=dict(
         image_size=data.image_size, dataset=config.data.source,
         config=json.loads(config.to_json_best_effort())))
@@ -666,7 +671,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; options go as --flag=value")
     with exit_on_user_error():
-        parallel.use_cpu_cores((FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
+        cpu.use_cpu_cores((FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
         absl_logging.set_verbosity(absl_logging.WARNING)

@@ -3,6 +3,8 @@ on a user's clone without it; `.ci/run` sets RESNET_JAX_REQUIRE_SHARED=1, which 
 into a failure, so CI always runs them."""
 import os
 import pathlib
+import subprocess
+import sys
 
 # Eight simulated CPU devices for the sharding tests; must precede the first import of jax.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -12,9 +14,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-from resnet_jax import parallel, preload  # noqa: E402
+from resnet_jax import preload  # noqa: E402
+from resnet_jax.kernels import cpu  # noqa: E402
 
-parallel.use_cpu_cores()  # as every CLI does: the flags several CPU devices need
+cpu.use_cpu_cores()  # as every CLI does: the flags several CPU devices need
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("RESNET_JAX_SHARED", REPO.parent / "shared"))
@@ -32,8 +35,8 @@ def _require_native(why_not):
 
 @pytest.fixture
 def onednn():
-    """oneDNN's convolutions, built and registered (models/onednn_conv.py)."""
-    from resnet_jax.models import onednn_conv
+    """oneDNN's convolutions, built and registered (kernels/cpu/onednn_conv.py)."""
+    from resnet_jax.kernels.cpu import onednn_conv
     if not onednn_conv.available():
         _require_native(f"oneDNN convolutions unavailable: {onednn_conv._load()}")
 
@@ -77,3 +80,13 @@ def akamaster_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def torch_bench() -> pathlib.Path:
     return _need(SHARED / "bench" / "torch_cifar.py")
+
+
+def fresh_python(code: str, xla_flags: str = "") -> list:
+    """Run `code` in a new interpreter (no JAX backend yet) and return its printed words."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+    return out.stdout.split()

@@ -1,11 +1,12 @@
-"""fast_conv is the same convolution as lax's, on both of its CPU paths (oneDNN's kernels and
-XLA's with a canonical VJP): lax's outputs and autodiff's gradients within float32 rounding; and
-its structural choices on the CPU (unrolled stages, materialised block outputs) change nothing
-but speed."""
+"""The CPU kernel sets (resnet_jax.kernels.cpu) compute what XLA's do: both convolutions (oneDNN's
+kernels, XLA's with a canonical VJP) give lax's outputs and autodiff's gradients within float32
+rounding, and their structural choices (unrolled stages, materialised block outputs) change nothing
+but speed. Each test names the set it runs: no test reaches a path by patching a module."""
 import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +15,12 @@ import pytest
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import fresh_python
+import resnet_jax.kernels
 from resnet_jax import parallel
-from resnet_jax.models import cifar, fast_conv, onednn_conv
+from resnet_jax.kernels import cpu
+from resnet_jax.kernels.cpu import onednn_conv
+from resnet_jax.models import cifar, compute
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -59,14 +64,13 @@ def _outputs_and_grads(conv, inputs):
     return jax.jit(run)(inputs)
 
 
-@pytest.fixture(params=["onednn", "xla"])
-def cpu_path(request, monkeypatch):
-    """Each of fast_conv's CPU paths in turn: oneDNN's kernels, and XLA's without them."""
+@pytest.fixture(params=["onednn", "canonical"])
+def kernels(request):
+    """Each CPU kernel set in turn (these computations run on one device)."""
     if request.param == "onednn":
         request.getfixturevalue("onednn")
-    # The tests' 8 CPU devices would rule oneDNN out; these computations run on one of them.
-    monkeypatch.setattr(onednn_conv, "usable", lambda: request.param == "onednn")
-    return request.param
+        return cpu.ONEDNN
+    return cpu.CANONICAL
 
 
 def _assert_close(got, want, err_msg):
@@ -74,14 +78,14 @@ def _assert_close(got, want, err_msg):
                                err_msg=err_msg)
 
 
-def test_same_values_and_gradients_as_lax(cpu_path):
+def test_same_values_and_gradients_as_lax(kernels):
     inputs = _inputs()
     want = _outputs_and_grads(lax.conv_general_dilated, inputs)
-    got = _outputs_and_grads(fast_conv.conv_general_dilated, inputs)
+    got = _outputs_and_grads(kernels.conv_general_dilated, inputs)
     target = "resnet_jax_conv_forward" in str(jax.jit(
-        lambda x, w: fast_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+        lambda x, w: kernels.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
     ).lower(*inputs[0][:2]).as_text())
-    assert target == (cpu_path == "onednn")
+    assert target == (kernels is cpu.ONEDNN)
     for case, outputs, references in zip(CASES, got, want):
         for name, g, ref in zip(("y", "dx", "dw"), outputs, references):
             _assert_close(g, ref, f"{case} {name}")
@@ -93,7 +97,7 @@ def test_winograd_kernels_where_they_pay(onednn):
     direct. oneDNN has them for AVX-512 only: elsewhere everything must fall back to direct."""
     code = """if True:
         import jax, numpy as np
-        from resnet_jax.models import onednn_conv
+        from resnet_jax.kernels.cpu import onednn_conv
         assert onednn_conv.available()
         for c, stride in ((32, 1), (16, 1), (32, 2)):
             x, w = np.ones((2, 8, 8, c), np.float32), np.ones((3, 3, c, c), np.float32)
@@ -131,15 +135,37 @@ def test_onednn_under_vmap(onednn):
         _assert_close(g, ref, "vmap")
 
 
-def test_several_devices_keep_xla_convolutions(onednn):
-    """With the tests' 8 CPU devices a sharded batch would make GSPMD repeat a oneDNN call on
-    every device, so fast_conv keeps XLA's convolutions there."""
-    assert jax.device_count() > 1 and not onednn_conv.usable()
+def test_kernels_follow_the_devices_a_program_runs_on(onednn):
+    """oneDNN's set for one CPU device; with several (the tests' 8) a sharded batch would make
+    GSPMD repeat a oneDNN call on every device, so they get XLA's convolutions with the canonical
+    VJP; GPUs and TPUs get XLA's own set, whatever the host is."""
+    assert resnet_jax.kernels.for_devices(jax.devices()[:1]) is cpu.ONEDNN
+    assert resnet_jax.kernels.for_devices(jax.devices()) is cpu.CANONICAL
+    for platform in ("tpu", "gpu"):
+        devices = [types.SimpleNamespace(platform=platform)] * 4
+        assert resnet_jax.kernels.for_devices(devices) is compute.XLA
     x, w = jnp.ones((8, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
     x = jax.device_put(x, NamedSharding(parallel.make_mesh(), P(parallel.DATA_AXIS)))
-    hlo = jax.jit(lambda x, w: fast_conv.conv_general_dilated(
+    hlo = jax.jit(lambda x, w: cpu.CANONICAL.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=NHWC)).lower(x, w).as_text()
     assert "resnet_jax_conv" not in hlo
+
+
+def test_models_import_no_kernels_and_default_to_xla():
+    """`models/` is portable: importing it loads nothing of `resnet_jax.kernels`, and a network
+    built without a kernel set traces to lax's own operations (no custom calls, no custom VJP)."""
+    code = ("import sys, resnet_jax; m = resnet_jax.create_model('resnet20'); "
+            "print(sorted(k for k in sys.modules if k.startswith('resnet_jax.kernels')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, XLA_FLAGS="")).stdout
+    assert out.strip() == "[]"
+    model = resnet_jax.create_model("resnet20", widths=(4, 8, 8))
+    assert model.kernels is compute.XLA
+    x = jnp.ones((2, 8, 8, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables))
+    assert "custom_vjp" not in jaxpr and "custom_call" not in jaxpr and "ffi" not in jaxpr
 
 
 def test_onednn_without_headers_is_not_attempted(monkeypatch):
@@ -162,7 +188,7 @@ def test_library_is_cached_per_cpu(monkeypatch):
 def test_onednn_off_or_unbuildable_falls_back_to_xla(tmp_path):
     """RESNET_JAX_ONEDNN=0, or a compiler that fails: XLA's convolutions, the reason in one line,
     no exception."""
-    code = ("from resnet_jax.models import onednn_conv as o; print(o.available()); "
+    code = ("from resnet_jax.kernels.cpu import onednn_conv as o; print(o.available()); "
             "print(o._load())")
     base = {k: v for k, v in os.environ.items() if k != "RESNET_JAX_ONEDNN"}
     for env, reason in (({"RESNET_JAX_ONEDNN": "0"}, "RESNET_JAX_ONEDNN=0"),
@@ -176,21 +202,20 @@ def test_onednn_off_or_unbuildable_falls_back_to_xla(tmp_path):
 def test_other_convolutions_are_lax_own():
     """Grouped, dilated or NCHW convolutions are passed to lax untouched (no custom VJP)."""
     x, w = jnp.ones((2, 4, 8, 8)), jnp.ones((4, 2, 3, 3))
-    jaxpr = jax.make_jaxpr(lambda x, w: fast_conv.conv_general_dilated(
+    jaxpr = jax.make_jaxpr(lambda x, w: cpu.ONEDNN.conv_general_dilated(
         x, w, (1, 1), "SAME", feature_group_count=2, dimension_numbers=("NCHW", "OIHW", "NCHW")))
     assert "custom_vjp" not in str(jaxpr(x, w))
     w = jnp.ones((3, 4, 3, 3))
     np.testing.assert_array_equal(
-        fast_conv.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2)),
+        cpu.ONEDNN.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2)),
         lax.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2)))
 
 
-def test_onednn_takes_float32_only(onednn, monkeypatch):
+def test_onednn_takes_float32_only(onednn):
     """bfloat16 (the TPU/GPU configs' compute dtype) stays with XLA, which has the kernels."""
-    monkeypatch.setattr(onednn_conv, "usable", lambda: True)
     def hlo(dtype):
         x, w = jnp.ones((2, 8, 8, 4), dtype), jnp.ones((3, 3, 4, 4), dtype)
-        return jax.jit(lambda x, w: fast_conv.conv_general_dilated(
+        return jax.jit(lambda x, w: cpu.ONEDNN.conv_general_dilated(
             x, w, (1, 1), "SAME", dimension_numbers=NHWC)).lower(x, w).as_text()
     assert "resnet_jax_conv_forward" in hlo(jnp.float32)
     assert "resnet_jax_conv_forward" not in hlo(jnp.bfloat16)
@@ -204,14 +229,15 @@ def _train_grads(model, variables, x, y):
     return jax.jit(jax.grad(loss))(variables["params"])
 
 
-def test_scanned_model_gradients_match_lax(cpu_path, monkeypatch):
+def test_scanned_model_gradients_match_lax(kernels):
     """Through a whole train-mode ResNet whose stages run under nn.scan (option B shortcuts, so
-    1x1 stride-2 convs too): the default model is the fast one on the CPU (oneDNN's kernels,
-    unrolled stages, materialised block outputs), its parameter tree is unchanged, and its
-    gradients are those of lax's convolutions under a rolled scan."""
+    1x1 stride-2 convs too): a CPU set (oneDNN's with unrolled stages and materialised block
+    outputs, or the canonical one, rolled) keeps the parameter tree, and its gradients are those
+    of lax's convolutions under a rolled scan."""
     opts = dict(widths=(4, 8, 8), shortcut="B")
-    fast = cifar.CifarResNet(depth=20, **opts)
-    plain = cifar.CifarResNet(depth=20, conv_general_dilated=lax.conv_general_dilated, **opts)
+    fast = cifar.CifarResNet(depth=20, kernels=kernels, **opts)
+    rolled_xla = compute.Kernels(unroll=compute.unroll_up_to(0))
+    plain = cifar.CifarResNet(depth=20, kernels=rolled_xla, **opts)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 12, 12, 3), np.float32)
     y = jnp.arange(6) % 10
@@ -223,10 +249,9 @@ def test_scanned_model_gradients_match_lax(cpu_path, monkeypatch):
     assert variables["params"]["stage2"]["blocks"]["conv1"]["kernel"].shape == (2, 3, 3, 8, 8)
     jaxpr = str(jax.make_jaxpr(lambda v: fast.apply(v, x))(variables))
     assert "custom_vjp" in jaxpr
-    assert ("unroll=2" in jaxpr) == (cpu_path == "onednn")
+    assert ("unroll=2" in jaxpr) == (kernels is cpu.ONEDNN)
+    assert "unroll=1" in str(jax.make_jaxpr(lambda v: plain.apply(v, x))(variables))
     got = _train_grads(fast, variables, x, y)
-    monkeypatch.setattr(fast_conv, "scan_unroll", lambda length, dtype: 1)
-    monkeypatch.setattr(fast_conv, "materialize", lambda x: x)
     want = _train_grads(plain, variables, x, y)
     jax.tree_util.tree_map_with_path(
         lambda path, g, ref: np.testing.assert_allclose(
@@ -234,28 +259,31 @@ def test_scanned_model_gradients_match_lax(cpu_path, monkeypatch):
             err_msg=jax.tree_util.keystr(path)), got, want)
 
 
-def test_stages_unroll_where_the_cpu_kernels_run(cpu_path):
-    """Unrolled on the CPU with oneDNN's kernels, up to ResNet-110's stages; rolled otherwise
-    (ResNet-1202 compiles in seconds only rolled)."""
-    assert fast_conv.scan_unroll(17, jnp.float32) == (17 if cpu_path == "onednn" else 1)
-    assert fast_conv.scan_unroll(198, jnp.float32) == 1
-    assert fast_conv.scan_unroll(17, jnp.bfloat16) == 1
+def test_stages_unroll_as_each_set_says():
+    """oneDNN's set unrolls float32 stages up to ResNet-110's; the canonical CPU set stays rolled;
+    XLA's unrolls up to ResNet-152's deepest stage. ResNet-1202's (199 blocks) stay rolled
+    everywhere: it compiles in seconds only rolled."""
+    assert cpu.ONEDNN.unroll(17, jnp.float32) == 17
+    assert cpu.ONEDNN.unroll(17, jnp.bfloat16) == 1
+    assert cpu.CANONICAL.unroll(17, jnp.float32) == 1
+    assert compute.XLA.unroll(35, jnp.bfloat16) == 35
+    for kernels in (cpu.ONEDNN, cpu.CANONICAL, compute.XLA):
+        assert kernels.unroll(199, jnp.float32) == 1
 
 
-def test_materialize_is_the_identity(onednn, monkeypatch):
-    monkeypatch.setattr(onednn_conv, "usable", lambda: True)
+def test_materialize_is_the_identity(onednn):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 5, 6), np.float32))
-    f = jax.jit(lambda x: jnp.sum(jnp.sin(fast_conv.materialize(x * 2.0))))
+    f = jax.jit(lambda x: jnp.sum(jnp.sin(cpu.materialize(x * 2.0))))
     np.testing.assert_allclose(f(x), jnp.sum(jnp.sin(x * 2.0)), rtol=1e-6)
     np.testing.assert_allclose(jax.jit(jax.grad(f))(x), 2.0 * jnp.cos(x * 2.0), rtol=1e-6)
-    np.testing.assert_array_equal(jax.vmap(fast_conv.materialize)(x), x)
-    assert "resnet_jax_materialize" in jax.jit(fast_conv.materialize).lower(x).as_text()
+    np.testing.assert_array_equal(jax.vmap(cpu.materialize)(x), x)
+    assert "resnet_jax_materialize" in jax.jit(cpu.materialize).lower(x).as_text()
 
 
 def _widest_activation_fusion(depth: int) -> int:
     """The most operands of any fusion that makes an activation (rank 4) in the compiled
     gradient of a train-mode ResNet."""
-    model = cifar.CifarResNet(depth=depth, widths=(4, 8, 8))
+    model = cifar.CifarResNet(depth=depth, widths=(4, 8, 8), kernels=cpu.ONEDNN)
     x = np.random.default_rng(0).standard_normal((4, 8, 8, 3), np.float32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
     variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, np.float32), shapes)
@@ -266,11 +294,10 @@ def _widest_activation_fusion(depth: int) -> int:
     return max(len(re.findall(r"%[\w.\-]+", f.group(1))) for f in fusions)
 
 
-def test_unrolled_stages_do_not_recompute_block_outputs(onednn, monkeypatch):
+def test_unrolled_stages_do_not_recompute_block_outputs(onednn):
     """XLA:CPU duplicates cheap producers into their consumers: in an unrolled stage each
     backward ReLU recomputed every earlier block's output, in fusions that widened with depth
     (32 operands at depth 20, 68 at 56). With the block outputs materialised they do not."""
-    monkeypatch.setattr(onednn_conv, "usable", lambda: True)
     assert _widest_activation_fusion(44) == _widest_activation_fusion(20)
 
 
@@ -313,3 +340,52 @@ def test_image_moments_side_by_side(onednn):
     results = jax.jit(lambda *xs: [onednn_conv.image_moments(x * 2.0)[1] for x in xs])(*xs)
     for x, mean in zip(xs, results):
         np.testing.assert_allclose(mean, np.asarray(x * 2.0).mean((1, 2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cores, devices", [(1, 2), (2, 4), (3, 4), (4, 8), (64, 8)])
+def test_default_device_count_two_per_core_power_of_two_at_most_eight(cores, devices):
+    assert cpu.default_device_count(cores, onednn=False) == devices
+
+
+def test_default_device_count_one_with_onednn(monkeypatch):
+    """One device where oneDNN can be built, decided without building it (the CLIs ask before
+    they know whether the CPU is the backend at all)."""
+    assert cpu.default_device_count(64, onednn=True) == 1
+    monkeypatch.setattr(onednn_conv, "_load", lambda: pytest.fail("built the library"))
+    monkeypatch.setattr(onednn_conv, "_include_dirs", lambda: [])
+    assert cpu.default_device_count(64) == 8
+    monkeypatch.setattr(onednn_conv, "_unbuildable", lambda: None)
+    assert cpu.default_device_count(64) == 1
+
+
+USE_CPU_CORES = """
+import os, sys
+from resnet_jax.kernels import cpu
+count = cpu.use_cpu_cores(tuple(int(a) for a in sys.argv[1:]))
+import jax
+print(count, jax.device_count(), "multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", ""))
+"""
+
+
+def test_use_cpu_cores_gives_the_default_and_runs_devices_sequentially():
+    count, devices, sequential = fresh_python(USE_CPU_CORES)
+    assert int(count) == int(devices) == cpu.default_device_count()
+    assert sequential == str(int(devices) > 1)
+
+
+def test_use_cpu_cores_halves_until_every_batch_splits():
+    code = USE_CPU_CORES.replace("tuple(int(a) for a in sys.argv[1:])", "(6, 10)")
+    count, devices, _ = fresh_python(code)
+    assert int(count) == int(devices) == min(2, cpu.default_device_count())
+
+
+def test_use_cpu_cores_keeps_the_users_count():
+    count, devices, sequential = fresh_python(
+        USE_CPU_CORES, "--xla_force_host_platform_device_count=3")
+    assert (int(count), int(devices), sequential) == (3, 3, "True")
+
+
+def test_use_cpu_cores_after_the_backend_started_changes_nothing():
+    code = "import jax; jax.devices()\n" + USE_CPU_CORES
+    count, devices, sequential = fresh_python(code)
+    assert (int(count), int(devices), sequential) == (-1, 1, "False")

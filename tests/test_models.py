@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import resnet_jax
-from resnet_jax.models import layers
+from resnet_jax.models import layers, layout
 
 
 def abstract_init(name, image_size=32, **options):
@@ -213,3 +213,23 @@ def test_num_classes_option():
     _, variables = abstract_init("resnet18", 64, num_classes=10)
     assert variables["params"]["fc"]["kernel"].shape == (512, 10)
     assert isinstance(resnet_jax.create_model("vgg19", batch_norm=True), nn.Module)
+
+
+def test_layout_unstacks_every_scanned_block_in_depth_order_and_stacks_back():
+    """`layout` is the one reading of a stage's `block0` + stacked `blocks`: block b is row b - 1,
+    the blocks come out where they ran, and stacking gives the model's tree back exactly."""
+    model = resnet_jax.create_model("resnet56", widths=(2, 4, 4))  # 9 blocks a stage
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                          shapes["params"])
+    flat = layout.unstack_blocks(params)
+    assert list(flat["stage2"]) == [f"block{b}" for b in range(9)]
+    assert list(flat) == list(params)  # the stem, the stages and fc where they were
+    stacked = params["stage2"]["blocks"]["conv1"]["kernel"]
+    np.testing.assert_array_equal(flat["stage2"]["block3"]["conv1"]["kernel"], stacked[2])
+    abstract = layout.unstack_blocks(shapes["params"])
+    assert abstract["stage3"]["block8"]["bn2"]["scale"].shape == (4,)
+    back = layout.stack_blocks(flat)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, back, params)

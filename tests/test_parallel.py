@@ -5,11 +5,13 @@ import pathlib
 import socket
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import fresh_python
 from resnet_jax import parallel, preload
 from resnet_jax.errors import UserError
 
@@ -71,22 +73,6 @@ def test_host_local_workdirs_with_two_processes_fail_early(tmp_path):
     assert not any((tmp_path / "host1").glob("*shared-check*"))
 
 
-@pytest.mark.parametrize("cores, devices", [(1, 2), (2, 4), (3, 4), (4, 8), (64, 8)])
-def test_default_cpu_devices_two_per_core_power_of_two_at_most_eight(cores, devices):
-    assert parallel.default_cpu_devices(cores, onednn=False) == devices
-
-
-def test_default_cpu_devices_one_with_onednn(monkeypatch):
-    """One device where oneDNN can be built, decided without building it (the CLIs ask before
-    they know whether the CPU is the backend at all)."""
-    assert parallel.default_cpu_devices(64, onednn=True) == 1
-    monkeypatch.setattr(parallel.onednn_conv, "_load", lambda: pytest.fail("built the library"))
-    monkeypatch.setattr(parallel.onednn_conv, "_include_dirs", lambda: [])
-    assert parallel.default_cpu_devices(64) == 8
-    monkeypatch.setattr(parallel.onednn_conv, "_unbuildable", lambda: None)
-    assert parallel.default_cpu_devices(64) == 1
-
-
 USE_TCMALLOC = """
 import os
 from resnet_jax import preload
@@ -120,53 +106,23 @@ def test_use_tcmalloc_restarts_the_command_with_it_preloaded(tcmalloc):
     assert (off[0], off[2]) == ("False", "-")
 
 
-def _fresh_python(code: str, xla_flags: str = "") -> list:
-    """Run `code` in a new interpreter (no JAX backend yet) and return its printed words."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    if xla_flags:
-        env["XLA_FLAGS"] = xla_flags
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
-    return out.stdout.split()
-
-
-USE_CPU_CORES = """
-import os, sys
-from resnet_jax import parallel
-count = parallel.use_cpu_cores(tuple(int(a) for a in sys.argv[1:]))
-import jax
-print(count, jax.device_count(), "multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", ""))
-"""
-
-
-def test_use_cpu_cores_gives_the_default_and_runs_devices_sequentially():
-    count, devices, sequential = _fresh_python(USE_CPU_CORES)
-    assert int(count) == int(devices) == parallel.default_cpu_devices()
-    assert sequential == str(int(devices) > 1)
-
-
-def test_use_cpu_cores_halves_until_every_batch_splits():
-    code = USE_CPU_CORES.replace("tuple(int(a) for a in sys.argv[1:])", "(6, 10)")
-    count, devices, _ = _fresh_python(code)
-    assert int(count) == int(devices) == min(2, parallel.default_cpu_devices())
-
-
-def test_use_cpu_cores_keeps_the_users_count():
-    count, devices, sequential = _fresh_python(
-        USE_CPU_CORES, "--xla_force_host_platform_device_count=3")
-    assert (int(count), int(devices), sequential) == (3, 3, "True")
-
-
-def test_use_cpu_cores_after_the_backend_started_changes_nothing():
-    code = "import jax; jax.devices()\n" + USE_CPU_CORES
-    count, devices, sequential = _fresh_python(code)
-    assert (int(count), int(devices), sequential) == (-1, 1, "False")
-
-
 def test_in_flight_waits_for_the_output_depth_steps_back(monkeypatch):
     waited = []
     monkeypatch.setattr(parallel.jax, "block_until_ready", waited.append)
     in_flight = parallel.InFlight(depth=2)
-    for step in range(5):
-        in_flight.add(step)
-        assert waited == list(range(max(0, step - 1)))  # never more than 2 unwaited
+    steps = [jax.numpy.full((), step) for step in range(5)]
+    for step, out in enumerate(steps):
+        in_flight.add(out)
+        assert waited == steps[:max(0, step - 1)]  # never more than 2 unwaited
+
+
+def test_in_flight_leaves_accelerators_alone(monkeypatch):
+    """The throttle is for XLA:CPU's dispatch; outputs on a GPU or TPU are never waited for."""
+    waited = []
+    monkeypatch.setattr(parallel.jax, "block_until_ready", waited.append)
+    tpu = types.SimpleNamespace(platform="tpu")
+    out = types.SimpleNamespace(devices=lambda: [tpu])
+    in_flight = parallel.InFlight(depth=2)
+    for _ in range(5):
+        in_flight.add(out)
+    assert waited == []

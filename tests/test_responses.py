@@ -165,13 +165,12 @@ def _rank4_reductions(lowered) -> int:
 
 
 @pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet50"])
-def test_moments_taken_in_cache_are_the_responses_moments(name, onednn, monkeypatch):
-    """On the CPU kernels the moments come from each conv's output as it is written, mapped
+def test_moments_taken_in_cache_are_the_responses_moments(name, onednn):
+    """With oneDNN's kernels the moments come from each conv's output as it is written, mapped
     through BN: the same numbers as reducing the captured responses, and no pass over them (the
     analysis program reduces no more activations than the forward pass, its global pooling)."""
-    from resnet_jax.models import onednn_conv
-    monkeypatch.setattr(onednn_conv, "usable", lambda: True)  # the tests' 8 devices rule it out
-    model = resnet_jax.create_model(name)
+    from resnet_jax.kernels import cpu
+    model = resnet_jax.create_model(name, kernels=cpu.ONEDNN)
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
     variables = perturbed_bn(jax.jit(model.init)(jax.random.key(1), x))
     in_cache = jax.jit(functools.partial(responses.capture_responses, model,

@@ -31,9 +31,10 @@ class ImageNetResNet(layers.Network):
         x = nn.relu(norm(name="bn1")(x))
         x = nn.max_pool(x, (3, 3), (2, 2), padding=layers.conv_padding(3))
         common = dict(conv=conv, norm=norm, residual=self.residual, shortcut=self.shortcut,
-                      zero_init_last=self.zero_init_last)
+                      zero_init_last=self.zero_init_last, kernels=self.kernels)
         block = (functools.partial(layers.Bottleneck, stride_in_3x3=self.stride_in_3x3, **common)
                  if self.bottleneck else functools.partial(layers.BasicBlock, **common))
         for s, (width, num_blocks) in enumerate(zip(self.widths, self.stage_sizes)):
-            x = layers.Stage(block, width, num_blocks, 1 if s == 0 else 2, name=f"stage{s + 1}")(x)
+            x = layers.Stage(block, width, num_blocks, 1 if s == 0 else 2, kernels=self.kernels,
+                             name=f"stage{s + 1}")(x)
         return self.classify(layers.global_average_pool(x))

@@ -2,7 +2,7 @@
 blocks, and a stage of blocks.
 
 Blocks take `conv` and `norm` by injection (as in flax's examples/imagenet), so one definition
-serves train/eval BN, float32/bfloat16 and the backend's fastest convolution.
+serves train/eval BN, float32/bfloat16 and any `compute.Kernels`.
 """
 import dataclasses
 import functools
@@ -12,7 +12,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resnet_jax.models import fast_conv
+from resnet_jax.models.compute import XLA, Kernels
 
 ModuleDef = Any
 
@@ -90,6 +90,7 @@ class Block(nn.Module):
     shortcut: str = "A"
     act: Callable = nn.relu
     zero_init_last: bool = False  # the last BN's gamma starts at 0: each block starts as identity
+    kernels: Kernels = XLA
 
     def finish(self, x, y, bn_name: str, response_name: Optional[str] = None):
         """`x` the block's input, `y` its last conv's output -> the block's output. The last
@@ -102,7 +103,7 @@ class Block(nn.Module):
             return self.act(y)
         y = y + Shortcut(y.shape[-1], self.strides, self.shortcut, self.conv, self.norm,
                          name="shortcut")(x)
-        return fast_conv.materialize(self.act(y))
+        return self.kernels.materialize(self.act(y))
 
 
 class BasicBlock(Block):
@@ -141,13 +142,14 @@ class Stage(nn.Module):
     """A stage of `num_blocks` blocks (a row of Table 1): `block0` may change the shape; the
     identical rest run as one `nn.scan` (`blocks`, parameters stacked on a leading axis), which
     compiles once however deep the net: unrolled, ResNet-1202 takes minutes to compile. How many
-    blocks one iteration runs is the backend's choice (`fast_conv.scan_unroll`); the parameters
-    are the same either way."""
+    blocks one iteration runs is the kernels' choice (`Kernels.unroll`); the parameters are the
+    same either way."""
 
     block: ModuleDef  # a block class partially applied with everything but features/strides
     features: int
     num_blocks: int
     strides: int
+    kernels: Kernels = XLA
 
     @nn.compact
     def __call__(self, x):
@@ -156,7 +158,7 @@ class Stage(nn.Module):
             scan = nn.scan(_apply_block, variable_axes={True: 0},
                            split_rngs={"params": True, "dropout": True},
                            length=self.num_blocks - 1,
-                           unroll=fast_conv.scan_unroll(self.num_blocks - 1, x.dtype))
+                           unroll=self.kernels.unroll(self.num_blocks - 1, x.dtype))
             x, _ = scan(self.block(self.features, 1, name="blocks"), x, None)
         return x
 
@@ -172,15 +174,16 @@ class Network(nn.Module):
     param_dtype: Any = _keyword(jnp.float32)
     bn_momentum: float = _keyword(BN_MOMENTUM)
     bn_epsilon: float = _keyword(BN_EPSILON)
-    # None: the backend's fastest form of the same convolution (fast_conv); or lax's, or yours.
-    conv_general_dilated: Optional[Callable] = _keyword(None)
+    # How the layers are computed (models/compute.py): XLA's, portable, unless the caller passes
+    # a faster set for the devices the program runs on (resnet_jax.kernels.for_devices).
+    kernels: Kernels = _keyword(XLA)
 
     def begin(self, x, train: bool):
         """NHWC RGB images -> (images in the compute dtype, conv, norm) for this network."""
         chex.assert_rank(x, 4)
         chex.assert_axis_dimension(x, -1, 3)
         conv, norm = make_conv_norm(train, self.dtype, self.param_dtype, self.bn_momentum,
-                                    self.bn_epsilon, self.conv_general_dilated)
+                                    self.bn_epsilon, self.kernels)
         return jnp.asarray(x, self.dtype), conv, norm
 
     def dense(self, features: int, name: str):
@@ -192,12 +195,10 @@ class Network(nn.Module):
 
 
 def make_conv_norm(train: bool, dtype, param_dtype, bn_momentum: float, bn_epsilon: float,
-                   conv_general_dilated: Optional[Callable] = None):
-    """The conv and norm that every block of one network shares. `conv_general_dilated=None`
-    is the backend's fastest formulation of the same convolution (`fast_conv`)."""
+                   kernels: Kernels = XLA):
+    """The conv and norm that every block of one network shares, convolving with `kernels`."""
     conv = functools.partial(Conv, dtype=dtype, param_dtype=param_dtype,
-                             conv_general_dilated=conv_general_dilated
-                             or fast_conv.conv_general_dilated)
+                             conv_general_dilated=kernels.conv_general_dilated)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=bn_momentum,
                              epsilon=bn_epsilon, dtype=dtype, param_dtype=param_dtype)
     return conv, norm

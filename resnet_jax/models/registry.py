@@ -7,6 +7,7 @@ from typing import Callable, Dict, List
 import flax.linen as nn
 
 from resnet_jax.models import cifar, imagenet, vgg
+from resnet_jax.models.compute import XLA, Kernels
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 
@@ -27,8 +28,9 @@ def _registry() -> Dict[str, Callable[..., nn.Module]]:
 
 
 _MODELS = _registry()
-# Options that only make sense for some nets; the rest are the module's own fields.
-_DERIVED = {"depth", "stage_sizes", "bottleneck", "residual", "parent", "name"}
+# Fields that are not options: fixed by the name, flax's own, or how rather than what to compute
+# (`kernels`, create_model's own argument: it never goes into a config or a checkpoint).
+_DERIVED = {"depth", "stage_sizes", "bottleneck", "residual", "parent", "name", "kernels"}
 
 
 class UnknownModelError(ValueError):
@@ -53,10 +55,12 @@ def _lookup(name: str):
     return _MODELS[name]
 
 
-def create_model(name: str, **options) -> nn.Module:
+def create_model(name: str, *, kernels: Kernels = XLA, **options) -> nn.Module:
     """`create_model('resnet56', shortcut='B')` -> an unbound flax.linen.Module.
 
-    Call it as `model.apply(variables, images, train=...)` on NHWC images."""
+    Call it as `model.apply(variables, images, train=...)` on NHWC images. `kernels` says how its
+    layers are computed (models/compute.py): XLA's by default, on any device; the parameters and
+    outputs do not depend on it."""
     ctor = _lookup(name)
     valid = model_options(name)
     for key in options:
@@ -66,4 +70,4 @@ def create_model(name: str, **options) -> nn.Module:
                 f"unknown option {key!r} for model {name!r}; valid options: {', '.join(close)}")
     if "shortcut" in options and options["shortcut"] not in ("A", "B", "C"):
         raise UnknownModelError(f"shortcut must be 'A', 'B' or 'C', not {options['shortcut']!r}")
-    return ctor(**options)
+    return ctor(kernels=kernels, **options)

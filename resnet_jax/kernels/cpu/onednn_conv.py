@@ -8,8 +8,9 @@ it with `jax.ffi`. Where the build cannot happen (no C++ compiler, no oneDNN hea
 or Ubuntu `apt-get install g++ libdnnl-dev`), `available()` says so once in the log and the
 caller keeps XLA's convolutions: the same network, only slower.
 
-The same library holds `materialize`, an identity XLA cannot fuse through (fast_conv says why),
-and `image_moments`, per-image moments of a conv's output as it is written (responses.py).
+The same library holds `materialize`, an identity XLA cannot fuse through (kernels/cpu/__init__.py
+says why), and `image_moments`, per-image moments of a conv's output as it is written
+(kernels/cpu/moments.py).
 
 RESNET_JAX_ONEDNN=0 turns it off (to measure against, or to rule it out).
 """
@@ -140,13 +141,6 @@ def available() -> bool:
     return why_not is None
 
 
-def usable() -> bool:
-    """Whether convolutions should go to oneDNN: available, and one device in all. Its kernels
-    use every core by themselves, and GSPMD cannot split a custom call over devices: with
-    several, it gathers the batch and each device repeats the whole convolution."""
-    return jax.device_count() == 1 and available()
-
-
 @functools.lru_cache(maxsize=None)
 def _log_once(why_not: str) -> None:
     logging.info("oneDNN convolutions off, XLA's in use: %s", why_not)
@@ -185,7 +179,7 @@ conv.defvjp(_fwd, _bwd)
 @jax.custom_vjp
 def materialize(x: jax.Array) -> jax.Array:
     """`x` (float32), through a custom call: XLA cannot fuse across it, so its consumers read
-    `x`'s buffer instead of recomputing `x` from its producers (see `fast_conv.materialize`)."""
+    `x`'s buffer instead of recomputing `x` from its producers (kernels/cpu/__init__.py says why)."""
     return jax.ffi.ffi_call("resnet_jax_materialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
                             input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)
 
