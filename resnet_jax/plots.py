@@ -1,13 +1,23 @@
-"""The analysis figures: the paper's Figure 7 and the curves of one run over training.
+"""The paper's figures: training curves (Figure 6), response std per layer (Figure 7) and the
+curves of one run's responses over training.
 
 Each function saves `<stem>.png` and `<stem>.pdf`. Figures are made without pyplot, so they draw
 with the Agg backend on a machine without a display and leave a caller's backend alone.
+
+    python -m resnet_jax.plots RUN[=LABEL] ... --out docs/figure6
+
+draws Figure 6 from the `metrics.jsonl` of training workdirs (or those files themselves).
 """
-from typing import Dict, List, Sequence, Tuple
+import json
+import os
+import sys
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 from matplotlib import cm, colormaps, colors, ticker
 from matplotlib.figure import Figure
+
+from resnet_jax.errors import UserError, exit_on_user_error
 
 DPI = 110
 
@@ -69,3 +79,90 @@ def over_training(stem: str, label: str, curves: Dict[int, List[float]]):
         ax.xaxis.set_major_locator(_layer_ticks())
     fig.tight_layout()
     _save(fig, stem)
+
+
+class Curves(NamedTuple):
+    """One run's error curves: training error of each logged interval, test error of each
+    evaluation, against iterations."""
+
+    train_steps: np.ndarray
+    train_error: np.ndarray
+    test_steps: np.ndarray
+    test_error: np.ndarray
+
+
+def read_curves(path: str) -> Curves:
+    """A training workdir's `metrics.jsonl` (or that file) -> its `Curves`."""
+    metrics = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+    if not os.path.isfile(metrics):
+        raise UserError(f"{path!r} holds no metrics.jsonl; name a training workdir or its "
+                        "metrics.jsonl")
+    train, test = {}, {}
+    with open(metrics) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{metrics}:{n} is not a JSON line; the file is damaged") from None
+            if "train_top1" in row:
+                train[row["step"]] = 1.0 - row["train_top1"]  # a resumed run logs a step again
+            if "val_top1" in row:
+                test[row["step"]] = 1.0 - row["val_top1"]
+    if not train and not test:
+        raise UserError(f"{metrics} has no train_top1 or val_top1 rows")
+    as_arrays = lambda d: (np.asarray(sorted(d), float), np.asarray([d[k] for k in sorted(d)]))
+    return Curves(*as_arrays(train), *as_arrays(test))
+
+
+def figure6(stem: str, runs: Sequence[Tuple[str, Curves]]):
+    """Training error (thin) and test error (bold) against iterations, one colour per run, in
+    percent; plain nets (label starting 'plain') dashed, as the paper draws them."""
+    fig = Figure(figsize=(7.2, 4.6))
+    ax = fig.subplots()
+    for i, (label, c) in enumerate(runs):
+        style = dict(color=f"C{i}", linestyle="--" if label.lower().startswith("plain") else "-")
+        ax.plot(c.train_steps, 100 * c.train_error, linewidth=0.7, alpha=0.8, **style)
+        ax.plot(c.test_steps, 100 * c.test_error, linewidth=2.0, label=label, **style)
+    ax.set(xlabel="iterations", ylabel="error (%)", ylim=(0, None),
+           title="training error (thin) and test error (bold)")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save(fig, stem)
+
+
+def main(argv: Sequence[str]) -> None:
+    """`RUN[=LABEL] ... --out STEM`: Figure 6 of those runs."""
+    usage = "usage: python -m resnet_jax.plots RUN[=LABEL] ... --out STEM (writes STEM.png, .pdf)"
+    with exit_on_user_error():
+        args = list(argv)
+        if "-h" in args or "--help" in args:
+            print(usage + "\nRUN: a training workdir or its metrics.jsonl; LABEL defaults to "
+                  "RUN's name.")
+            return
+        out = None
+        for i, arg in enumerate(args):
+            if arg.startswith("--out="):
+                out = arg.split("=", 1)[1]
+                args[i:i + 1] = []
+                break
+            if arg == "--out" and i + 1 < len(args):
+                out = args[i + 1]
+                args[i:i + 2] = []
+                break
+        unknown = [a for a in args if a.startswith("-")]
+        if unknown or not args or not out:
+            raise UserError(f"{'unknown option ' + unknown[0] + '; ' if unknown else ''}{usage}")
+        runs = []
+        for spec in args:
+            path, _, label = spec.partition("=")
+            runs.append((label or os.path.basename(os.path.normpath(path)).replace(
+                ".metrics.jsonl", ""), read_curves(path)))
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        figure6(out, runs)
+        print(f"wrote {out}.png and {out}.pdf")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
