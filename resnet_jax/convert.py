@@ -14,6 +14,11 @@ Block i > 0 of a stage lands at index i - 1 of the stage's scanned `blocks` para
 `.npz` is read with numpy (never pickle); `.pt/.pth/.th` only through torch with
 `weights_only=True`, so an untrusted file cannot run code either way.
 """
+
+if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), before any import
+    from resnet_jax import cli
+    cli.start("convert")
+
 import ast
 import os
 import re
@@ -260,6 +265,3 @@ def run():
     define_flags()
     app.run(main)
 
-
-if __name__ == "__main__":
-    run()

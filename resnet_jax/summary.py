@@ -4,6 +4,11 @@ the paper's Table 1 and Fig. 3, computed from the modules rather than typed in.
     python -m resnet_jax.summary vgg19 plain34 resnet34
     python -m resnet_jax.summary resnet20 resnet56 --image-size 32 --json
 """
+
+if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), before any import
+    from resnet_jax import cli
+    cli.start("summary")
+
 import collections
 import dataclasses
 import json
@@ -132,6 +137,3 @@ def run():
     define_flags()
     app.run(main)
 
-
-if __name__ == "__main__":
-    run()
