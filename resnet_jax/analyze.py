@@ -19,9 +19,9 @@ Choices the paper leaves open, with their defaults:
   --num_images     the whole split.
 """
 
-if __name__ == "__main__":  # before the imports below, while a restart costs nothing (preload)
-    from resnet_jax import preload
-    preload.use_tcmalloc()
+if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), before any import
+    from resnet_jax import cli
+    cli.start("analyze")
 
 import csv
 import dataclasses
@@ -196,6 +196,15 @@ def layer_rows(moments: Dict, params, settings: Settings) -> List[Dict]:
     return rows
 
 
+def check_finite(rows: List[Dict], path: str, step: int) -> None:
+    """A NaN or infinite std would draw a wrong figure: refuse, naming the checkpoint and layer."""
+    bad = [r for r in rows if not (math.isfinite(r["std"]) and math.isfinite(r["mean"]))]
+    if bad:
+        raise UserError(f"checkpoint {path!r} step {step}: the response of {bad[0]['layer']} "
+                        f"has std {bad[0]['std']} ({len(bad)} of {len(rows)} layers not finite); "
+                        "nothing written: the checkpoint is damaged or its run diverged")
+
+
 def _kernel_shape(params, parts: Sequence[str]):
     """HWIO shape of the conv whose response `parts` names; block b > 0 of a stage is index b - 1
     of the stage's scanned `blocks`."""
@@ -313,6 +322,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
             loaded = run.loaded if s == run.loaded.step else checkpoint.load_model(run.path, s)
             rows = layer_rows(stream_moments(fn, loaded.variables, images, settings),
                               loaded.variables["params"], settings)
+            check_finite(rows, run.path, s)
             history.setdefault(run.label, {})[s] = rows
         results[run.label] = history[run.label][run.loaded.step]
 
@@ -420,6 +430,3 @@ def run():
     define_flags()
     app.run(main)
 
-
-if __name__ == "__main__":
-    run()

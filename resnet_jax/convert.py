@@ -22,6 +22,8 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
 import ast
 import os
 import re
+import zipfile
+import zlib
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -56,8 +58,9 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
         except ValueError as e:  # object arrays need pickle, which we refuse
             raise UserError(f"cannot read {path!r} without pickle ({e}); save plain arrays with "
                             "numpy.savez") from None
-        except (OSError, EOFError) as e:
-            raise UserError(f"{path!r} is not a readable .npz ({e})") from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated or damaged
+            raise UserError(f"{path!r} is not a readable .npz ({e.__class__.__name__}: {e}); "
+                            "write it again with numpy.savez") from None
     elif path.endswith(TORCH_SUFFIXES):
         state = _read_torch(path)
     else:
