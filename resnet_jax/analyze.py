@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from resnet_jax import checkpoint, parallel
+from resnet_jax import checkpoint, cli, parallel
 from resnet_jax.data import sources
 from resnet_jax.data.batching import padded_batches
 from resnet_jax.errors import UserError, exit_on_user_error
@@ -428,5 +428,5 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    cli.absl_run(main, __name__)
 

@@ -301,7 +301,9 @@ def load_model(directory: str, step: Optional[int] = None) -> LoadedModel:
 
 
 class _QuietOrbax(logging.Filter):
-    """Drops orbax's progress chatter and its notes that a directory opened read-only is read-only."""
+    """Drops orbax's progress chatter, its notes that a directory opened read-only is read-only,
+    and the tracebacks its background threads log when a save fails: the failure reaches the
+    caller as an exception too, which the CLIs report in one line."""
 
     NOTES = ("Given directory is read only", "read_only=True, setting save_interval_steps",
              "was found in the checkpoint, but could not be restored")
@@ -309,7 +311,7 @@ class _QuietOrbax(logging.Filter):
     def filter(self, record):
         if not record.pathname or "orbax" not in record.pathname:
             return True
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING or record.levelno >= logging.ERROR:
             return False
         return not any(note in record.getMessage() for note in self.NOTES)
 

@@ -37,3 +37,15 @@ def summary():
 
 def convert():
     start("convert")
+
+
+def absl_run(main, module: str) -> None:
+    """absl's app.run(main) with `module`'s flags and docstring as --help's: absl shows those of
+    the script it was started as (the console script's wrapper, or `python -m`'s copy of the
+    module), which define none."""
+    from absl import app, flags
+    for flag in flags.FLAGS.get_key_flags_for_module(module):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    main_module = sys.modules["__main__"]
+    main_module.__doc__ = sys.modules[module].__doc__
+    app.run(main)

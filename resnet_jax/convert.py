@@ -31,7 +31,7 @@ from absl import app, flags
 from flax import traverse_util
 
 import resnet_jax
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, cli
 from resnet_jax.errors import UserError, exit_on_user_error
 from resnet_jax.models.cifar import CifarResNet
 from resnet_jax.models.imagenet import ImageNetResNet, STAGE_SIZES
@@ -266,5 +266,5 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    cli.absl_run(main, __name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from resnet_jax import checkpoint, parallel
+from resnet_jax import checkpoint, cli, parallel
 from resnet_jax.data import sources
 from resnet_jax.data.batching import nonfinite_rows, padded_batches, topk_correct
 from resnet_jax.errors import UserError, exit_on_user_error
@@ -201,5 +201,5 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    cli.absl_run(main, __name__)
 

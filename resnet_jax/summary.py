@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 import resnet_jax
+from resnet_jax import cli
 from resnet_jax.errors import exit_on_user_error
 from resnet_jax.models.layers import Stage
 
@@ -135,5 +136,5 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    cli.absl_run(main, __name__)
 

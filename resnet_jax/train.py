@@ -51,7 +51,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 import resnet_jax
-from resnet_jax import checkpoint, parallel
+from resnet_jax import checkpoint, cli, parallel
 from resnet_jax import config as config_lib
 from resnet_jax.data import pipeline, sources
 from resnet_jax.evaluate import NonFiniteOutput, evaluate_batches, make_eval_step
@@ -242,7 +242,7 @@ def load_splits(config) -> Tuple[sources.Dataset, sources.Dataset, Optional[sour
     d = config.data
     load = functools.partial(sources.load, d.source, data_dir=d.data_dir or None)
     train = load(d.train_split)
-    test = load(d.test_split, classes=train.classes)
+    test = load(d.test_split, classes=train.classes, whose=f"the {d.train_split!r} split's")
     if d.holdout:
         train, val = sources.holdout(train, d.holdout)
         return train, val, test
@@ -305,13 +305,18 @@ def wait_for_saves(mngr: ocp.CheckpointManager, step: int) -> None:
         mngr.wait_until_finished()
 
 
+class WriteFailed(UserError):
+    """The workdir stopped taking files (full, or made read-only) during training."""
+    exit_at_once = True
+
+
 @contextlib.contextmanager
 def _writing(mngr, step: int):
     """A failed write (a full disk, a workdir made read-only) as one line; earlier steps stay."""
     try:
         yield
     except Exception as e:
-        raise UserError(f"could not write the checkpoint of step {step} in {str(mngr.directory)!r} "
+        raise WriteFailed(f"could not write the checkpoint of step {step} in {str(mngr.directory)!r} "
                         f"({checkpoint._first_line(e)}); the steps saved before it are kept; free "
                         "space or fix permissions and rerun the same command to resume") from None
 
@@ -360,44 +365,58 @@ def _flatten(tree, prefix=""):
     return out
 
 
-def config_changes(stored: Dict, meta: Dict) -> List[str]:
-    """['lr 0.1 -> 0.2', ...]: what differs between the metadata saved in a workdir and this
-    run's, but for FREE_TO_CHANGE."""
+def config_changes(stored: Dict, config: ml_collections.ConfigDict) -> List[str]:
+    """['lr 0.1 -> 0.2', ...]: what differs between the config in a checkpoint's metadata and
+    `config`, but for FREE_TO_CHANGE."""
     before = _flatten(_json_normal(stored.get("config") or {}))
-    now = _flatten(_json_normal(meta.get("config") or {}))
-    changes = [f"{key} {before.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
-               for key in sorted(set(before) | set(now))
-               if key not in FREE_TO_CHANGE and before.get(key) != now.get(key)]
-    if stored.get("classes") and stored["classes"] != meta.get("classes"):
-        changes.append("the data's classes")
-    return changes
+    now = _flatten(json.loads(config.to_json_best_effort()))
+    return [f"{key} {before.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
+            for key in sorted(set(before) | set(now))
+            if key not in FREE_TO_CHANGE and before.get(key) != now.get(key)]
 
 
-def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict,
-                  allow_change: bool = False) -> List[int]:
-    """The workdir's steps (empty for a fresh workdir); refuses another model's and, unless
-    `allow_change`, a run whose data, batch, schedule or optimizer differ from the newest
-    readable step's."""
-    steps = mngr.all_steps()
-    for step in sorted(steps, reverse=True):
+def newest_metadata(mngr: ocp.CheckpointManager, workdir: str) -> Tuple[Optional[int], Dict]:
+    """(step, metadata) of the newest step whose metadata reads; (None, {}) if none does
+    (`resume` reports damaged steps)."""
+    for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            stored = checkpoint.read_metadata(workdir, step, mngr=mngr)
+            return step, checkpoint.read_metadata(workdir, step, mngr=mngr)
         except checkpoint.DamagedCheckpoint:
-            continue  # `resume` reports it
-        mine = (meta["model"], _json_normal(meta["model_options"]))
-        theirs = (stored.get("model"), stored.get("model_options"))
-        if mine != theirs:
-            raise UserError(f"workdir {workdir!r} holds a checkpoint of {theirs[0]} {theirs[1]} "
-                            f"(step {step}), not of {mine[0]} {mine[1]}; choose another --workdir")
-        changes = config_changes(stored, meta)
-        if changes and not allow_change:
-            raise UserError(f"workdir {workdir!r} (step {step}) was trained with another config: "
-                            f"{'; '.join(changes)}; rerun with the same config, choose another "
-                            "--workdir, or pass --allow_config_change to resume with this one")
-        if changes:
-            log.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
-        break
-    return steps
+            continue
+    return None, {}
+
+
+def check_config_unchanged(workdir: str, config, allow_change: bool = False) -> None:
+    """Before any data loads: a workdir trained with another data set, batch, schedule or
+    optimizer is refused (naming each change) unless `allow_change`."""
+    if "://" not in workdir and not os.path.isdir(workdir):
+        return
+    with checkpoint.manager(workdir, read_only=True) as mngr:
+        step, stored = newest_metadata(mngr, workdir)
+    changes = config_changes(stored, config) if step is not None else []
+    if changes and not allow_change:
+        raise UserError(f"workdir {workdir!r} (step {step}) was trained with another config: "
+                        f"{'; '.join(changes)}; rerun with the same config, choose another "
+                        "--workdir, or pass --allow_config_change to resume with this one")
+    if changes:
+        log.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
+
+
+def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict) -> List[int]:
+    """The workdir's steps (empty for a fresh workdir); refuses another model's, or one trained
+    on other classes."""
+    step, stored = newest_metadata(mngr, workdir)
+    if step is None:
+        return mngr.all_steps()
+    mine = (meta["model"], _json_normal(meta["model_options"]))
+    theirs = (stored.get("model"), stored.get("model_options"))
+    if mine != theirs:
+        raise UserError(f"workdir {workdir!r} holds a checkpoint of {theirs[0]} {theirs[1]} "
+                        f"(step {step}), not of {mine[0]} {mine[1]}; choose another --workdir")
+    if stored.get("classes") and stored["classes"] != meta["classes"]:
+        sources.check_classes("the data of this run", meta["classes"], stored["classes"],
+                              f"workdir {workdir!r} (step {step})'s")
+    return mngr.all_steps()
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -419,11 +438,13 @@ def prepare_workdir(workdir: str) -> None:
 
 
 def check_free_space(workdir: str, variables, copies: int = 3) -> None:
-    """A checkpoint holds the weights and the momentum buffer: refuse to start without room for
-    `copies` of that (orbax writes the next before it removes the oldest)."""
+    """A checkpoint holds the weights, the momentum buffer and about a MiB of metadata: refuse
+    to start without room for `copies` of that (orbax writes the next before it removes the
+    oldest). A disk that fills later fails the save in one line (`_writing`)."""
     if "://" in workdir:
         return
-    need = copies * 2 * sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(variables))
+    arrays = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(variables))
+    need = copies * (2 * arrays + 2**20)
     free = shutil.disk_usage(workdir).free
     if free < need:
         raise UserError(f"--workdir {workdir!r} has {free / 2**20:.0f} MiB free; checkpoints need "
@@ -452,6 +473,14 @@ class MetricWriter:
     def write(self, step: int, scalars: Dict[str, float]):
         if not self.enabled:
             return
+        try:
+            self._write(step, scalars)
+        except OSError as e:
+            raise WriteFailed(f"cannot write metrics to {str(self.path)!r} ({e.strerror or e}); "
+                            "free space or fix permissions and rerun the same command to "
+                            "resume") from None
+
+    def _write(self, step: int, scalars: Dict[str, float]):
         line = json.dumps(dict(step=step, **scalars)) + "\n"
         if self.remote:
             self.lines += line
@@ -537,6 +566,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_config(config, mesh.devices.size)
     create_model(config, num_classes=10)  # an unknown model or option fails before data loads
     prepare_workdir(workdir)
+    check_config_unchanged(workdir, config, allow_config_change)
     parallel.check_shared_directory(workdir)
     main = parallel.is_main_process()
     data = make_data(config, mesh)
@@ -549,17 +579,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         log.info("%s on %d devices (%d processes); %s", config.model, mesh.devices.size,
                  jax.process_count(), data.description)
 
-    with checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
-                            best_metric=BEST_METRIC, keep_best=config.keep_best) as mngr:
-        steps = check_workdir(mngr, workdir, meta, allow_config_change)
+    mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
+                              best_metric=BEST_METRIC, keep_best=config.keep_best)
+    writer = preemption = None
+    try:
+        steps = check_workdir(mngr, workdir, meta)
         writer = MetricWriter(workdir, main)
         preemption = Preemption()
-        try:
-            return _loop(config, workdir, mesh, model, meta, data, mngr, steps, writer,
-                         preemption)
-        finally:
-            preemption.close()
-            writer.close()
+        result = _loop(config, workdir, mesh, model, meta, data, mngr, steps, writer, preemption)
+    except BaseException:
+        _close_all(preemption, writer, mngr, quietly=True)  # a second error would hide the first
+        raise
+    with _writing(mngr, result["step"]):
+        _close_all(preemption, writer, mngr)
+    return result
+
+
+def _close_all(*things, quietly: bool = False):
+    for thing in things:
+        if thing is None:
+            continue
+        if quietly:
+            with contextlib.suppress(Exception):
+                thing.close()
+        else:
+            thing.close()
 
 
 def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, preemption):
@@ -776,6 +820,7 @@ def main(argv):
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
         absl_logging.set_verbosity(absl_logging.WARNING)
+        checkpoint.quiet_orbax()
         if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a resumed run skips compiling
             jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ.get(
                 "RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax")), "jax-compile"))
@@ -792,6 +837,6 @@ def run():
     _define_flags()
     with exit_on_user_error():
         check_overrides(sys.argv[1:])
-    app.run(main)
+    cli.absl_run(main, __name__)
 
 

@@ -49,13 +49,15 @@ def parse_source(source: str) -> Tuple[str, Any]:
 
 
 def load(source: str, split: str, *, data_dir: Optional[str] = None, image_size: int = 32,
-         num_classes: int = 10, classes: Optional[Sequence[str]] = None) -> Dataset:
+         num_classes: int = 10, classes: Optional[Sequence[str]] = None,
+         whose: str = "the model's") -> Dataset:
     """The whole `split` of `source` as uint8 images and int32 labels. `classes` (the training
     split's or a checkpoint's class list) numbers the labels by name, and a split whose classes
-    differ is refused naming them; without it, a folder split numbers its own sorted folders."""
+    differ is refused naming them (`whose` says where the list came from); without it, a folder
+    split numbers its own sorted folders."""
     kind, arg = parse_source(source)
     if kind == "folder":
-        dataset = _load_folder(arg, split, classes)
+        dataset = _load_folder(arg, split, classes, whose)
     elif kind == "synthetic":  # random labels: they take the class list they are given
         dataset = _synthetic(split, arg or 256, image_size,
                              len(classes) if classes else num_classes)
@@ -64,7 +66,7 @@ def load(source: str, split: str, *, data_dir: Optional[str] = None, image_size:
     else:
         dataset = _load_tfds(arg, split, data_dir)
     if classes is not None:
-        check_classes(dataset.name, dataset.classes, classes)
+        check_classes(dataset.name, dataset.classes, classes, whose)
     return dataset
 
 
@@ -72,7 +74,8 @@ def synthetic_classes(num_classes: int) -> Tuple[str, ...]:
     return tuple(f"class{i}" for i in range(num_classes))
 
 
-def check_classes(name: str, have: Sequence[str], want: Sequence[str]) -> None:
+def check_classes(name: str, have: Sequence[str], want: Sequence[str],
+                  whose: str = "the model's") -> None:
     """One line naming the classes that `have` (a split's) lacks or adds against `want`."""
     have, want = tuple(have), tuple(want)
     if have == want:
@@ -80,11 +83,12 @@ def check_classes(name: str, have: Sequence[str], want: Sequence[str]) -> None:
     extra = [c for c in have if c not in want]
     missing = [c for c in want if c not in have]
     if not extra and not missing:
-        raise UserError(f"{name} numbers its classes in another order than the model's "
+        raise UserError(f"{name} numbers its classes in another order than {whose} "
                         f"({', '.join(want[:5])}...)")
-    parts = ([f"has classes the model lacks: {', '.join(extra[:5])}"] if extra else []) + (
-        [f"lacks the model's classes {', '.join(missing[:5])}"] if missing else [])
-    raise UserError(f"{name} {'; '.join(parts)} (the model's {len(want)} classes: "
+    names = lambda xs: ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")
+    parts = ([f"has classes that {whose} list lacks: {names(extra)}"] if extra else []) + (
+        [f"lacks {whose} classes {names(missing)}"] if missing else [])
+    raise UserError(f"{name} {'; '.join(parts)} ({whose} {len(want)} classes: "
                     f"{', '.join(want[:10])}{'...' if len(want) > 10 else ''}); use data with "
                     "the same class folders")
 
@@ -100,7 +104,8 @@ def _synthetic(split, count, image_size, num_classes) -> Dataset:
     return Dataset(images, labels, synthetic_classes(num_classes), f"synthetic:{count}:{split}")
 
 
-def _folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None):
+def _folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
+                  whose: str = "the model's"):
     if not os.path.isdir(root):
         raise UserError(f"data folder {root!r} does not exist; pass folder:PATH with "
                         "PATH/<split>/<class>/*.jpg")
@@ -110,7 +115,7 @@ def _folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None
         raise UserError(f"split {split!r} not found in {root!r} (it has: {', '.join(have) or 'nothing'})")
     folders = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if classes is not None:
-        check_classes(f"folder {split_dir!r}", folders, sorted(classes))
+        check_classes(f"folder {split_dir!r}", folders, sorted(classes), whose)
     label = {c: i for i, c in enumerate(folders if classes is None else classes)}
     per_class = {c: [f for f in sorted(os.listdir(os.path.join(split_dir, c)))
                      if f.lower().endswith(IMAGE_SUFFIXES)] for c in folders}
@@ -142,8 +147,9 @@ def _decode(path: str) -> np.ndarray:
         raise UserError(f"cannot read image {path!r} ({e.__class__.__name__}); remove or replace it") from None
 
 
-def _load_folder(root: str, split: str, classes: Optional[Sequence[str]] = None) -> Dataset:
-    classes, files = _folder_files(root, split, classes)
+def _load_folder(root: str, split: str, classes: Optional[Sequence[str]] = None,
+                 whose: str = "the model's") -> Dataset:
+    classes, files = _folder_files(root, split, classes, whose)
     name = f"folder:{root}:{split}"
     cache = _cache_path(os.path.join(root, split), files)
     if os.path.exists(cache):
