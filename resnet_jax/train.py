@@ -351,9 +351,11 @@ def _json_normal(value):
     return json.loads(json.dumps(value))
 
 
-# Config keys a resumed run may change: they do not change what is trained.
+# Config keys a resumed run may change: they do not change what is trained. The model is
+# compared on its own (`check_model`): another model is refused whatever the flags.
 FREE_TO_CHANGE = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "keep_best",
                   "eval_batch_size", "data.data_dir")
+MODEL_KEYS = ("model", "model_options")
 
 
 def _flatten(tree, prefix=""):
@@ -367,12 +369,27 @@ def _flatten(tree, prefix=""):
 
 def config_changes(stored: Dict, config: ml_collections.ConfigDict) -> List[str]:
     """['lr 0.1 -> 0.2', ...]: what differs between the config in a checkpoint's metadata and
-    `config`, but for FREE_TO_CHANGE."""
-    before = _flatten(_json_normal(stored.get("config") or {}))
+    `config`, but for FREE_TO_CHANGE and the model; none for converted weights (no config)."""
+    if not stored.get("config"):
+        return []
+    before = _flatten(_json_normal(stored["config"]))
     now = _flatten(json.loads(config.to_json_best_effort()))
     return [f"{key} {before.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
             for key in sorted(set(before) | set(now))
-            if key not in FREE_TO_CHANGE and before.get(key) != now.get(key)]
+            if key not in FREE_TO_CHANGE and key.split(".")[0] not in MODEL_KEYS
+            and before.get(key) != now.get(key)]
+
+
+def check_model(workdir: str, step: int, stored: Dict, model: str, options: Dict) -> None:
+    """Refuses a workdir holding another model; `options` without num_classes (before the data
+    is loaded) compare with the stored ones without it too."""
+    theirs = dict(stored.get("model_options") or {})
+    if "num_classes" not in options:
+        theirs.pop("num_classes", None)
+    if (stored.get("model"), theirs) != (model, _json_normal(options)):
+        raise UserError(f"workdir {workdir!r} holds a checkpoint of {stored.get('model')} "
+                        f"{stored.get('model_options')} (step {step}), not of {model} "
+                        f"{_json_normal(options)}; choose another --workdir")
 
 
 def newest_metadata(mngr: ocp.CheckpointManager, workdir: str) -> Tuple[Optional[int], Dict]:
@@ -393,7 +410,10 @@ def check_config_unchanged(workdir: str, config, allow_change: bool = False) -> 
         return
     with checkpoint.manager(workdir, read_only=True) as mngr:
         step, stored = newest_metadata(mngr, workdir)
-    changes = config_changes(stored, config) if step is not None else []
+    if step is None:
+        return
+    check_model(workdir, step, stored, config.model, dict(config.model_options))
+    changes = config_changes(stored, config)
     if changes and not allow_change:
         raise UserError(f"workdir {workdir!r} (step {step}) was trained with another config: "
                         f"{'; '.join(changes)}; rerun with the same config, choose another "
@@ -408,11 +428,7 @@ def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict) -> List
     step, stored = newest_metadata(mngr, workdir)
     if step is None:
         return mngr.all_steps()
-    mine = (meta["model"], _json_normal(meta["model_options"]))
-    theirs = (stored.get("model"), stored.get("model_options"))
-    if mine != theirs:
-        raise UserError(f"workdir {workdir!r} holds a checkpoint of {theirs[0]} {theirs[1]} "
-                        f"(step {step}), not of {mine[0]} {mine[1]}; choose another --workdir")
+    check_model(workdir, step, stored, meta["model"], meta["model_options"])
     if stored.get("classes") and stored["classes"] != meta["classes"]:
         sources.check_classes("the data of this run", meta["classes"], stored["classes"],
                               f"workdir {workdir!r} (step {step})'s")
