@@ -148,7 +148,8 @@ def verify(directory: str, step: int, meta: Dict, **items) -> None:
                 if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
                     raise DamagedCheckpoint(
                         f"checkpoint {directory!r} step {step} holds non-finite numbers in "
-                        f"{name}{jax.tree_util.keystr(path)}: damaged, or saved from a diverged run")
+                        f"{name}{jax.tree_util.keystr(path)}: damaged, or saved from a diverged "
+                        "run")
 
 
 def restore_checked(mngr: ocp.CheckpointManager, directory: str, step: int, meta: Dict,
@@ -160,13 +161,13 @@ def restore_checked(mngr: ocp.CheckpointManager, directory: str, step: int, meta
             **{name: ocp.args.StandardRestore(t) for name, t in targets.items()}))
     except Exception as e:  # tensorstore and orbax raise many kinds for a damaged file
         raise DamagedCheckpoint(f"checkpoint {directory!r} step {step} is damaged: it cannot be "
-                                f"read ({_first_line(e)})") from None
+                                f"read ({first_line(e)})") from None
     restored = {name: restored[name] for name in targets}
     verify(directory, step, meta, **restored)
     return restored
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The first line of the innermost cause: orbax wraps tensorstore's own message (which names
     the file and the fault) in one that prints a whole TensorStore spec."""
     while (e.__cause__ or e.__context__) is not None:
@@ -209,7 +210,7 @@ def read_metadata(directory: str, step: Optional[int] = None, mngr=None) -> Dict
             return _read_metadata(mngr, step)
     except Exception as e:
         raise DamagedCheckpoint(f"checkpoint {directory!r} step {step} is damaged: its metadata "
-                                f"cannot be read ({_first_line(e)})") from None
+                                f"cannot be read ({first_line(e)})") from None
 
 
 def _read_metadata(mngr, step) -> Dict:
@@ -236,7 +237,7 @@ def stored_shapes(directory: str, step: int) -> Dict[str, Tuple[int, ...]]:
             tree = mngr.item_metadata(step)["model"]
     except Exception as e:
         raise DamagedCheckpoint(f"checkpoint {directory!r} step {step} is damaged: the layout of "
-                                f"its weights cannot be read ({_first_line(e)})") from None
+                                f"its weights cannot be read ({first_line(e)})") from None
     if tree is None:
         raise UserError(f"checkpoint {directory!r} step {step} holds no model weights")
     return _flat_shapes(tree)

@@ -92,8 +92,8 @@ def evaluate_batches(eval_step, variables, batches, progress: Optional[Callable]
                      total: int = 0, progress_every: int = 5) -> Dict:
     """{'top1', 'top5', 'loss', 'count', 'correct_top1', 'correct_top5'} over (images, labels,
     mask) batches; NonFiniteOutput if any image gets a NaN or infinite logit or loss, since no
-    accuracy is then right. Sums stay on device (the host queues the next batch while one runs, two at
-    most: `parallel.InFlight`); the host waits otherwise only for `progress(done, total,
+    accuracy is then right. Sums stay on device (the host queues the next batch while one runs,
+    two at most: `parallel.InFlight`); the host waits otherwise only for `progress(done, total,
     seconds)`, every `progress_every` batches, and at the end."""
     totals, start, done, reported = None, time.perf_counter(), 0, True
     in_flight = parallel.InFlight()
@@ -135,8 +135,8 @@ def evaluate(loaded: checkpoint.LoadedModel, dataset: sources.Dataset, batch_siz
                                   padded_batches(dataset.images, dataset.labels, batch_size),
                                   progress, len(dataset), progress_every)
     except NonFiniteOutput as e:
-        raise NonFiniteOutput(f"checkpoint {loaded.directory!r} step {loaded.step} on {dataset.name}: "
-                              f"{e}; no score reported: the checkpoint is damaged or its run "
+        raise NonFiniteOutput(f"checkpoint {loaded.directory!r} step {loaded.step} on "
+                              f"{dataset.name}: {e}; no score reported: the checkpoint is damaged or its run "
                               "diverged") from None
     return dict(result, seconds=round(time.perf_counter() - start, 3))
 

@@ -231,7 +231,7 @@ class Data:
     val: Callable[[], Iterator]  # -> (images, labels, mask) batches over the validation split
     test: Optional[Callable[[], Iterator]]  # evaluated once at the end, if held apart from val
     normalization: checkpoint.Normalization
-    classes: Tuple[str, ...]  # the training split's, by name; every other split is checked against it
+    classes: Tuple[str, ...]  # the training split's, by name; the other splits are checked by it
     image_size: int
     description: str
 
@@ -316,9 +316,10 @@ def _writing(mngr, step: int):
     try:
         yield
     except Exception as e:
-        raise WriteFailed(f"could not write the checkpoint of step {step} in {str(mngr.directory)!r} "
-                        f"({checkpoint._first_line(e)}); the steps saved before it are kept; free "
-                        "space or fix permissions and rerun the same command to resume") from None
+        raise WriteFailed(f"could not write the checkpoint of step {step} in "
+                          f"{str(mngr.directory)!r} ({checkpoint.first_line(e)}); the steps saved "
+                          "before it are kept; free space or fix permissions and rerun the same "
+                          "command to resume") from None
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: TrainState) -> TrainState:
@@ -331,7 +332,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: TrainState) -> Train
     return target.replace(**restored["train"], **restored["model"], warmup_error=fresh)
 
 
-def resume(mngr: ocp.CheckpointManager, steps, target: TrainState) -> Tuple[Optional[TrainState], List[int]]:
+def resume(mngr: ocp.CheckpointManager, steps,
+           target: TrainState) -> Tuple[Optional[TrainState], List[int]]:
     """(the state of the newest intact step among `steps`, the damaged steps newer than it): a
     damaged step is reported in one line and left in place, never deleted."""
     damaged = []

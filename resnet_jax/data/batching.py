@@ -44,7 +44,8 @@ def topk_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array, ks=(1, 5
     would rank it first); `nonfinite_rows` counts the former for the caller to refuse."""
     num_classes = logits.shape[-1]
     valid = (labels >= 0) & (labels < num_classes) & jnp.all(jnp.isfinite(logits), axis=-1)
-    label_logit = jnp.take_along_axis(logits, jnp.clip(labels, 0, num_classes - 1)[:, None], axis=-1)
+    index = jnp.clip(labels, 0, num_classes - 1)[:, None]
+    label_logit = jnp.take_along_axis(logits, index, axis=-1)
     classes = jnp.arange(num_classes)
     ahead = (logits > label_logit) | ((logits == label_logit) & (classes < labels[:, None]))
     rank = jnp.sum(ahead, axis=-1)  # 0 for the top prediction
