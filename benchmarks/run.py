@@ -127,9 +127,10 @@ class Net:
         import jax
         import numpy as np
         from resnet_jax import checkpoint, kernels, parallel, train
+        from resnet_jax.config import default_config
 
         self.name = name
-        self.config = train.default_config()
+        self.config = default_config()
         self.config.model = name
         self.mesh = parallel.make_mesh()
         self.model, _ = train.create_model(self.config, num_classes=10,

@@ -14,7 +14,7 @@ The paper's schedule compressed 8x (the recorded CPU experiment):
     --config.num_steps=8000 --config.lr_boundaries='(4000, 6000)'
 Real CIFAR-10 without internet: --config.data.source=folder:PATH (PATH/{train,test}/<class>/*.jpg).
 """
-from resnet_jax.train import default_config
+from resnet_jax.config import default_config
 
 WARMUP = ("resnet110", "resnet1202")
 

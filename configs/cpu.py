@@ -8,7 +8,7 @@ divided by 10 at 500 and 750: ResNet-20 reached 63.98 % on the JPEG copy's test 
 minutes on a busy 2-core machine (the command above). `cpu.py:tiny` is a 4/8/16-wide ResNet-20 on 512 synthetic images
 for 20 steps of 32: the smoke test, and what the tests start from.
 """
-from resnet_jax.train import default_config
+from resnet_jax.config import default_config
 
 
 def get_config(arg: str = "resnet20"):

@@ -19,7 +19,7 @@ The data: tfds imagenet2012 prepared once in ArrayRecord format (tfds build imag
 host by random access; each process decodes only its own rows of a batch. bf16 for TPU and GPU:
 --config.compute_dtype=bfloat16.
 """
-from resnet_jax.train import default_config
+from resnet_jax.config import default_config
 
 
 def get_config(arg: str = "resnet50"):

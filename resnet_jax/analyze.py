@@ -19,9 +19,9 @@ Choices the paper leaves open, with their defaults:
   --num_images     the whole split.
 """
 
-if __name__ == "__main__":  # before the imports below, while a restart costs nothing (preload)
-    from resnet_jax import preload
-    preload.use_tcmalloc()
+if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), before any import
+    from resnet_jax import cli
+    cli.start("analyze")
 
 import csv
 import dataclasses
@@ -39,9 +39,9 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from resnet_jax import checkpoint, kernels, parallel
+from resnet_jax import checkpoint, cli, kernels, parallel
 from resnet_jax.kernels import cpu
 from resnet_jax.data import sources
 from resnet_jax.data.batching import padded_batches
@@ -202,6 +202,15 @@ def _node(tree, parts: Sequence[str]):
     return functools.reduce(lambda node, name: node[name], parts, tree)
 
 
+def check_finite(rows: List[Dict], path: str, step: int) -> None:
+    """A NaN or infinite std would draw a wrong figure: refuse, naming the checkpoint and layer."""
+    bad = [r for r in rows if not (math.isfinite(r["std"]) and math.isfinite(r["mean"]))]
+    if bad:
+        raise UserError(f"checkpoint {path!r} step {step}: the response of {bad[0]['layer']} "
+                        f"has std {bad[0]['std']} ({len(bad)} of {len(rows)} layers not finite); "
+                        "nothing written: the checkpoint is damaged or its run diverged")
+
+
 def response_statistics(model, variables, normalization: Callable, images: np.ndarray,
                         settings: Settings = Settings()) -> List[Dict]:
     """Figure 7's numbers for one network: a row per 3x3 layer (see `layer_rows`)."""
@@ -308,6 +317,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
                       checkpoint.load_model(run.path, s, run.loaded.model.kernels))
             rows = layer_rows(stream_moments(fn, loaded.variables, images, settings),
                               loaded.variables["params"], settings)
+            check_finite(rows, run.path, s)
             history.setdefault(run.label, {})[s] = rows
         results[run.label] = history[run.label][run.loaded.step]
 
@@ -413,8 +423,5 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    cli.absl_run(main, __name__)
 
-
-if __name__ == "__main__":
-    run()

@@ -26,6 +26,10 @@ from resnet_jax.models import XLA, Kernels
 ITEMS = ("model", "train", "metadata")
 
 
+class DamagedCheckpoint(UserError):
+    """A step whose files are missing, unreadable, or changed since they were written."""
+
+
 @dataclasses.dataclass
 class Normalization:
     """Input preprocessing stored with the weights: x = (pixels / 255 - mean) / std, per channel
@@ -53,6 +57,7 @@ class LoadedModel:
     normalization: Normalization
     metadata: Dict[str, Any]
     step: int
+    directory: str = ""
 
 
 def _path(directory) -> epath.Path:
@@ -89,12 +94,87 @@ def save_model(directory: str, variables, *, model_name: str, model_options: Dic
     if _path(directory).exists() and any(_path(directory).iterdir()):
         raise UserError(f"output directory {directory!r} is not empty; choose a new --out")
     meta = metadata(model_name, model_options, normalization, extra)
+    model = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     with manager(directory, async_save=False) as mngr:
         mngr.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave({"params": variables["params"],
-                                         "batch_stats": variables.get("batch_stats", {})}),
-            metadata=ocp.args.JsonSave(meta)))
+            model=ocp.args.StandardSave(model),
+            metadata=ocp.args.JsonSave(with_checksums(meta, model=model))))
     return directory
+
+
+def checksums(tree) -> Dict[str, int]:
+    """{path: a 32-bit hash of the array's bits}, computed where the arrays are (one jitted pass,
+    no copy to the host). Each element's bits are multiplied by an odd weight of its position
+    and summed modulo 2**32, so any change of one element (a flipped bit included) changes it."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    hashes = jax.device_get(_hashes([x for _, x in leaves]))
+    return {jax.tree_util.keystr(path): int(h) for (path, _), h in zip(leaves, hashes)}
+
+
+@jax.jit
+def _hashes(arrays):
+    def one(x):
+        x = jnp.ravel(jnp.asarray(x))
+        if x.dtype == jnp.bool_:
+            bits = x.astype(jnp.uint32)
+        elif x.dtype.itemsize < 4:
+            unsigned = jnp.uint8 if x.dtype.itemsize == 1 else jnp.uint16
+            bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+        else:
+            bits = jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
+        weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
+        return jnp.sum(bits * weights, dtype=jnp.uint32)
+    return [one(x) for x in arrays]
+
+
+def with_checksums(meta: Dict, **items) -> Dict:
+    """`meta` plus the checksums of the items saved beside it, for `verify` at restore."""
+    return dict(meta, checksums={name: checksums(tree) for name, tree in items.items()})
+
+
+def verify(directory: str, step: int, meta: Dict, **items) -> None:
+    """DamagedCheckpoint unless the restored `items` hash as they did when saved; a checkpoint
+    written without checksums is at least checked to hold only finite numbers."""
+    stored = meta.get("checksums") or {}
+    for name, tree in items.items():
+        if name in stored:
+            mine = checksums(tree)
+            bad = [k for k in stored[name] if mine.get(k) != stored[name][k]]
+            if bad:
+                raise DamagedCheckpoint(f"checkpoint {directory!r} step {step} is damaged: "
+                                        f"{len(bad)} arrays of its {name!r} item differ from what "
+                                        f"was saved (first {bad[0]})")
+        else:
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+                if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
+                    raise DamagedCheckpoint(
+                        f"checkpoint {directory!r} step {step} holds non-finite numbers in "
+                        f"{name}{jax.tree_util.keystr(path)}: damaged, or saved from a diverged "
+                        "run")
+
+
+def restore_checked(mngr: ocp.CheckpointManager, directory: str, step: int, meta: Dict,
+                    targets: Dict[str, Any]) -> Dict[str, Any]:
+    """The StandardRestore of each item in `targets`, verified; a file that is missing, truncated
+    or unreadable, or an array that changed, is a DamagedCheckpoint naming the step."""
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.StandardRestore(t) for name, t in targets.items()}))
+    except Exception as e:  # tensorstore and orbax raise many kinds for a damaged file
+        raise DamagedCheckpoint(f"checkpoint {directory!r} step {step} is damaged: it cannot be "
+                                f"read ({first_line(e)})") from None
+    restored = {name: restored[name] for name in targets}
+    verify(directory, step, meta, **restored)
+    return restored
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of the innermost cause: orbax wraps tensorstore's own message (which names
+    the file and the fault) in one that prints a whole TensorStore spec."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{e.__class__.__name__}: {line[:240]}"
 
 
 def metadata(model_name, model_options, normalization: Normalization, extra=None) -> Dict:
@@ -104,8 +184,11 @@ def metadata(model_name, model_options, normalization: Normalization, extra=None
 
 
 def latest_step(directory: str, step: Optional[int] = None) -> int:
-    if not _path(directory).is_dir():
+    if not _path(directory).exists():
         raise UserError(f"checkpoint directory {directory!r} does not exist")
+    if not _path(directory).is_dir():
+        raise UserError(f"checkpoint {directory!r} is a file; pass the directory that holds the "
+                        "numbered steps (a training workdir or the --out of resnet_jax.convert)")
     with manager(directory, read_only=True) as mngr:
         steps = mngr.all_steps()
     if not steps:
@@ -118,10 +201,24 @@ def latest_step(directory: str, step: Optional[int] = None) -> int:
     return step
 
 
-def read_metadata(directory: str, step: Optional[int] = None) -> Dict:
-    step = latest_step(directory, step)
-    with manager(directory, read_only=True) as mngr:
-        return mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+def read_metadata(directory: str, step: Optional[int] = None, mngr=None) -> Dict:
+    """The step's metadata item (the latest step's by default); DamagedCheckpoint if unreadable."""
+    step = latest_step(directory, step) if step is None or mngr is None else step
+    try:
+        if mngr is not None:
+            return _read_metadata(mngr, step)
+        with manager(directory, read_only=True) as mngr:
+            return _read_metadata(mngr, step)
+    except Exception as e:
+        raise DamagedCheckpoint(f"checkpoint {directory!r} step {step} is damaged: its metadata "
+                                f"cannot be read ({first_line(e)})") from None
+
+
+def _read_metadata(mngr, step) -> Dict:
+    meta = mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise ValueError("no model name in it")
+    return meta
 
 
 def abstract_variables(model: nn.Module, image_size: int = 32):
@@ -136,8 +233,12 @@ def stored_shapes(directory: str, step: int) -> Dict[str, Tuple[int, ...]]:
     """{'params/stage2/blocks/conv1/kernel': shape, ...} of the `model` item, read from orbax's
     item metadata without restoring any array."""
     handlers = {"model": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
-    with manager(directory, read_only=True, item_handlers=handlers) as mngr:
-        tree = mngr.item_metadata(step)["model"]
+    try:
+        with manager(directory, read_only=True, item_handlers=handlers) as mngr:
+            tree = mngr.item_metadata(step)["model"]
+    except Exception as e:
+        raise DamagedCheckpoint(f"checkpoint {directory!r} step {step} is damaged: the layout of "
+                                f"its weights cannot be read ({first_line(e)})") from None
     if tree is None:
         raise UserError(f"checkpoint {directory!r} step {step} holds no model weights")
     return _flat_shapes(tree)
@@ -193,16 +294,20 @@ def load_model(directory: str, step: Optional[int] = None,
             f"first {'; '.join(problems[:3])}")
     try:
         with manager(directory, read_only=True) as mngr:
-            restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-    except (ValueError, KeyError) as e:
-        raise UserError(f"checkpoint {directory!r} step {step} does not fit model {meta['model']!r} "
-                        f"({str(e).splitlines()[0][:200]})") from None
+            restored = restore_checked(mngr, directory, step, meta, dict(model=target))
+    except DamagedCheckpoint as e:
+        with manager(directory, read_only=True) as mngr:
+            others = [s for s in mngr.all_steps() if s != step]
+        hint = f"pass --step with one of {others}" if others else "no other step to use"
+        raise DamagedCheckpoint(f"{e}; {hint}") from None
     return LoadedModel(model, dict(restored["model"]), Normalization.from_json(meta["normalization"]),
-                       meta, step)
+                       meta, step, str(directory))
 
 
 class _QuietOrbax(logging.Filter):
-    """Drops orbax's progress chatter and its notes that a directory opened read-only is read-only."""
+    """Drops orbax's progress chatter, its notes that a directory opened read-only is read-only,
+    and the tracebacks its background threads log when a save fails: the failure reaches the
+    caller as an exception too, which the CLIs report in one line."""
 
     NOTES = ("Given directory is read only", "read_only=True, setting save_interval_steps",
              "was found in the checkpoint, but could not be restored")
@@ -210,7 +315,7 @@ class _QuietOrbax(logging.Filter):
     def filter(self, record):
         if not record.pathname or "orbax" not in record.pathname:
             return True
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING or record.levelno >= logging.ERROR:
             return False
         return not any(note in record.getMessage() for note in self.NOTES)
 

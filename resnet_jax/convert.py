@@ -14,17 +14,24 @@ Names are matched block by block (`layout.unstack_blocks`), then stacked as the 
 `.npz` is read with numpy (never pickle); `.pt/.pth/.th` only through torch with
 `weights_only=True`, so an untrusted file cannot run code either way.
 """
+
+if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), before any import
+    from resnet_jax import cli
+    cli.start("convert")
+
 import ast
 import os
 import re
+import zipfile
+import zlib
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import traverse_util
 
 import resnet_jax
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, cli
 from resnet_jax.errors import UserError, exit_on_user_error
 from resnet_jax.models import layout
 from resnet_jax.models.cifar import CifarResNet
@@ -52,8 +59,9 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
         except ValueError as e:  # object arrays need pickle, which we refuse
             raise UserError(f"cannot read {path!r} without pickle ({e}); save plain arrays with "
                             "numpy.savez") from None
-        except (OSError, EOFError) as e:
-            raise UserError(f"{path!r} is not a readable .npz ({e})") from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated or damaged
+            raise UserError(f"{path!r} is not a readable .npz ({e.__class__.__name__}: {e}); "
+                            "write it again with numpy.savez") from None
     elif path.endswith(TORCH_SUFFIXES):
         state = _read_torch(path)
     else:
@@ -249,8 +257,5 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    cli.absl_run(main, __name__)
 
-
-if __name__ == "__main__":
-    run()

@@ -1,18 +1,32 @@
 """One exception for every user mistake; the CLIs print it as one line and exit non-zero."""
 import contextlib
+import os
 import sys
 
 
 class UserError(Exception):
-    """Bad input: a message that names the problem and the fix, never a traceback."""
+    """Bad input: a message that names the problem and the fix, never a traceback. Several
+    problems found at once (a config's) go one per line."""
+
+    # True where background threads (orbax's, tensorboard's) still hold failed writes whose
+    # tracebacks would follow the message at interpreter exit: the CLI then exits at once.
+    exit_at_once = False
 
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """Wrap a CLI's main: a UserError (or an unknown model) becomes `error: ...` and exit 2."""
+    """Wrap a CLI's main: a UserError (or an unknown model) becomes `error: ...` per line and
+    exit 2; Ctrl-C outside training (which saves and exits 0) becomes one line and exit 130."""
     from resnet_jax.models.registry import UnknownModelError
     try:
         yield
     except (UserError, UnknownModelError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        for line in str(e).splitlines() or [e.__class__.__name__]:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        if getattr(e, "exit_at_once", False):
+            sys.stdout.flush()
+            os._exit(2)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(130)

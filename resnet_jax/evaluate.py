@@ -8,34 +8,55 @@ padded and masked. Inputs are normalised as the checkpoint's metadata says, so c
 (ImageNet mean/std) and nets trained here (the paper's per-pixel mean) need no flag.
 """
 
-if __name__ == "__main__":  # before the imports below, while a restart costs nothing (preload)
-    from resnet_jax import preload
-    preload.use_tcmalloc()
+if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), before any import
+    from resnet_jax import cli
+    cli.start("evaluate")
 
 import json
 import os
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 
-from resnet_jax import checkpoint, kernels, parallel
+from resnet_jax import checkpoint, cli, kernels, parallel
 from resnet_jax.kernels import cpu
 from resnet_jax.data import sources
-from resnet_jax.data.batching import padded_batches, topk_correct
+from resnet_jax.data.batching import nonfinite_rows, padded_batches, topk_correct
 from resnet_jax.errors import UserError, exit_on_user_error
 
 
-def _check_fits(loaded: checkpoint.LoadedModel, dataset: sources.Dataset):
+class NonFiniteOutput(UserError):
+    """The model gave NaN or infinite logits or loss: any accuracy would be wrong."""
+
+
+def model_classes(loaded: checkpoint.LoadedModel) -> Optional[Tuple[str, ...]]:
+    """The class list the checkpoint was trained on (None for converted weights, which do not
+    record it: then only the number of classes is checked)."""
+    classes = loaded.metadata.get("classes")
+    return tuple(classes) if classes else None
+
+
+def check_fits(loaded: checkpoint.LoadedModel, dataset: sources.Dataset):
+    """Labels and image size against the model, before any batch runs."""
     num_classes = getattr(loaded.model, "num_classes", None)
-    if num_classes is not None and dataset.labels.size and int(dataset.labels.max()) >= num_classes:
-        raise UserError(f"{dataset.name} has label {int(dataset.labels.max())} but the model has "
+    classes = model_classes(loaded)
+    if classes is not None:
+        sources.check_classes(dataset.name, dataset.classes, classes)
+    elif num_classes is not None and dataset.num_classes != num_classes:
+        raise UserError(f"{dataset.name} has {dataset.num_classes} classes but the model has "
+                        f"{num_classes}; evaluate on data with the checkpoint's classes")
+    if num_classes is not None and dataset.labels.size and (
+            int(dataset.labels.max()) >= num_classes or int(dataset.labels.min()) < 0):
+        bad = int(dataset.labels.max()) if int(dataset.labels.max()) >= num_classes \
+            else int(dataset.labels.min())
+        raise UserError(f"{dataset.name} has label {bad} but the model has "
                         f"{num_classes} classes; evaluate on data with the checkpoint's classes")
     mean = np.asarray(loaded.normalization.mean)
     if mean.ndim == 3 and mean.shape != dataset.images.shape[1:]:
@@ -61,7 +82,8 @@ def make_eval_step(model, mesh, normalization: checkpoint.Normalization):
             logits = model.apply(variables, x, train=False)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return dict(loss_sum=jnp.sum(jnp.where(mask, loss, 0.0)),
-                    count=jnp.sum(mask, dtype=jnp.int32), **topk_correct(logits, labels, mask))
+                    count=jnp.sum(mask, dtype=jnp.int32), **topk_correct(logits, labels, mask),
+                    nonfinite=nonfinite_rows(logits, loss, mask))
 
     rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     return jax.jit(eval_fn, in_shardings=(rep, batch, batch, batch), out_shardings=rep)
@@ -70,8 +92,9 @@ def make_eval_step(model, mesh, normalization: checkpoint.Normalization):
 def evaluate_batches(eval_step, variables, batches, progress: Optional[Callable] = None,
                      total: int = 0, progress_every: int = 5) -> Dict:
     """{'top1', 'top5', 'loss', 'count', 'correct_top1', 'correct_top5'} over (images, labels,
-    mask) batches. Sums stay on device (the host queues the next batch while one runs, two at
-    most: `parallel.InFlight`); the host waits otherwise only for `progress(done, total,
+    mask) batches; NonFiniteOutput if any image gets a NaN or infinite logit or loss, since no
+    accuracy is then right. Sums stay on device (the host queues the next batch while one runs,
+    two at most: `parallel.InFlight`); the host waits otherwise only for `progress(done, total,
     seconds)`, every `progress_every` batches, and at the end."""
     totals, start, done, reported = None, time.perf_counter(), 0, True
     in_flight = parallel.InFlight()
@@ -88,6 +111,9 @@ def evaluate_batches(eval_step, variables, batches, progress: Optional[Callable]
     if progress and not reported:
         progress(done, total, time.perf_counter() - start)
     count = int(totals["count"])
+    if int(totals["nonfinite"]):
+        raise NonFiniteOutput(f"{int(totals['nonfinite'])} of {count} images got non-finite "
+                              "logits or loss (NaN/Inf weights)")
     return dict(top1=int(totals["top1"]) / max(count, 1), top5=int(totals["top5"]) / max(count, 1),
                 loss=float(totals["loss_sum"]) / max(count, 1), count=count,
                 correct_top1=int(totals["top1"]), correct_top5=int(totals["top5"]))
@@ -99,15 +125,20 @@ def evaluate(loaded: checkpoint.LoadedModel, dataset: sources.Dataset, batch_siz
     """{'top1', 'top5' (fractions), 'loss', 'count', 'correct_top1', 'correct_top5', 'seconds'}
     of `loaded` on every image of `dataset`, over all local devices (the batch is rounded up to
     a multiple of their number); `progress(done, total, seconds)` about every `progress_every`
-    batches."""
-    _check_fits(loaded, dataset)
+    batches. Non-finite outputs are a UserError naming the checkpoint's step."""
+    check_fits(loaded, dataset)
     mesh = parallel.make_mesh(jax.local_devices())
     batch_size = -(-batch_size // mesh.size) * mesh.size
     eval_step = make_eval_step(loaded.model, mesh, loaded.normalization)
     start = time.perf_counter()
-    result = evaluate_batches(eval_step, loaded.variables,
-                              padded_batches(dataset.images, dataset.labels, batch_size),
-                              progress, len(dataset), progress_every)
+    try:
+        result = evaluate_batches(eval_step, loaded.variables,
+                                  padded_batches(dataset.images, dataset.labels, batch_size),
+                                  progress, len(dataset), progress_every)
+    except NonFiniteOutput as e:
+        raise NonFiniteOutput(f"checkpoint {loaded.directory!r} step {loaded.step} on "
+                              f"{dataset.name}: {e}; no score reported: the checkpoint is damaged or its run "
+                              "diverged") from None
     return dict(result, seconds=round(time.perf_counter() - start, 3))
 
 
@@ -158,7 +189,8 @@ def main(argv):
         image_size = loaded.metadata.get("image_size", 32)
         dataset = sources.load(FLAGS.data, FLAGS.split, data_dir=FLAGS.data_dir,
                                image_size=image_size,
-                               num_classes=getattr(loaded.model, "num_classes", 10))
+                               num_classes=getattr(loaded.model, "num_classes", 10),
+                               classes=model_classes(loaded))
         result = evaluate(loaded, dataset, FLAGS.batch_size)
         result.update(checkpoint=os.path.abspath(FLAGS.checkpoint), step=loaded.step,
                       model=loaded.metadata["model"], data=FLAGS.data, split=FLAGS.split)
@@ -171,8 +203,5 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    cli.absl_run(main, __name__)
 
-
-if __name__ == "__main__":
-    run()

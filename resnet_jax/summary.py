@@ -4,6 +4,11 @@ the paper's Table 1 and Fig. 3, computed from the modules rather than typed in.
     python -m resnet_jax.summary vgg19 plain34 resnet34
     python -m resnet_jax.summary resnet20 resnet56 --image-size 32 --json
 """
+
+if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), before any import
+    from resnet_jax import cli
+    cli.start("summary")
+
 import collections
 import dataclasses
 import json
@@ -16,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 import resnet_jax
+from resnet_jax import cli
 from resnet_jax.errors import exit_on_user_error
 from resnet_jax.models import layout
 from resnet_jax.models.layers import Stage
@@ -131,8 +137,5 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    cli.absl_run(main, __name__)
 
-
-if __name__ == "__main__":
-    run()

@@ -16,13 +16,17 @@ The loop: resume from the latest complete checkpoint in the workdir (refusing on
 model), feed batches that depend only on (seed, step), log every `log_every` steps (the only
 host syncs, besides evaluation), evaluate and save asynchronously every `checkpoint_every` steps
 and at the end, keep the latest K plus the best by validation top-1. SIGTERM (a preempted TPU VM)
-saves and exits 0; a NaN/Inf loss stops before anything non-finite is saved.
+and Ctrl-C save and exit 0; a NaN/Inf loss or validation output stops before anything
+non-finite is saved. The config is checked whole (`resnet_jax.config.validate`) before any data
+loads; a damaged latest checkpoint is reported and the newest intact one resumed; a workdir
+written with another data set, batch or schedule is refused unless --allow_config_change.
 """
 
-if __name__ == "__main__":  # before the imports below, while a restart costs nothing (preload)
-    from resnet_jax import preload
-    preload.use_tcmalloc()
+if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), before any import
+    from resnet_jax import cli
+    cli.start("train")
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -30,10 +34,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import flax
 import jax
@@ -47,9 +52,10 @@ from absl import logging as absl_logging
 
 import resnet_jax
 import resnet_jax.kernels
-from resnet_jax import checkpoint, parallel
+from resnet_jax import checkpoint, cli, parallel
+from resnet_jax import config as config_lib
 from resnet_jax.data import pipeline, sources
-from resnet_jax.evaluate import evaluate_batches, make_eval_step
+from resnet_jax.evaluate import NonFiniteOutput, evaluate_batches, make_eval_step
 from resnet_jax.errors import UserError, exit_on_user_error
 from resnet_jax.kernels import cpu
 from resnet_jax.models import XLA, Kernels
@@ -57,58 +63,6 @@ from resnet_jax.models import XLA, Kernels
 BEST_METRIC = "val_top1"
 # The console: the trainer's own lines at INFO; orbax and jax (absl logging) only warnings.
 log = logging.getLogger("resnet_jax.train")
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Every knob of the trainer with the paper's CIFAR-10 values (Sec. 4.2); the files in configs/
-    start from this and change what their recipe changes."""
-    c = ml_collections.ConfigDict()
-    c.model = "resnet56"
-    # Passed to resnet_jax.create_model; a config lists the ones its nets take so overrides are
-    # checked (--config.model_options.shortcut=B).
-    c.model_options = ml_collections.ConfigDict(dict(shortcut="A", widths=(16, 32, 64),
-                                                     zero_init_last=False))
-    c.data = ml_collections.ConfigDict(dict(
-        source="cifar10",    # tfds name, folder:PATH or synthetic[:N]
-        data_dir="",         # tfds data_dir ('' = tfds's default)
-        train_split="train",
-        test_split="test",
-        holdout=0,           # 5000: train on 45k, validate on the other 5k (the paper's split for
-                             # choosing the schedule); 0: train on all 50k, validate on test
-        pad=4,               # pad-and-crop pixels; 0 turns augmentation off
-        pipeline="device",   # the split in device memory, augmented there; 'host' for ImageNet
-    ))
-    c.seed = 0
-    c.batch_size = 128       # global, over all devices and processes
-    c.eval_batch_size = 512
-    c.num_steps = 64_000
-    # Learning rate: lr * lr_decay ** (number of boundaries passed), times the plateau factor.
-    c.lr = 0.1
-    c.lr_boundaries = (32_000, 48_000)
-    c.lr_decay = 0.1
-    c.lr_plateau_patience = 0  # > 0: also divide when val top-1 error has not improved by
-    c.lr_plateau_min_delta = 0.001  # this much for that many evaluations (ImageNet, Sec. 3.4)
-    # ResNet-110/1202's warm-up (Sec. 4.2): warmup_lr until the training error falls below
-    # warmup_until_error, then the schedule. 0 turns it off. The training error is the batches'
-    # running mean (weight warmup_smoothing on the past, ~20 batches): one lucky batch of 128 ended
-    # ResNet-110's warm-up at step 15, and lr 0.1 then sent its loss from 2.3 to 2.9 (the paper's
-    # warm-up lasts "about 400 iterations").
-    c.warmup_lr = 0.0
-    c.warmup_until_error = 0.8
-    c.warmup_smoothing = 0.95
-    c.momentum = 0.9
-    c.weight_decay = 1e-4
-    # 'all': every parameter, BN scale and bias included, as the paper's Caffe/Torch code and the
-    # PyTorch reference run do (an L2 term on all weights); 'kernels': conv and dense kernels only.
-    c.weight_decay_on = "all"
-    c.bn_group_size = 0      # 0: BN over the global batch; G: over groups of G images (see above)
-    c.compute_dtype = "float32"  # 'bfloat16' for TPU/GPU: activations in bf16, params in f32
-    c.log_every = 100
-    c.checkpoint_every = 2000  # evaluate and save
-    c.keep_checkpoints = 3
-    c.keep_best = 1
-    c.lock()
-    return c
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -160,8 +114,6 @@ def decay_mask(config, params):
 def optimizer(config) -> optax.GradientTransformation:
     """PyTorch's SGD: g + wd * w into a momentum buffer (no dampening); the step multiplies by -lr
     itself, so the learning rate can depend on state (warm-up, plateaus)."""
-    if config.weight_decay_on not in ("all", "kernels"):
-        raise UserError(f"weight_decay_on must be 'all' or 'kernels', not {config.weight_decay_on!r}")
     return optax.chain(optax.add_decayed_weights(config.weight_decay, functools.partial(decay_mask, config)),
                        optax.trace(decay=config.momentum))
 
@@ -246,9 +198,6 @@ def make_train_step(config, model, mesh, normalization: checkpoint.Normalization
     """jit(state, uint8 images [B,H,W,3], int32 labels [B]) -> (state, metrics); the state is
     donated, the batch sharded along `data`, everything else replicated."""
     tx = optimizer(config)
-    if config.bn_group_size and config.batch_size % config.bn_group_size:
-        raise UserError(f"bn_group_size {config.bn_group_size} does not divide batch_size "
-                        f"{config.batch_size}")
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
     def step_fn(state: TrainState, images, labels):
@@ -286,7 +235,7 @@ class Data:
     val: Callable[[], Iterator]  # -> (images, labels, mask) batches over the validation split
     test: Optional[Callable[[], Iterator]]  # evaluated once at the end, if held apart from val
     normalization: checkpoint.Normalization
-    num_classes: int
+    classes: Tuple[str, ...]  # the training split's, by name; the other splits are checked by it
     image_size: int
     description: str
 
@@ -297,7 +246,7 @@ def load_splits(config) -> Tuple[sources.Dataset, sources.Dataset, Optional[sour
     d = config.data
     load = functools.partial(sources.load, d.source, data_dir=d.data_dir or None)
     train = load(d.train_split)
-    test = load(d.test_split)
+    test = load(d.test_split, classes=train.classes, whose=f"the {d.train_split!r} split's")
     if d.holdout:
         train, val = sources.holdout(train, d.holdout)
         return train, val, test
@@ -310,8 +259,6 @@ def make_data(config, mesh) -> Data:
     d = config.data
     if d.pipeline == "host":
         return _host_data(config, mesh)
-    if d.pipeline != "device":
-        raise UserError(f"data.pipeline must be 'device' or 'host', not {d.pipeline!r}")
     train, val, test = load_splits(config)
     evals = lambda ds: (lambda: pipeline.eval_batches(ds, config.eval_batch_size, mesh))
     return Data(
@@ -319,16 +266,14 @@ def make_data(config, mesh) -> Data:
                                    augment_images=d.pad > 0),
         val=evals(val), test=evals(test) if test is not None else None,
         normalization=checkpoint.Normalization(sources.mean_image(train.images)),
-        num_classes=train.num_classes, image_size=train.images.shape[1],
+        classes=train.classes, image_size=train.images.shape[1],
         description=f"train {train.name} ({len(train)}), val {val.name} ({len(val)})")
 
 
 def _host_data(config, mesh) -> Data:
     from resnet_jax.data import imagenet
     d = config.data
-    kind, name = sources.parse_source(d.source)
-    if kind != "tfds":
-        raise UserError(f"data.pipeline='host' reads tfds data sets, not {d.source!r}")
+    _, name = sources.parse_source(d.source)
     train = imagenet.data_source(d.train_split, d.data_dir or None, name)
     val = imagenet.data_source(d.test_split, d.data_dir or None, name)
     crop = dict(size=d.image_size, resize=d.eval_resize)
@@ -340,46 +285,192 @@ def _host_data(config, mesh) -> Data:
         test=None,
         normalization=checkpoint.Normalization(imagenet.mean_image(train, d.mean_images,
                                                                    threads=d.threads, **crop)),
-        num_classes=train.dataset_info.features["label"].num_classes,
+        classes=tuple(train.dataset_info.features["label"].names),
         image_size=d.image_size, description=f"train {name}:{d.train_split} ({len(train)}), "
                                              f"val {name}:{d.test_split} ({len(val)})")
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, meta: Dict, metrics: Dict) -> int:
-    """Start an asynchronous save of `state` at its step (returns once arrays are on the host)."""
+    """Start an asynchronous save of `state` at its step (returns once arrays are on the host),
+    with the checksums `restore` verifies."""
     step = int(jax.device_get(state.step))
     if step not in mngr.all_steps():
-        mngr.save(step, metrics=metrics, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(state.variables),
-            train=ocp.args.StandardSave(state.train_item()),
-            metadata=ocp.args.JsonSave(meta)))
+        meta = checkpoint.with_checksums(meta, model=state.variables, train=state.train_item())
+        with _writing(mngr, step):
+            mngr.save(step, metrics=metrics, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(state.variables),
+                train=ocp.args.StandardSave(state.train_item()),
+                metadata=ocp.args.JsonSave(meta)))
     return step
 
 
+def wait_for_saves(mngr: ocp.CheckpointManager, step: int) -> None:
+    with _writing(mngr, step):
+        mngr.wait_until_finished()
+
+
+class WriteFailed(UserError):
+    """The workdir stopped taking files (full, or made read-only) during training."""
+    exit_at_once = True
+
+
+@contextlib.contextmanager
+def _writing(mngr, step: int):
+    """A failed write (a full disk, a workdir made read-only) as one line; earlier steps stay."""
+    try:
+        yield
+    except Exception as e:
+        raise WriteFailed(f"could not write the checkpoint of step {step} in "
+                          f"{str(mngr.directory)!r} ({checkpoint.first_line(e)}); the steps saved "
+                          "before it are kept; free space or fix permissions and rerun the same "
+                          "command to resume") from None
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, target: TrainState) -> TrainState:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(target.variables),
-        train=ocp.args.StandardRestore(target.train_item())))
+    """The state saved at `step`, verified against its checksums (checkpoint.DamagedCheckpoint)."""
+    directory = str(mngr.directory)
+    meta = checkpoint.read_metadata(directory, step, mngr=mngr)
+    restored = checkpoint.restore_checked(mngr, directory, step, meta, dict(
+        model=target.variables, train=target.train_item()))
     fresh = jax.device_put(np.float32(1.0), target.warmup_error.sharding)  # not checkpointed
     return target.replace(**restored["train"], **restored["model"], warmup_error=fresh)
+
+
+def resume(mngr: ocp.CheckpointManager, steps,
+           target: TrainState) -> Tuple[Optional[TrainState], List[int]]:
+    """(the state of the newest intact step among `steps`, the damaged steps newer than it): a
+    damaged step is reported in one line and left in place, never deleted."""
+    damaged = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return restore(mngr, step, target), damaged
+        except checkpoint.DamagedCheckpoint as e:
+            damaged.append(step)
+            log.warning("%s; left in place, trying the step before it", e)
+    if damaged:
+        raise UserError(f"every checkpoint in {str(mngr.directory)!r} is damaged (steps "
+                        f"{sorted(damaged)}, see above); choose another --workdir")
+    return None, damaged
 
 
 def _json_normal(value):
     return json.loads(json.dumps(value))
 
 
-def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict) -> Optional[int]:
-    """The latest step to resume from, or None for a fresh workdir; refuses another model's."""
-    step = mngr.latest_step()
+# Config keys a resumed run may change: they do not change what is trained. The model is
+# compared on its own (`check_model`): another model is refused whatever the flags.
+FREE_TO_CHANGE = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "keep_best",
+                  "eval_batch_size", "data.data_dir")
+MODEL_KEYS = ("model", "model_options")
+
+
+def _flatten(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def config_changes(stored: Dict, config: ml_collections.ConfigDict) -> List[str]:
+    """['lr 0.1 -> 0.2', ...]: what differs between the config in a checkpoint's metadata and
+    `config`, but for FREE_TO_CHANGE and the model; none for converted weights (no config)."""
+    if not stored.get("config"):
+        return []
+    before = _flatten(_json_normal(stored["config"]))
+    now = _flatten(json.loads(config.to_json_best_effort()))
+    return [f"{key} {before.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
+            for key in sorted(set(before) | set(now))
+            if key not in FREE_TO_CHANGE and key.split(".")[0] not in MODEL_KEYS
+            and before.get(key) != now.get(key)]
+
+
+def check_model(workdir: str, step: int, stored: Dict, model: str, options: Dict) -> None:
+    """Refuses a workdir holding another model; `options` without num_classes (before the data
+    is loaded) compare with the stored ones without it too."""
+    theirs = dict(stored.get("model_options") or {})
+    if "num_classes" not in options:
+        theirs.pop("num_classes", None)
+    if (stored.get("model"), theirs) != (model, _json_normal(options)):
+        raise UserError(f"workdir {workdir!r} holds a checkpoint of {stored.get('model')} "
+                        f"{stored.get('model_options')} (step {step}), not of {model} "
+                        f"{_json_normal(options)}; choose another --workdir")
+
+
+def newest_metadata(mngr: ocp.CheckpointManager, workdir: str) -> Tuple[Optional[int], Dict]:
+    """(step, metadata) of the newest step whose metadata reads; (None, {}) if none does
+    (`resume` reports damaged steps)."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return step, checkpoint.read_metadata(workdir, step, mngr=mngr)
+        except checkpoint.DamagedCheckpoint:
+            continue
+    return None, {}
+
+
+def check_config_unchanged(workdir: str, config, allow_change: bool = False) -> None:
+    """Before any data loads: a workdir trained with another data set, batch, schedule or
+    optimizer is refused (naming each change) unless `allow_change`."""
+    if "://" not in workdir and not os.path.isdir(workdir):
+        return
+    with checkpoint.manager(workdir, read_only=True) as mngr:
+        step, stored = newest_metadata(mngr, workdir)
     if step is None:
-        return None
-    stored = mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-    mine = (meta["model"], _json_normal(meta["model_options"]))
-    theirs = (stored.get("model"), stored.get("model_options"))
-    if mine != theirs:
-        raise UserError(f"workdir {workdir!r} holds a checkpoint of {theirs[0]} {theirs[1]} (step "
-                        f"{step}), not of {mine[0]} {mine[1]}; choose another --workdir")
-    return step
+        return
+    check_model(workdir, step, stored, config.model, dict(config.model_options))
+    changes = config_changes(stored, config)
+    if changes and not allow_change:
+        raise UserError(f"workdir {workdir!r} (step {step}) was trained with another config: "
+                        f"{'; '.join(changes)}; rerun with the same config, choose another "
+                        "--workdir, or pass --allow_config_change to resume with this one")
+    if changes:
+        log.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
+
+
+def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict) -> List[int]:
+    """The workdir's steps (empty for a fresh workdir); refuses another model's, or one trained
+    on other classes."""
+    step, stored = newest_metadata(mngr, workdir)
+    if step is None:
+        return mngr.all_steps()
+    check_model(workdir, step, stored, meta["model"], meta["model_options"])
+    if stored.get("classes") and stored["classes"] != meta["classes"]:
+        sources.check_classes("the data of this run", meta["classes"], stored["classes"],
+                              f"workdir {workdir!r} (step {step})'s")
+    return mngr.all_steps()
+
+
+def prepare_workdir(workdir: str) -> None:
+    """A local workdir is created and must take a file: one line now instead of a traceback
+    after data loading and compilation."""
+    if "://" in workdir:
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir!r} is a file; name a directory")
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write in --workdir {workdir!r} ({e.strerror or e}); choose a "
+                        "writable directory") from None
+
+
+def check_free_space(workdir: str, variables, copies: int = 3) -> None:
+    """A checkpoint holds the weights, the momentum buffer and about a MiB of metadata: refuse
+    to start without room for `copies` of that (orbax writes the next before it removes the
+    oldest). A disk that fills later fails the save in one line (`_writing`)."""
+    if "://" in workdir:
+        return
+    arrays = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(variables))
+    need = copies * (2 * arrays + 2**20)
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        raise UserError(f"--workdir {workdir!r} has {free / 2**20:.0f} MiB free; checkpoints need "
+                        f"about {need / 2**20:.0f} MiB; free space or choose another workdir")
 
 
 class MetricWriter:
@@ -404,6 +495,14 @@ class MetricWriter:
     def write(self, step: int, scalars: Dict[str, float]):
         if not self.enabled:
             return
+        try:
+            self._write(step, scalars)
+        except OSError as e:
+            raise WriteFailed(f"cannot write metrics to {str(self.path)!r} ({e.strerror or e}); "
+                            "free space or fix permissions and rerun the same command to "
+                            "resume") from None
+
+    def _write(self, step: int, scalars: Dict[str, float]):
         line = json.dumps(dict(step=step, **scalars)) + "\n"
         if self.remote:
             self.lines += line
@@ -423,26 +522,38 @@ class MetricWriter:
 
 
 class Preemption:
-    """SIGTERM -> save and stop. Alone, a flag set by a handler; with several processes, JAX's
-    preemption sync point, so that every process stops at the same step."""
+    """SIGTERM or Ctrl-C (SIGINT) -> save and stop. Alone, a flag set by a handler (a second
+    Ctrl-C interrupts at once); with several processes, JAX's preemption sync point (SIGTERM), so
+    that every process stops at the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
+        self.requested: Optional[str] = None  # the signal's name
         self.multi = jax.process_count() > 1
-        self._previous = None if self.multi else signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {} if self.multi else {s: signal.signal(s, self._handle)
+                                                for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
     def reached(self, step: int) -> bool:
         if self.multi:
             from jax.experimental import multihost_utils
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.requested = "SIGTERM"
+        return bool(self.requested)
 
     def close(self):
-        if not self.multi:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def itstime(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action of period `every` (validated >= 1) falls after `step` steps;
+    the last step always (big_vision's utils.itstime)."""
+    return step == last or step % every == 0
 
 
 class TrainingDiverged(UserError):
@@ -460,51 +571,87 @@ def _hms(seconds: float) -> str:
 # The loop
 
 
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Every problem of the config (`resnet_jax.config.validate`) as one UserError, a line each."""
+    problems = config_lib.validate(config, num_devices)
+    if problems:
+        raise UserError("\n".join(problems))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       mesh: Optional[jax.sharding.Mesh] = None) -> Dict[str, Any]:
+                       mesh: Optional[jax.sharding.Mesh] = None,
+                       allow_config_change: bool = False) -> Dict[str, Any]:
     """Train `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics,
-    with 'preempted': True if SIGTERM stopped it."""
+    with 'preempted': True if SIGTERM or Ctrl-C stopped it. A workdir written with another
+    config is refused unless `allow_config_change`."""
     mesh = mesh or parallel.make_mesh()
-    parallel.check_batch_size(config.batch_size, mesh)
+    check_config(config, mesh.devices.size)
     create_model(config, num_classes=10)  # an unknown model or option fails before data loads
+    prepare_workdir(workdir)
+    check_config_unchanged(workdir, config, allow_config_change)
     parallel.check_shared_directory(workdir)
     main = parallel.is_main_process()
     data = make_data(config, mesh)
-    model, model_options = create_model(config, data.num_classes,
+    model, model_options = create_model(config, len(data.classes),
                                         resnet_jax.kernels.for_devices(mesh.devices.flat))
+    check_free_space(workdir, checkpoint.abstract_variables(model, data.image_size))
     meta = checkpoint.metadata(config.model, model_options, data.normalization, extra=dict(
-        image_size=data.image_size, dataset=config.data.source,
+        image_size=data.image_size, dataset=config.data.source, classes=list(data.classes),
         config=json.loads(config.to_json_best_effort())))
     if main:
         log.info("%s on %d devices (%d processes); %s", config.model, mesh.devices.size,
                  jax.process_count(), data.description)
 
-    with checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
-                            best_metric=BEST_METRIC, keep_best=config.keep_best) as mngr:
-        last_saved = check_workdir(mngr, workdir, meta)
+    mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
+                              best_metric=BEST_METRIC, keep_best=config.keep_best)
+    writer = preemption = None
+    try:
+        steps = check_workdir(mngr, workdir, meta)
         writer = MetricWriter(workdir, main)
         preemption = Preemption()
-        try:
-            return _loop(config, workdir, mesh, model, meta, data, mngr, last_saved, writer,
-                         preemption)
-        finally:
-            preemption.close()
-            writer.close()
+        result = _loop(config, workdir, mesh, model, meta, data, mngr, steps, writer, preemption)
+    except BaseException:
+        _close_all(preemption, writer, mngr, quietly=True)  # a second error would hide the first
+        raise
+    with _writing(mngr, result["step"]):
+        _close_all(preemption, writer, mngr)
+    return result
 
 
-def _loop(config, workdir, mesh, model, meta, data: Data, mngr, last_saved, writer, preemption):
+def _close_all(*things, quietly: bool = False):
+    for thing in things:
+        if thing is None:
+            continue
+        if quietly:
+            with contextlib.suppress(Exception):
+                thing.close()
+        else:
+            thing.close()
+
+
+def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, preemption):
     main = parallel.is_main_process()
     image_size = data.image_size
-    if last_saved is None:
+    state, damaged = resume(mngr, steps, abstract_state(config, model, mesh, image_size))
+    last_saved = None if state is None else int(jax.device_get(state.step))
+    if state is None:
         state = init_state(config, model, mesh, image_size)
-    else:
-        state = restore(mngr, last_saved, abstract_state(config, model, mesh, image_size))
-        if main:
-            log.info("resumed from %s step %d", workdir, last_saved)
+    elif main:
+        log.info("resumed from %s step %d%s", workdir, last_saved,
+                 f" (the damaged steps {damaged} are left in place)" if damaged else "")
     source = data.train
     train_step = make_train_step(config, model, mesh, data.normalization)
     eval_step = make_eval_step(model, mesh, data.normalization)
-    run_eval = lambda batches: evaluate_batches(eval_step, state.variables, batches())
+
+    def run_eval(batches, split: str):
+        try:
+            return evaluate_batches(eval_step, state.variables, batches())
+        except NonFiniteOutput as e:
+            wait_for_saves(mngr, step)
+            kept = f"the last good checkpoint (step {last_saved}) is kept" \
+                if last_saved is not None else "no checkpoint had been saved"
+            raise TrainingDiverged(f"{split} at step {step}: {e}; training stopped and {kept} "
+                                   f"in {workdir!r}") from None
 
     step = int(jax.device_get(state.step))
     warmup_logged = bool(jax.device_get(state.warmup_end) >= 0)
@@ -521,7 +668,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, last_saved, writ
         first = step - len(got) + 1
         for i, m in enumerate(got):
             if not np.isfinite(m["loss"]):
-                mngr.wait_until_finished()
+                wait_for_saves(mngr, step)
                 kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None \
                     else "no checkpoint had been saved"
                 raise TrainingDiverged(f"loss became {m['loss']} at step {first + i}; training "
@@ -551,7 +698,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, last_saved, writ
 
     def evaluate_and_save():
         nonlocal state, last_saved
-        val = run_eval(data.val)
+        val = run_eval(data.val, "validation")
         state = plateau(config, state, 1.0 - val["top1"], mesh)
         scalars = {f"val_{k}": v for k, v in val.items()}
         writer.write(step, scalars)
@@ -559,7 +706,12 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, last_saved, writ
         if main:
             log.info("step %d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f", step,
                      100 * val["top1"], 100 * val["top5"], val["loss"])
-        last_saved = save(mngr, state, meta, {BEST_METRIC: val["top1"]})
+        if step in damaged:  # orbax does not write over a step: that one stays as it was found
+            log.warning("step %d is not saved: the damaged checkpoint of that step is in the way "
+                        "(remove %s to let a run save it)", step,
+                        os.path.join(str(mngr.directory), str(step)))
+        else:
+            last_saved = save(mngr, state, meta, {BEST_METRIC: val["top1"]})
         clock_reset()
 
     def clock_reset():
@@ -574,33 +726,34 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, last_saved, writ
         in_flight.add(metrics)
         step += 1
         at_end = step == config.num_steps
-        if at_end or step % config.checkpoint_every == 0:
+        if itstime(step, config.checkpoint_every, config.num_steps):
             flush()
             evaluate_and_save()
-        elif step % config.log_every == 0:
+        elif itstime(step, config.log_every, config.num_steps):
             flush()
         if not at_end and preemption.reached(step):
             flush()
             # not evaluated (preemption leaves seconds): ranks last for keep-best, kept as latest
-            last_saved = save(mngr, state, meta, {BEST_METRIC: -1.0})
-            mngr.wait_until_finished()
+            if step not in damaged:
+                last_saved = save(mngr, state, meta, {BEST_METRIC: -1.0})
+            wait_for_saves(mngr, step)
             if main:
-                log.info("SIGTERM: saved step %d in %s; rerun the same command to resume", step,
-                         workdir)
+                log.info("%s: saved step %d in %s; rerun the same command to resume",
+                         preemption.requested, step, workdir)
             return dict(result, step=step, preempted=True)
 
     if "val_top1" not in result:  # a finished workdir run again: report, do not retrain
         if step in mngr.all_steps():
-            result.update({f"val_{k}": v for k, v in run_eval(data.val).items()})
+            result.update({f"val_{k}": v for k, v in run_eval(data.val, "validation").items()})
         else:
             evaluate_and_save()
     if data.test is not None:
-        test = run_eval(data.test)
+        test = run_eval(data.test, "test")
         writer.write(step, {f"test_{k}": v for k, v in test.items()})
         result.update({f"test_{k}": v for k, v in test.items()})
         if main:
             log.info("test top-1 %.2f%%", 100 * test["top1"])
-    mngr.wait_until_finished()
+    wait_for_saves(mngr, step)
     return dict(result, step=step)
 
 
@@ -641,6 +794,14 @@ def _define_flags():
                         "started by hand; else JAX_COORDINATOR_ADDRESS or cluster detection)")
     flags.DEFINE_integer("num_processes", None, "number of processes (else JAX_NUM_PROCESSES)")
     flags.DEFINE_integer("process_id", None, "this process's index (else JAX_PROCESS_ID)")
+    flags.DEFINE_bool("allow_config_change", False, "resume a workdir although its checkpoint "
+                      "was trained with another data set, batch size, schedule or optimizer")
+    flags.DEFINE_bool("describe", False, "print every config key with its value in --config "
+                      "(without --config: the defaults), its default and its meaning, then exit")
+
+
+_HELP = {"--help", "-help", "-h", "--helpfull", "-helpfull", "--helpshort", "-helpshort", "-?"}
+_DESCRIBE = {"--describe", "-describe"}
 
 
 def check_overrides(argv) -> None:
@@ -654,7 +815,10 @@ def check_overrides(argv) -> None:
         elif arg.startswith(("--config.", "-config.")):
             overrides.append(arg.split(".", 1)[1].split("=", 1)[0])
     if spec is None:
-        raise UserError("--config is required, e.g. --config configs/cifar10.py:resnet56")
+        if _HELP.intersection(argv) or any(a.split("=")[0] in _DESCRIBE for a in argv):
+            return
+        raise UserError("--config is required, e.g. --config configs/cifar10.py:resnet56 "
+                        "(--help lists the flags, --describe the config keys)")
     config = load_config(spec)
     for key in overrides:
         node = config
@@ -670,18 +834,24 @@ def check_overrides(argv) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; options go as --flag=value")
+    if FLAGS.describe:
+        print(config_lib.describe(FLAGS.config or config_lib.default_config()))
+        return
     with exit_on_user_error():
+        check_config(FLAGS.config, num_devices=1)  # the device count is checked once known
         cpu.use_cpu_cores((FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
         absl_logging.set_verbosity(absl_logging.WARNING)
+        checkpoint.quiet_orbax()
         if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a resumed run skips compiling
             jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ.get(
                 "RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax")), "jax-compile"))
         log.setLevel(logging.INFO if parallel.is_main_process() else logging.WARNING)
         if not FLAGS.workdir:
             raise UserError("--workdir is required (checkpoints and metrics go there)")
-        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                    allow_config_change=FLAGS.allow_config_change)
         if parallel.is_main_process():
             print(json.dumps(result), flush=True)
 
@@ -690,9 +860,6 @@ def run():
     _define_flags()
     with exit_on_user_error():
         check_overrides(sys.argv[1:])
-    app.run(main)
+    cli.absl_run(main, __name__)
 
 
-if __name__ == "__main__":  # delegate, so the config files' `import resnet_jax.train` is this module
-    from resnet_jax import train
-    train.run()

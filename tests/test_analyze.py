@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -253,4 +252,19 @@ def test_command_bad_input_prints_one_line_and_exits_non_zero(checkpoints, tmp_p
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: label 'A' given twice ({r20!r} and {p20!r}); name each as PATH=LABEL"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_responses_fail_naming_the_checkpoint(tmp_path):
+    """Negative running variances (finite weights, so the checkpoint verifies) make every BN
+    response NaN; the command printed `nan` stds without a word."""
+    model, variables = _init("resnet20", 0)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, x: -np.abs(x) if path[-1].key == "var" else x, variables)
+    path = str(tmp_path / "nan")
+    checkpoint.save_model(path, variables, model_name="resnet20", model_options=OPTIONS,
+                          normalization=NORM, step=3)
+    with pytest.raises(UserError, match=rf"checkpoint '{path}' step 3: the response of conv1 has "
+                                        r"std nan \(19 of 19 layers not finite\); nothing written"):
+        _analyze(tmp_path, [path])
     assert not (tmp_path / "out").exists()

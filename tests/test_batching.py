@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax.data.batching import num_batches, padded_batches, topk_correct
+from resnet_jax.data.batching import nonfinite_rows, num_batches, padded_batches, topk_correct
 
 
 @pytest.mark.parametrize("count,batch_size", [(10, 4), (8, 4), (3, 5), (1, 1)])
@@ -48,3 +48,21 @@ def test_topk_correct_breaks_ties_like_argmax():
     got = topk_correct(logits, labels, np.ones(4, bool))
     assert int(got["top1"]) == 1  # only the row labelled 0
     assert int(got["top5"]) == 2  # classes 0..4 rank in the top 5
+
+
+def test_non_finite_logits_and_foreign_labels_are_never_correct():
+    """Every comparison with NaN is false, so a NaN row once ranked its label first: the issue's
+    checkpoint with flipped bytes scored 100 %. A label outside the classes counted the same way."""
+    logits = np.array([[np.nan] * 4,                          # NaN everywhere
+                       [0.0, np.nan, 0.0, 0.0],               # NaN beside the label
+                       [np.inf, 1.0, 0.0, 0.0],               # infinite
+                       [0.0, 3.0, 2.0, 1.0],                  # label 7 of 4 classes
+                       [0.0, 3.0, 2.0, 1.0],                  # label -1
+                       [0.0, 3.0, 2.0, 1.0]], np.float32)     # label 1: correct
+    labels = np.array([0, 0, 0, 7, -1, 1], np.int32)
+    counts = jax.device_get(topk_correct(logits, labels, np.ones(6, bool), ks=(1, 4)))
+    assert counts == {"top1": 1, "top4": 1}
+    bad = nonfinite_rows(logits, np.zeros(6, np.float32), np.array([1, 1, 1, 1, 1, 0], bool))
+    assert int(bad) == 3
+    assert int(nonfinite_rows(logits, np.zeros(6, np.float32), np.array([0, 0, 0, 1, 1, 1], bool))) == 0
+    assert int(nonfinite_rows(logits[3:], np.array([0, np.nan, 0], np.float32), np.ones(3, bool))) == 1

@@ -89,3 +89,68 @@ def test_bucket_workdirs_are_not_made_local():
     from resnet_jax import checkpoint
     assert str(checkpoint._path("gs://bucket/runs/resnet56")) == "gs://bucket/runs/resnet56"
     assert str(checkpoint._path("runs/x")).startswith("/")
+
+
+def test_checksums_see_one_flipped_bit_in_any_dtype():
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    tree = {"f32": rng.normal(size=(3, 5)).astype(np.float32),
+            "bf16": jnp.asarray(rng.normal(size=7), jnp.bfloat16),
+            "i32": np.arange(6, dtype=np.int32), "u8": np.arange(9, dtype=np.uint8),
+            "flag": np.array(True), "scalar": np.float32(0.25)}
+    before = checkpoint.checksums(tree)
+    assert before == checkpoint.checksums(jax.tree.map(np.array, tree))  # a function of the bits
+    for name, leaf in tree.items():
+        bits = np.array(leaf).copy()
+        raw = bits.reshape(-1).view(np.uint8)
+        raw[-1] ^= 1  # the lowest bit of the last byte (bool: True -> False)
+        changed = checkpoint.checksums(dict(tree, **{name: bits}))
+        assert [k for k in before if changed[k] != before[k]] == [f"['{name}']"], name
+
+
+def _damage(step_dir: pathlib.Path, how: str):
+    """Flip, truncate or delete the largest array file of a saved step, as disks and copies do."""
+    files = [p for p in (step_dir / "model").rglob("*") if p.is_file() and "/d/" in str(p)]
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    if how == "flip":  # in the middle of the data: zstd stores random floats raw, so it decodes
+        for i in range(len(data) // 2, len(data) // 2 + 8):
+            data[i] ^= 0x40
+        target.write_bytes(bytes(data))
+    elif how == "truncate":
+        target.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        target.unlink()
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
+def test_a_damaged_step_is_one_line_naming_it_and_the_intact_ones(tmp_path, how):
+    model, variables = _variables("resnet20", widths=(4, 8, 16))
+    for step in (1, 2):
+        checkpoint.save_model(str(tmp_path / f"s{step}"), variables, model_name="resnet20",
+                              model_options={"widths": (4, 8, 16)}, normalization=NORM, step=step)
+    directory = tmp_path / "s1"  # both steps in one directory
+    (tmp_path / "s2" / "2").rename(directory / "2")
+    _damage(directory / "2", how)
+    with pytest.raises(checkpoint.DamagedCheckpoint) as e:
+        checkpoint.load_model(str(directory))
+    message = str(e.value)
+    assert "\n" not in message and "step 2 is damaged" in message, message
+    assert message.endswith("pass --step with one of [1]"), message
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]  # nothing removed
+    assert checkpoint.load_model(str(directory), 1).step == 1
+
+
+def test_damaged_metadata_is_one_line(tmp_path):
+    model, variables = _variables("resnet20", widths=(4, 8, 16))
+    checkpoint.save_model(str(tmp_path / "c"), variables, model_name="resnet20",
+                          model_options={"widths": (4, 8, 16)}, normalization=NORM, step=3)
+    (tmp_path / "c" / "3" / "metadata" / "metadata").write_text('{"model": "resn')
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="step 3 is damaged: its metadata cannot be read"):
+        checkpoint.load_model(str(tmp_path / "c"))
+
+
+def test_a_file_is_not_called_missing(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="checkpoint '.*f' is a file; pass the directory"):
+        checkpoint.load_model(str(tmp_path / "f"))

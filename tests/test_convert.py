@@ -255,3 +255,13 @@ def test_cli_bad_input_is_one_line(akamaster_dir, tmp_path, args, message):
     assert rc == 2
     assert stderr.startswith("error: ") and stderr.count("\n") == 1 and message in stderr, stderr
     assert not (tmp_path / "ckpt").exists()  # nothing half-written
+
+
+def test_a_truncated_npz_is_one_line(tmp_path):
+    np.savez(tmp_path / "full.npz", **{f"w{i}": np.zeros(1000, np.float32) for i in range(4)})
+    data = (tmp_path / "full.npz").read_bytes()
+    for size in (len(data) // 2, 100):
+        (tmp_path / "cut.npz").write_bytes(data[:size])
+        with pytest.raises(UserError, match=r"'.*cut.npz' is not a readable .npz \(BadZipFile") as e:
+            convert.read_state_dict(str(tmp_path / "cut.npz"))
+        assert "\n" not in str(e.value)

@@ -62,7 +62,8 @@ def test_every_image_counts_once_whatever_the_batch_size(akamaster_dir):
 
 def test_labels_beyond_the_model_are_refused(akamaster_dir):
     loaded = _loaded(akamaster_dir, "resnet20")
-    data = sources.Dataset(np.zeros((2, 32, 32, 3), np.uint8), np.array([3, 12], np.int32), 13, "x")
+    data = sources.Dataset(np.zeros((2, 32, 32, 3), np.uint8), np.array([3, 12], np.int32),
+                           sources.synthetic_classes(10), "x")
     with pytest.raises(UserError, match="has label 12 but the model has 10 classes"):
         evaluate.evaluate(loaded, data)
 
@@ -106,3 +107,46 @@ def test_cli_missing_checkpoint_is_one_line(tmp_path):
     proc = _cli("--checkpoint", tmp_path / "nope", "--data", "synthetic:8")
     assert proc.returncode == 2
     assert proc.stderr == f"error: checkpoint directory {str(tmp_path / 'nope')!r} does not exist\n"
+
+
+def _small_checkpoint(path, classes=None, var=1.0):
+    """A 4/8/16-wide ResNet-20 saved as evaluate reads it; `var` is every BN running variance."""
+    import jax
+    model = resnet_jax.create_model("resnet20", widths=(4, 8, 16), num_classes=len(classes or "0123456789"))
+    rng = np.random.default_rng(0)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda p, s: (np.full(s.shape, var) if p[-1].key == "var" else
+                      0.3 * rng.standard_normal(s.shape)).astype(s.dtype),
+        checkpoint.abstract_variables(model))
+    checkpoint.save_model(str(path), variables, model_name="resnet20",
+                          model_options=dict(widths=(4, 8, 16), num_classes=model.num_classes),
+                          normalization=checkpoint.Normalization(np.full(3, 0.5)), step=5,
+                          extra=dict(classes=list(classes)) if classes else None)
+    return checkpoint.load_model(str(path))
+
+
+def test_non_finite_outputs_fail_naming_the_checkpoint_instead_of_scoring(tmp_path):
+    """A negative running variance (finite weights, checksums intact) makes every logit NaN; the
+    old count scored that 100 %."""
+    loaded = _small_checkpoint(tmp_path / "c", var=-1.0)
+    data = sources.load("synthetic:24", "test")
+    with pytest.raises(evaluate.NonFiniteOutput) as e:
+        evaluate.evaluate(loaded, data, batch_size=8, progress=None)
+    assert str(e.value).startswith(f"checkpoint {str(tmp_path / 'c')!r} step 5 on synthetic:24:test: "
+                                   "24 of 24 images got non-finite")
+
+
+def test_classes_are_checked_before_any_batch_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "make_eval_step", lambda *a: pytest.fail("a batch ran"))
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    # converted weights name no classes: the count must match (a 10-class net on 3-class data)
+    loaded = _small_checkpoint(tmp_path / "ten")
+    three = sources.Dataset(images, np.array([0, 1, 2, 0], np.int32), ("a", "b", "c"), "three")
+    with pytest.raises(UserError, match="three has 3 classes but the model has 10"):
+        evaluate.evaluate(loaded, three)
+    # a trained checkpoint names them: checked by name, naming the difference
+    loaded = _small_checkpoint(tmp_path / "abc", classes=("ant", "bee", "cat"))
+    other = sources.Dataset(images, np.array([0, 1, 2, 0], np.int32), ("ant", "bee", "dog"), "other")
+    with pytest.raises(UserError, match="other has classes that the model's list lacks: dog; "
+                                        "lacks the model's classes cat"):
+        evaluate.evaluate(loaded, other)

@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import fresh_python
 from resnet_jax import parallel, preload
 from resnet_jax.errors import UserError
 

@@ -17,7 +17,7 @@ def _metrics(path, rows):
 
 
 def test_curves_are_errors_by_step_and_a_resumed_step_counts_once(tmp_path):
-    f = _metrics(tmp_path / "metrics.jsonl", [
+    _metrics(tmp_path / "metrics.jsonl", [
         {"step": 100, "loss": 2.0, "train_top1": 0.25, "lr": 0.1},
         {"step": 200, "loss": 1.8, "train_top1": 0.40, "lr": 0.1},
         {"step": 200, "val_top1": 0.5, "val_top5": 0.9, "val_loss": 1.5},

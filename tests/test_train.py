@@ -19,12 +19,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from resnet_jax import checkpoint, parallel, train
-from resnet_jax.data import sources
+
 from resnet_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -44,7 +43,7 @@ def env(tmp_path_factory):
 
 
 def _with_devices(env, devices):
-    """None: the CLI's own default (`parallel.use_cpu_cores`, several CPU devices here)."""
+    """None: the CLI's own default (`kernels.cpu.use_cpu_cores`, several CPU devices here)."""
     if devices is None:
         return env
     return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
@@ -157,7 +156,6 @@ def test_sgd_matches_pytorch_and_decay_mask():
         c.weight_decay_on = on
         tx = train.optimizer(c)
         state = tx.init(params)
-        buf = {k: np.zeros_like(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
         u1, state = tx.update(grads, state, params)
         u2, state = tx.update(grads, state, params)
         for (path, p), g, got in zip(jax.tree_util.tree_leaves_with_path(params),
@@ -167,7 +165,7 @@ def test_sgd_matches_pytorch_and_decay_mask():
             np.testing.assert_allclose(got, expected, rtol=1e-6)
     c.weight_decay_on = "biases"
     with pytest.raises(UserError, match="weight_decay_on must be"):
-        train.optimizer(c)
+        train.check_config(c, num_devices=1)
 
 
 def test_grouped_batch_norm_is_bn_per_group():
@@ -398,3 +396,156 @@ def test_workdir_of_another_model_is_refused_and_left_alone(tmp_path):
                                  mesh=parallel.make_mesh(jax.devices()[:1]))
     assert sorted(p.name for p in tmp_path.rglob("*") if "tensorboard" not in str(p)
                   and p.name != "metrics.jsonl") == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints, changed configs, Ctrl-C, non-finite validation, unwritable workdirs
+
+
+@pytest.fixture(scope="module")
+def every_four(env, tmp_path_factory):
+    """A run that saved steps 4, 8 and 12, to copy and damage."""
+    workdir = tmp_path_factory.mktemp("every_four")
+    train_cli(workdir, *RUN, env=env)
+    with checkpoint.manager(str(workdir), read_only=True) as mngr:
+        assert mngr.all_steps() == [4, 8, 12]
+    return workdir
+
+
+def _copy(workdir, tmp_path):
+    import shutil
+    shutil.copytree(workdir, tmp_path / "w")
+    return tmp_path / "w"
+
+
+def _damage(step_dir, how):
+    """Flip 8 bytes in the middle of, or truncate, the largest array file of a saved step."""
+    files = [p for p in step_dir.rglob("*") if p.is_file() and "/d/" in str(p)]
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    if how == "flip":
+        for i in range(len(data) // 2, len(data) // 2 + 8):
+            data[i] ^= 0x40
+        target.write_bytes(bytes(data))
+    else:
+        target.write_bytes(bytes(data[: len(data) // 2]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_latest_step_falls_back_to_the_newest_intact_one(env, tmp_path, every_four, how):
+    workdir = _copy(every_four, tmp_path)
+    _damage(workdir / "12", how)
+    result, out = train_cli(workdir, *RUN, "--config.num_steps=16", env=env)
+    assert result["step"] == 16 and "Traceback" not in out
+    assert re.search(r"step 12 is damaged: .*; left in place, trying the step before it", out), out[-3000:]
+    assert "resumed from" in out and re.search(r"step 8 \(the damaged steps \[12\] are left in place\)", out)
+    assert "lower --config.lr" not in out
+    with checkpoint.manager(str(workdir), read_only=True) as mngr:
+        assert {8, 12, 16} <= set(mngr.all_steps())  # nothing intact removed; 12 left as it was
+    assert checkpoint.load_model(str(workdir), 16).step == 16
+
+
+@pytest.mark.slow
+def test_resuming_with_another_config_is_refused_naming_each_change(env, tmp_path, every_four):
+    workdir = _copy(every_four, tmp_path)
+    before = sorted(str(p) for p in workdir.rglob("*"))
+    rc, out = finish(start(workdir, *RUN, "--config.lr=0.05", "--config.data.source=synthetic:256",
+                           env=env))
+    assert rc == 2, out[-3000:]
+    [line] = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert "was trained with another config: data.source 'synthetic:512' -> 'synthetic:256'; " \
+           "lr 0.1 -> 0.05;" in line and "--allow_config_change" in line
+    assert "resnet20 on" not in out  # refused before any data loaded
+    assert sorted(str(p) for p in workdir.rglob("*")) == before
+    # the explicit flag lets it through (checked here without training again)
+    changed = _config(lr=0.05)
+    with pytest.raises(UserError, match="lr 0.1 -> 0.05"):
+        train.check_config_unchanged(str(workdir), changed)
+    train.check_config_unchanged(str(workdir), changed, allow_change=True)
+    train.check_config_unchanged(str(workdir), _config(num_steps=100, log_every=7))  # free to change
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_like_sigterm(env, tmp_path):
+    proc = start(tmp_path, *RUN[:1], "--config.checkpoint_every=100", "--config.log_every=1", env=env)
+    wait_for(proc, r"step 3/12 ")
+    proc.send_signal(signal.SIGINT)
+    rc, out = finish(proc)
+    assert rc == 0 and "Traceback" not in out, out[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["preempted"] and 3 <= result["step"] < 12
+    assert f"SIGINT: saved step {result['step']}" in out
+    assert checkpoint.load_model(str(tmp_path)).step == result["step"]
+
+
+@pytest.mark.slow
+def test_non_finite_validation_stops_naming_the_step(env, tmp_path, every_four):
+    """Negative BN running variances: training (batch statistics) goes on, evaluation gives NaN;
+    it once scored such a model as 100 % correct and saved it."""
+    c = train.load_config(TINY)
+    model, _ = train.create_model(c, 10)
+    target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
+    with checkpoint.manager(str(every_four), read_only=True) as mngr:
+        state = train.restore(mngr, 12, target)
+        meta = checkpoint.read_metadata(str(every_four), 12, mngr=mngr)
+    stats = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.full_like(x, -100.0) if p[-1].key == "var" else x, state.batch_stats)
+    with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
+        train.save(mngr, state.replace(batch_stats=stats), meta, {train.BEST_METRIC: 0.1})
+    rc, out = finish(start(tmp_path, *RUN, "--config.num_steps=16", env=env))
+    assert rc == 2, out[-3000:]
+    [line] = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert re.match(r"error: validation at step 16: \d+ of \d+ images got non-finite logits or loss", line)
+    assert "the last good checkpoint (step 12) is kept" in line
+    with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
+        assert mngr.all_steps() == [12]
+
+
+def test_config_problems_come_before_any_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "make_data", lambda *a: pytest.fail("data loaded"))
+    with pytest.raises(UserError) as e:
+        train.train_and_evaluate(_config(checkpoint_every=0, log_every=0), str(tmp_path / "w"),
+                                 mesh=parallel.make_mesh(jax.devices()[:1]))
+    assert str(e.value).splitlines() == ["log_every must be an integer >= 1, not 0",
+                                         "checkpoint_every must be an integer >= 1, not 0"]
+    assert not (tmp_path / "w").exists()
+
+
+def test_unwritable_workdirs_are_one_line_before_training(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"--workdir '.*file' is a file; name a directory"):
+        train.prepare_workdir(str(tmp_path / "file"))
+    real_open = open
+
+    def read_only(path, *args, **kwargs):
+        if ".write-test-" in str(path):
+            raise OSError(30, "Read-only file system")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(UserError, match=r"cannot write in --workdir '.*ro' \(Read-only file system\)"):
+        train.prepare_workdir(str(tmp_path / "ro"))
+    monkeypatch.setattr("builtins.open", real_open)
+    model, _ = train.create_model(train.load_config(TINY), 10)
+    variables = checkpoint.abstract_variables(model)
+    train.check_free_space(str(tmp_path), variables)
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: type("U", (), {"free": 2**19})())
+    with pytest.raises(UserError, match=r"has 0 MiB free; checkpoints need about 3 MiB"):
+        train.check_free_space(str(tmp_path), variables)
+
+
+def test_a_failed_save_is_one_line_that_exits_at_once():
+    class Full:
+        directory = "/runs/r20"
+
+        def save(self, *a, **k):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(train.WriteFailed) as e:
+        with train._writing(Full(), 40):
+            Full().save()
+    assert str(e.value).startswith("could not write the checkpoint of step 40 in '/runs/r20' "
+                                   "(OSError: [Errno 28] No space left on device); the steps "
+                                   "saved before it are kept")
+    assert e.value.exit_at_once

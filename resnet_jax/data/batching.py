@@ -39,10 +39,21 @@ def topk_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array, ks=(1, 5
     """{f'top{k}': number of unmasked rows whose label is among the k highest logits}, as int32.
 
     A tie ranks the lower class index first, as `argmax` does, so top-1 agrees with argmax and a
-    constant output does not score every row as correct."""
-    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    classes = jnp.arange(logits.shape[-1])
+    constant output does not score every row as correct. A row with a non-finite logit or a
+    label outside [0, classes) is never correct (every comparison with NaN is false, and so
+    would rank it first); `nonfinite_rows` counts the former for the caller to refuse."""
+    num_classes = logits.shape[-1]
+    valid = (labels >= 0) & (labels < num_classes) & jnp.all(jnp.isfinite(logits), axis=-1)
+    index = jnp.clip(labels, 0, num_classes - 1)[:, None]
+    label_logit = jnp.take_along_axis(logits, index, axis=-1)
+    classes = jnp.arange(num_classes)
     ahead = (logits > label_logit) | ((logits == label_logit) & (classes < labels[:, None]))
     rank = jnp.sum(ahead, axis=-1)  # 0 for the top prediction
-    mask = mask.astype(bool)
+    mask = mask.astype(bool) & valid
     return {f"top{k}": jnp.sum((rank < k) & mask, dtype=jnp.int32) for k in ks}
+
+
+def nonfinite_rows(logits: jax.Array, loss: jax.Array, mask: jax.Array) -> jax.Array:
+    """Number of unmasked rows whose logits or loss are NaN or infinite, as int32."""
+    bad = ~(jnp.all(jnp.isfinite(logits), axis=-1) & jnp.isfinite(loss))
+    return jnp.sum(bad & mask.astype(bool), dtype=jnp.int32)

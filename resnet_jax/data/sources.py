@@ -11,10 +11,11 @@ import dataclasses
 import hashlib
 import os
 import zlib
-from typing import Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
+from resnet_jax import config
 from resnet_jax.errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -25,40 +26,71 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     images: np.ndarray  # uint8 [N, H, W, 3]
-    labels: np.ndarray  # int32 [N]
-    num_classes: int
+    labels: np.ndarray  # int32 [N], indices into `classes`
+    classes: Tuple[str, ...]  # the class list, by name: what a label means
     name: str  # e.g. "folder:/data/cifar10-jpeg:test"
 
     def __len__(self):
         return len(self.labels)
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
-def parse_source(source: str) -> Tuple[str, Optional[str]]:
-    """'cifar10' -> ('tfds', 'cifar10'); 'folder:P' -> ('folder', P); 'synthetic:N' -> ..."""
-    kind, _, arg = source.partition(":")
-    if kind == "folder":
-        if not arg:
-            raise UserError("--data folder: needs a path, e.g. folder:../shared/data/cifar10-jpeg")
-        return "folder", os.path.expanduser(arg)
-    if kind == "synthetic":
-        return "synthetic", arg or None
-    if kind == "tfds":
-        return "tfds", arg or "cifar10"
-    if not arg:
-        return "tfds", kind
-    raise UserError(f"unknown data source {source!r}; use a tfds name such as cifar10, "
-                    "folder:PATH or synthetic[:N]")
+
+def parse_source(source: str) -> Tuple[str, Any]:
+    """'cifar10' -> ('tfds', 'cifar10'); 'folder:P' -> ('folder', P); 'synthetic:N' ->
+    ('synthetic', N or None); anything else a UserError naming the forms."""
+    try:
+        kind, arg = config.parse_source(source)
+    except ValueError as e:
+        raise UserError(f"data source: {e}") from None
+    return kind, os.path.expanduser(arg) if kind == "folder" else arg
 
 
 def load(source: str, split: str, *, data_dir: Optional[str] = None, image_size: int = 32,
-         num_classes: int = 10) -> Dataset:
-    """The whole `split` of `source` as uint8 images and int32 labels."""
+         num_classes: int = 10, classes: Optional[Sequence[str]] = None,
+         whose: str = "the model's") -> Dataset:
+    """The whole `split` of `source` as uint8 images and int32 labels. `classes` (the training
+    split's or a checkpoint's class list) numbers the labels by name, and a split whose classes
+    differ is refused naming them (`whose` says where the list came from); without it, a folder
+    split numbers its own sorted folders."""
     kind, arg = parse_source(source)
     if kind == "folder":
-        return _load_folder(arg, split)
-    if kind == "synthetic":
-        return _synthetic(split, int(arg) if arg else 256, image_size, num_classes)
-    return _load_tfds(arg, split, data_dir)
+        dataset = _load_folder(arg, split, classes, whose)
+    elif kind == "synthetic":  # random labels: they take the class list they are given
+        dataset = _synthetic(split, arg or 256, image_size,
+                             len(classes) if classes else num_classes)
+        if classes is not None:
+            dataset = dataclasses.replace(dataset, classes=tuple(classes))
+    else:
+        dataset = _load_tfds(arg, split, data_dir)
+    if classes is not None:
+        check_classes(dataset.name, dataset.classes, classes, whose)
+    return dataset
+
+
+def synthetic_classes(num_classes: int) -> Tuple[str, ...]:
+    return tuple(f"class{i}" for i in range(num_classes))
+
+
+def check_classes(name: str, have: Sequence[str], want: Sequence[str],
+                  whose: str = "the model's") -> None:
+    """One line naming the classes that `have` (a split's) lacks or adds against `want`."""
+    have, want = tuple(have), tuple(want)
+    if have == want:
+        return
+    extra = [c for c in have if c not in want]
+    missing = [c for c in want if c not in have]
+    if not extra and not missing:
+        raise UserError(f"{name} numbers its classes in another order than {whose} "
+                        f"({', '.join(want[:5])}...)")
+    names = lambda xs: ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")
+    parts = ([f"has classes that {whose} list lacks: {names(extra)}"] if extra else []) + (
+        [f"lacks {whose} classes {names(missing)}"] if missing else [])
+    raise UserError(f"{name} {'; '.join(parts)} ({whose} {len(want)} classes: "
+                    f"{', '.join(want[:10])}{'...' if len(want) > 10 else ''}); use data with "
+                    "the same class folders")
 
 
 def _synthetic(split, count, image_size, num_classes) -> Dataset:
@@ -69,10 +101,11 @@ def _synthetic(split, count, image_size, num_classes) -> Dataset:
     score = images[..., 0].reshape(count, -1).mean(1)
     edges = np.quantile(score, np.linspace(0, 1, num_classes + 1)[1:-1])
     labels = np.searchsorted(edges, score).astype(np.int32)
-    return Dataset(images, labels, num_classes, f"synthetic:{count}:{split}")
+    return Dataset(images, labels, synthetic_classes(num_classes), f"synthetic:{count}:{split}")
 
 
-def _folder_files(root: str, split: str):
+def _folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
+                  whose: str = "the model's"):
     if not os.path.isdir(root):
         raise UserError(f"data folder {root!r} does not exist; pass folder:PATH with "
                         "PATH/<split>/<class>/*.jpg")
@@ -80,13 +113,21 @@ def _folder_files(root: str, split: str):
     if not os.path.isdir(split_dir):
         have = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         raise UserError(f"split {split!r} not found in {root!r} (it has: {', '.join(have) or 'nothing'})")
-    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
-    files = [(os.path.join(split_dir, c, f), label) for label, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(split_dir, c)))
-             if f.lower().endswith(IMAGE_SUFFIXES)]
-    if not files:
+    folders = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    if classes is not None:
+        check_classes(f"folder {split_dir!r}", folders, sorted(classes), whose)
+    label = {c: i for i, c in enumerate(folders if classes is None else classes)}
+    per_class = {c: [f for f in sorted(os.listdir(os.path.join(split_dir, c)))
+                     if f.lower().endswith(IMAGE_SUFFIXES)] for c in folders}
+    if not any(per_class.values()):
         raise UserError(f"no images in {split_dir!r}; expected {split_dir}/<class>/*.jpg")
-    return classes, files
+    empty = [c for c, names in per_class.items() if not names]
+    if empty:  # an empty class would shift every later label, or train a class never seen
+        raise UserError(f"no images in class folder {os.path.join(split_dir, empty[0])!r}"
+                        f"{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}; add "
+                        "images or remove the folder")
+    files = [(os.path.join(split_dir, c, f), label[c]) for c in folders for f in per_class[c]]
+    return tuple(folders if classes is None else classes), files
 
 
 def _cache_path(split_dir: str, files) -> str:
@@ -106,13 +147,14 @@ def _decode(path: str) -> np.ndarray:
         raise UserError(f"cannot read image {path!r} ({e.__class__.__name__}); remove or replace it") from None
 
 
-def _load_folder(root: str, split: str) -> Dataset:
-    classes, files = _folder_files(root, split)
+def _load_folder(root: str, split: str, classes: Optional[Sequence[str]] = None,
+                 whose: str = "the model's") -> Dataset:
+    classes, files = _folder_files(root, split, classes, whose)
     name = f"folder:{root}:{split}"
     cache = _cache_path(os.path.join(root, split), files)
     if os.path.exists(cache):
         with np.load(cache, allow_pickle=False) as z:
-            return Dataset(z["images"], z["labels"], len(classes), name)
+            return Dataset(z["images"], z["labels"], classes, name)
     images = [_decode(p) for p, _ in files]
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
@@ -127,24 +169,42 @@ def _load_folder(root: str, split: str) -> Dataset:
         os.replace(tmp, cache)
     except OSError:
         pass
-    return Dataset(images, labels, len(classes), name)
+    return Dataset(images, labels, classes, name)
 
 
 def _load_tfds(name: str, split: str, data_dir: Optional[str]) -> Dataset:
     import tensorflow_datasets as tfds
     try:
         builder = tfds.builder(name, data_dir=data_dir)
+        if not builder.is_prepared() and not _online():
+            raise UserError(
+                f"tfds has no prepared copy of {name!r} in {str(builder.data_dir)!r} and cannot "
+                "download it (no internet); use an image folder instead: folder:PATH with "
+                "PATH/<split>/<class>/*.jpg (train: --config.data.source=folder:PATH, "
+                "evaluate/analyze: --data folder:PATH)")
         # as_data_source reads ArrayRecord only; tfds would prepare TFRecord by default
         builder.download_and_prepare(file_format="array_record")
         data = builder.as_data_source(split=split)
         images = np.stack([ex["image"] for ex in data])
         labels = np.asarray([ex["label"] for ex in data], np.int32)
+    except UserError:
+        raise
     except Exception as e:  # tfds raises many kinds; the user needs the source and the fix
         detail = (str(e).splitlines() or [""])[0][:160]
         raise UserError(f"tfds could not load {name!r} split {split!r} ({e.__class__.__name__}: "
                         f"{detail}); without internet point the data source at an image folder, "
                         "folder:PATH (train: --config.data.source, evaluate/analyze: --data)") from None
-    return Dataset(images, labels, builder.info.features["label"].num_classes, f"{name}:{split}")
+    return Dataset(images, labels, tuple(builder.info.features["label"].names), f"{name}:{split}")
+
+
+def _online(host: str = "storage.googleapis.com", timeout: float = 5.0) -> bool:
+    """Whether tfds's download host answers: without it tfds retries for minutes, silently."""
+    import socket
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def holdout(dataset: Dataset, count: int, seed: int = 0) -> Tuple[Dataset, Dataset]:
@@ -155,7 +215,7 @@ def holdout(dataset: Dataset, count: int, seed: int = 0) -> Tuple[Dataset, Datas
                         f"choose 0 < holdout < {len(dataset)}")
     order = np.random.default_rng(seed).permutation(len(dataset))
     val, train = np.sort(order[:count]), np.sort(order[count:])
-    part = lambda idx, tag: Dataset(dataset.images[idx], dataset.labels[idx], dataset.num_classes,
+    part = lambda idx, tag: Dataset(dataset.images[idx], dataset.labels[idx], dataset.classes,
                                     f"{dataset.name}[{tag}]")
     return part(train, f"-{count}"), part(val, f"holdout{count}")
 

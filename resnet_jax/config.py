@@ -1,0 +1,218 @@
+"""The trainer's configuration as data: every key with its default and meaning, and one check.
+
+This module imports only ml_collections, so the files in configs/ (which start from
+`default_config()`) load without JAX, as flax's and big_vision's configs do.
+
+    from resnet_jax.config import default_config, validate
+    c = default_config(); c.lr = -1
+    validate(c)  # -> ["lr must be > 0, not -1"], every problem at once, before any data loads
+"""
+import numbers
+from typing import Any, List, Sequence, Tuple
+
+import ml_collections
+
+# (key, default, meaning): the defaults are the paper's CIFAR-10 values (Sec. 4.2). `None` as a
+# default marks a key that only some configs add (the host pipeline's, configs/imagenet.py).
+KEYS: Tuple[Tuple[str, Any, str], ...] = (
+    ("model", "resnet56", "a net of the zoo (python -m resnet_jax.summary lists their shapes)"),
+    ("model_options", dict(shortcut="A", widths=(16, 32, 64), zero_init_last=False),
+     "keyword options of resnet_jax.create_model; listed so that overrides are checked"),
+    ("model_options.shortcut", None, "A: zero-padded identity, B: projections where the shape "
+     "changes, C: projections everywhere"),
+    ("model_options.widths", None, "channels of each stage"),
+    ("model_options.zero_init_last", None, "start each block's last BN scale at 0"),
+    ("model_options.stride_in_3x3", None, "downsample in the 3x3 conv of a bottleneck (else 1x1)"),
+    ("data.source", "cifar10", "tfds name (needs internet once), folder:PATH "
+     "(PATH/<split>/<class>/*.jpg) or synthetic[:N]"),
+    ("data.data_dir", "", "tfds data directory ('' = tfds's default)"),
+    ("data.train_split", "train", "split trained on; its classes are the model's"),
+    ("data.test_split", "test", "split validated on (or tested on once at the end, with holdout)"),
+    ("data.holdout", 0, "N > 0: validate on N random training images, train on the rest (the "
+     "paper's 45k/5k); 0: validate on the test split"),
+    ("data.pad", 4, "pad-and-crop augmentation in pixels, with random flips; 0 turns it off"),
+    ("data.pipeline", "device", "'device': the split in device memory, augmented there; "
+     "'host': tfds ArrayRecord read and augmented on each host (ImageNet)"),
+    ("data.image_size", None, "host pipeline: training crop size"),
+    ("data.scale", None, "host pipeline: (min, max) shorter side of scale augmentation"),
+    ("data.pca_std", None, "host pipeline: std of AlexNet's PCA colour augmentation"),
+    ("data.eval_resize", None, "host pipeline: shorter side before the evaluation crop"),
+    ("data.ten_crop", None, "host pipeline: evaluate the 10 standard crops"),
+    ("data.mean_images", None, "host pipeline: training images averaged for the mean image"),
+    ("data.threads", None, "host pipeline: decoding threads per host"),
+    ("seed", 0, "initialisation, data order and augmentation"),
+    ("batch_size", 128, "global training batch over all devices and processes"),
+    ("eval_batch_size", 512, "global evaluation batch (the last one is padded)"),
+    ("num_steps", 64_000, "training iterations"),
+    ("lr", 0.1, "learning rate, times lr_decay per boundary passed and the plateau factor"),
+    ("lr_boundaries", (32_000, 48_000), "steps at which the learning rate is multiplied by "
+     "lr_decay; increasing"),
+    ("lr_decay", 0.1, "factor at each boundary and plateau"),
+    ("lr_plateau_patience", 0, "> 0: also decay when val top-1 error has not improved by "
+     "lr_plateau_min_delta for this many evaluations (ImageNet, Sec. 3.4)"),
+    ("lr_plateau_min_delta", 0.001, "improvement that resets the plateau count"),
+    ("warmup_lr", 0.0, "> 0: train at this rate until the running training error is below "
+     "warmup_until_error (ResNet-110/1202, Sec. 4.2)"),
+    ("warmup_until_error", 0.8, "training error that ends the warm-up"),
+    ("warmup_smoothing", 0.95, "weight of the past in the running training error (~20 batches)"),
+    ("momentum", 0.9, "SGD momentum"),
+    ("weight_decay", 1e-4, "L2 weight decay"),
+    ("weight_decay_on", "all", "'all' parameters (the paper's code) or conv/dense 'kernels' only"),
+    ("bn_group_size", 0, "0: BatchNorm over the global batch; G: over groups of G images (the "
+     "paper's per-GPU statistics)"),
+    ("compute_dtype", "float32", "'bfloat16' for TPU/GPU: activations in bf16, params in f32"),
+    ("log_every", 100, "steps between log lines (the only host syncs besides evaluation)"),
+    ("checkpoint_every", 2000, "steps between evaluations and checkpoints"),
+    ("keep_checkpoints", 3, "latest checkpoints kept"),
+    ("keep_best", 1, "checkpoints with the best val top-1 also kept"),
+)
+MEANING = {key: meaning for key, _, meaning in KEYS}
+SOURCE_KINDS = "a tfds name such as cifar10, folder:PATH or synthetic[:N]"
+DTYPES = ("float32", "bfloat16")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every knob of the trainer with its default (KEYS); the files in configs/ start from this
+    and change what their recipe changes."""
+    c = ml_collections.ConfigDict()
+    for key, default, _ in KEYS:
+        if default is None:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = c
+        if parent:
+            if parent not in node:
+                node[parent] = ml_collections.ConfigDict()
+            node = node[parent]
+        node[leaf] = ml_collections.ConfigDict(default) if isinstance(default, dict) else default
+    c.lock()
+    return c
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """One line per key of `config`: `key = value  (default ...)  meaning`."""
+    defaults = default_config()
+    lines = []
+
+    def walk(node, prefix):
+        for key in node.keys():
+            value, name = node[key], prefix + key
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, name + ".")
+                continue
+            default = _get(defaults, name)
+            note = "" if default is _MISSING or default == value else f"  (default {default!r})"
+            lines.append(f"{name} = {value!r}{note}\n    {MEANING.get(name, '')}".rstrip())
+
+    walk(config, "")
+    return "\n".join(lines)
+
+
+_MISSING = object()
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def parse_source(source: str) -> Tuple[str, Any]:
+    """'cifar10' -> ('tfds', 'cifar10'); 'folder:P' -> ('folder', P); 'synthetic:N' ->
+    ('synthetic', N or None). ValueError names what is wrong."""
+    kind, _, arg = source.partition(":")
+    if kind == "folder":
+        if not arg:
+            raise ValueError("folder: needs a path, e.g. folder:../shared/data/cifar10-jpeg")
+        return "folder", arg
+    if kind == "synthetic":
+        if not arg:
+            return "synthetic", None
+        if not arg.isdigit() or int(arg) < 1:
+            raise ValueError(f"synthetic:N needs a positive image count, not {arg!r}")
+        return "synthetic", int(arg)
+    if kind == "tfds":
+        return "tfds", arg or "cifar10"
+    if kind and not arg:
+        return "tfds", kind
+    raise ValueError(f"unknown data source {source!r}; use {SOURCE_KINDS}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> List[str]:
+    """Every problem of `config` as one line each (empty: fine), without touching data, devices
+    or JAX: the trainer runs it first. `num_devices` is the number the global batches split over."""
+    problems: List[str] = []
+
+    def need(ok: bool, message: str):
+        if not ok:
+            problems.append(message)
+
+    def integer(key: str, low: int):
+        value = _get(config, key)
+        need(_is_int(value) and value >= low, f"{key} must be an integer >= {low}, not {value!r}")
+        return value if _is_int(value) and value >= low else None
+
+    def number(key: str, low: float, high: float = float("inf"), *, open_low=False,
+               open_high=False, text=""):
+        value = _get(config, key)
+        ok = _is_number(value) and (value > low if open_low else value >= low) and (
+            value < high if open_high else value <= high)
+        need(ok, f"{key} must be {text}, not {value!r}")
+
+    for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        integer(key, 1)
+    batch_size = integer("batch_size", 1)
+    eval_batch_size = integer("eval_batch_size", 1)
+    for key in ("seed", "keep_best", "bn_group_size", "lr_plateau_patience", "data.holdout",
+                "data.pad"):
+        integer(key, 0)
+    number("lr", 0, open_low=True, text="> 0")
+    number("lr_decay", 0, 1, open_low=True, text="in (0, 1]")
+    number("lr_plateau_min_delta", 0, text=">= 0")
+    number("warmup_lr", 0, text=">= 0 (0: no warm-up)")
+    number("warmup_until_error", 0, 1, open_low=True, text="in (0, 1]")
+    number("warmup_smoothing", 0, 1, open_high=True, text="in [0, 1)")
+    number("momentum", 0, 1, open_high=True, text="in [0, 1)")
+    number("weight_decay", 0, text=">= 0")
+
+    boundaries = _get(config, "lr_boundaries")
+    if boundaries is None:
+        boundaries = ()
+    if not isinstance(boundaries, Sequence) or not all(_is_int(b) for b in boundaries):
+        problems.append(f"lr_boundaries must be a tuple of step numbers, not {boundaries!r}")
+    elif any(b < 1 for b in boundaries) or list(boundaries) != sorted(set(boundaries)):
+        problems.append(f"lr_boundaries must be increasing steps >= 1, not {tuple(boundaries)}")
+
+    need(config.weight_decay_on in ("all", "kernels"),
+         f"weight_decay_on must be 'all' or 'kernels', not {config.weight_decay_on!r}")
+    need(config.compute_dtype in DTYPES,
+         f"compute_dtype must be {' or '.join(map(repr, DTYPES))}, not {config.compute_dtype!r}")
+    need(config.data.pipeline in ("device", "host"),
+         f"data.pipeline must be 'device' or 'host', not {config.data.pipeline!r}")
+    try:
+        kind, _ = parse_source(config.data.source)
+        need(config.data.pipeline != "host" or kind == "tfds",
+             f"data.pipeline='host' reads tfds data sets, not {config.data.source!r}")
+    except ValueError as e:
+        problems.append(f"data.source: {e}")
+
+    for key, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        need(size is None or size % num_devices == 0,
+             f"{key} {size} does not split over {num_devices} devices; use a multiple of "
+             f"{num_devices}")
+    group = _get(config, "bn_group_size")
+    if batch_size and _is_int(group) and group > 0:
+        need(batch_size % group == 0,
+             f"bn_group_size {group} does not divide batch_size {batch_size}")
+    return problems
