@@ -23,7 +23,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from resnet_jax import checkpoint, parallel, train
-
 from resnet_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
