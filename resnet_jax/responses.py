@@ -50,10 +50,10 @@ def capture_responses(model: nn.Module, variables, images, *, train: bool = Fals
     Pure and traceable. `reduce`, a function of one response, runs where the response is made
     (inside the scan over a stage's blocks too) and only its result is kept: a jitted forward
     pass then holds no response longer than the layers need it. With `reduce=image_moments`
-    (what Figure 7 needs) on the CPU kernels, and BN with its running averages, the moments come
-    from the conv's output while it is still in cache (`_InCacheMoments`): nearly free, where a
-    pass over the response costs a fifth of a forward pass. With `train=True`, BN normalises
-    with the batch's statistics (the updated running averages are discarded).
+    (what Figure 7 needs), the model's kernels may take the moments where they make them cheaply
+    (`Kernels.response_tap`; the CPU's: from each conv's output while it is in cache). With
+    `train=True`, BN normalises with the batch's statistics (the updated running averages are
+    discarded).
 
     A dict returned from `jax.jit` (or `eval_shape`) comes back with its keys sorted as strings,
     `stage1/block10` before `stage1/block2`: `in_depth_order` puts it back."""
