@@ -1,0 +1,189 @@
+"""ImageNet-style input on a small generated folder of variable-size JPEGs: the decode-and-crop
+against resizing the whole image, the device half of the augmentation, training batches as a
+function of (seed, step) whatever the worker count or the process's rows, streamed evaluation."""
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import parallel
+from resnet_jax.data import augment, imagenet, jpeg
+from resnet_jax.errors import UserError
+
+SIZE, SCALE = 32, (36, 60)  # the paper's 224 and [256, 480], scaled down for speed
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _photo(h, w, seed=0):
+    """Smooth enough to compress like a photograph, varied enough that crops differ."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    channels = [np.sin(rng.uniform(3, 12) * x + rng.uniform(2, 9) * y + rng.uniform(0, 6))
+                for _ in range(3)]
+    return np.clip(127.5 + 120 * np.stack(channels, -1), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """ILSVRC-style folder: train and validation, 3 classes, 12 images each of sizes 40-90 px."""
+    root = tmp_path_factory.mktemp("ilsvrc")
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation"):
+        for i in range(12):
+            d = root / split / f"n{i % 3:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            h, w = (int(v) for v in rng.integers(40, 91, 2))
+            (d / f"{i:04d}.JPEG").write_bytes(_jpeg(_photo(h, w, seed=i)))
+    return str(root)
+
+
+def _reference_crop(image, rng, size, scale):
+    """The scale augmentation as the paper states it: resize the whole image to shorter side S,
+    then crop (the draws in imagenet_train_crop's order)."""
+    s = int(rng.integers(scale[0], scale[1] + 1))
+    resized = augment.resize_shorter_side(image, s)
+    h, w = resized.shape[:2]
+    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    return augment.crop(resized, top, left, size)
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (64, 45), (50, 50), (41, 90)])
+def test_decode_and_crop_is_resize_then_crop(shape):
+    encoded = _jpeg(_photo(*shape))
+    image = jpeg.decode(encoded)
+    for seed in range(4):
+        ours = augment.imagenet_train_crop(encoded, np.random.default_rng(seed), size=SIZE, scale=SCALE)
+        ref = _reference_crop(image, np.random.default_rng(seed), SIZE, SCALE)
+        assert ours.shape == (SIZE, SIZE, 3) and ours.dtype == np.uint8
+        # the same window and filter; PIL rounds to 8 bits between its horizontal and vertical
+        # passes, and the passes start at other pixels, so a level or two differs here and there
+        diff = np.abs(ours.astype(int) - ref)
+        assert diff.max() <= 2 and diff.mean() < 0.5  # a crop one pixel off: ~10
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_and_matches_closely():
+    encoded = _jpeg(_photo(600, 480))  # shorter side 480 -> 36..40: libjpeg decodes at 1/8
+    image = jpeg.decode(encoded)
+    diffs = []
+    for seed in range(4):
+        ours = augment.imagenet_train_crop(encoded, np.random.default_rng(seed), size=SIZE, scale=(36, 40))
+        ref = _reference_crop(image, np.random.default_rng(seed), SIZE, (36, 40))
+        diffs.append(np.abs(ours.astype(int) - ref).mean())
+    assert max(diffs) < 3.0  # DCT scaling instead of antialiased bilinear: within grey levels
+
+
+def test_undecodable_bytes_name_the_problem():
+    with pytest.raises(UserError, match="cannot decode image 7"):
+        jpeg.decode(b"not a jpeg", "image 7")
+
+
+def test_flip_lighting_mirrors_half_and_shifts_along_the_eigenvectors():
+    images = np.random.default_rng(0).integers(40, 216, (64, 5, 7, 3), dtype=np.uint8)
+    key = jax.random.key(3)
+    flipped = np.asarray(augment.flip_lighting(images, key, pca_std=0.0))
+    mirrored = np.array([np.array_equal(f, im[:, ::-1]) for f, im in zip(flipped, images)])
+    same = np.array([np.array_equal(f, im) for f, im in zip(flipped, images)])
+    assert np.all(mirrored | same) and 16 < mirrored.sum() < 48
+    shifted = np.asarray(augment.flip_lighting(images, key)).astype(np.float32)
+    shift = shifted - flipped  # the same flips: one key, the same split
+    for s in shift:  # one colour shift per image, the same on every pixel, along pca_lighting's
+        assert np.ptp(s.reshape(-1, 3), axis=0).max() <= 1
+    mean_shift = shift.reshape(64, -1, 3).mean(1) / 255.0
+    alphas = np.linalg.lstsq(augment.PCA_EIGVEC * augment.PCA_EIGVAL, mean_shift.T, rcond=None)[0].T
+    np.testing.assert_allclose(np.asarray(augment.pca_lighting(np.zeros(3, np.float32), alphas[0])),
+                               mean_shift[0], atol=2e-3)
+    assert 0.05 < alphas[:, 0].std() < 0.2  # draws of std 0.1 (the first axis is well resolved)
+
+
+def test_folder_split_reads_bytes_and_labels(folder):
+    split = imagenet.open_split(f"folder:{folder}", "train")
+    assert len(split) == 12 and split.num_classes == 3 and split.name.endswith(":train")
+    ex = split.source[4]
+    assert isinstance(ex["image"], bytes) and ex["label"] == 1
+    with pytest.raises(UserError, match="not found"):
+        imagenet.open_split(f"folder:{folder}", "val")
+
+
+def test_training_batches_are_a_function_of_seed_and_step(folder):
+    split = imagenet.open_split(f"folder:{folder}", "train")
+    mesh = parallel.make_mesh()  # 8 CPU devices: the batch crosses them as on a TPU host
+    kw = dict(seed=1, size=SIZE, scale=SCALE, workers=0)
+    a = imagenet.HostInput(split.source, 8, mesh, **kw)
+    first = [a.batch(s) for s in (3, 4, 5)]
+    images, labels = first[-1]
+    assert images.shape == (8, SIZE, SIZE, 3) and images.dtype == np.uint8
+    assert images.sharding.is_equivalent_to(parallel.batch_sharding(mesh), 4)
+    np.testing.assert_array_equal(np.asarray(labels), split.source.labels[a.indices(5)])
+    assert a.input_wait > 0
+    resumed = imagenet.HostInput(split.source, 8, mesh, **kw)
+    np.testing.assert_array_equal(np.asarray(resumed.batch(5)[0]), np.asarray(images))
+    again = a.batch(4)  # a jump back restarts the stream there
+    np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(first[1][0]))
+    assert not np.array_equal(np.asarray(first[0][0]), np.asarray(first[1][0]))
+    other_seed = imagenet.HostInput(split.source, 8, mesh, **dict(kw, seed=2)).batch(5)
+    assert not np.array_equal(np.asarray(other_seed[0]), np.asarray(images))
+    for h in (a, resumed):
+        h.close()
+
+
+def test_a_process_builds_only_its_rows(folder):
+    """What a second host of a pod slice computes: rows 4..7 of the same global batch."""
+    split = imagenet.open_split(f"folder:{folder}", "train")
+    whole = imagenet.TrainCrops(split.source, len(split), 8, slice(0, 8), 1, SIZE, SCALE)
+    second = imagenet.TrainCrops(split.source, len(split), 8, slice(4, 8), 1, SIZE, SCALE)
+    step = 5
+    for r in range(4):
+        ours, label = second(step * 4 + r)
+        theirs, their_label = whole(step * 8 + 4 + r)
+        np.testing.assert_array_equal(ours, theirs)
+        assert label == their_label
+
+
+def test_worker_processes_give_the_same_batches(folder):
+    split = imagenet.open_split(f"folder:{folder}", "train")
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    kw = dict(seed=1, size=SIZE, scale=SCALE)
+    inline = imagenet.HostInput(split.source, 4, mesh, workers=0, **kw)
+    pooled = imagenet.HostInput(split.source, 4, mesh, workers=2, **kw)
+    try:
+        for step in (2, 3, 4):
+            x, y = inline.batch(step)
+            px, py = pooled.batch(step)
+            np.testing.assert_array_equal(np.asarray(px), np.asarray(x))
+            np.testing.assert_array_equal(np.asarray(py), np.asarray(y))
+    finally:
+        inline.close()
+        pooled.close()
+
+
+@pytest.mark.parametrize("ten_crop", [False, True])
+def test_eval_streams_variable_size_images_in_padded_masked_batches(folder, ten_crop):
+    split = imagenet.open_split(f"folder:{folder}", "validation")
+    mesh = parallel.make_mesh()
+    batches = list(imagenet.eval_batches(split.source, 8, mesh, size=SIZE, resize=36,
+                                         ten_crop=ten_crop, threads=2))
+    crop = (10, SIZE, SIZE, 3) if ten_crop else (SIZE, SIZE, 3)
+    assert [b[0].shape for b in batches] == [(8,) + crop] * 2
+    masks = np.concatenate([np.asarray(m) for _, _, m in batches])
+    labels = np.concatenate([np.asarray(y) for _, y, _ in batches])[masks]
+    np.testing.assert_array_equal(labels, split.source.labels)  # every image once, in order
+    first = augment.imagenet_eval(jpeg.decode(split.source[0]["image"]), size=SIZE, resize=36,
+                                  ten_crop=ten_crop)
+    np.testing.assert_array_equal(np.asarray(batches[0][0])[0], first)
+
+
+def test_mean_image_of_centre_crops(folder):
+    split = imagenet.open_split(f"folder:{folder}", "train")
+    mean = imagenet.mean_image(split.source, count=6, size=SIZE, resize=36, threads=2)
+    pick = np.random.default_rng(0).choice(12, 6, replace=False)
+    crops = [augment.imagenet_eval(jpeg.decode(split.source[int(i)]["image"]), size=SIZE, resize=36)
+             for i in pick]
+    np.testing.assert_allclose(mean, np.mean(crops, 0) / 255.0, atol=1e-6)
