@@ -187,3 +187,17 @@ def test_mean_image_of_centre_crops(folder):
     crops = [augment.imagenet_eval(jpeg.decode(split.source[int(i)]["image"]), size=SIZE, resize=36)
              for i in pick]
     np.testing.assert_allclose(mean, np.mean(crops, 0) / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG")])
+def test_grey_cmyk_and_png_images_decode_to_rgb_crops(mode, fmt):
+    """ImageNet holds a few grey and CMYK JPEGs (libjpeg-turbo cannot make RGB of CMYK: PIL
+    does); an image folder may hold PNGs."""
+    buf = io.BytesIO()
+    Image.fromarray(_photo(50, 70)).convert(mode).save(buf, fmt)
+    encoded = buf.getvalue()
+    image = jpeg.decode(encoded)
+    assert image.shape == (50, 70, 3) and image.dtype == np.uint8
+    ours = augment.imagenet_train_crop(encoded, np.random.default_rng(0), size=SIZE, scale=SCALE)
+    ref = _reference_crop(image, np.random.default_rng(0), SIZE, SCALE)
+    assert np.abs(ours.astype(int) - ref).mean() < 0.5

@@ -133,9 +133,9 @@ def imagenet_train_crop(encoded, rng: np.random.Generator, *, size: int = 224,
     crop's window is resized, and a JPEG is decoded at 1/2, 1/4 or 1/8 scale where the window
     shrinks at least that much. The flip and the colour shift follow on the device
     (`flip_lighting`)."""
-    with jpeg.open_image(encoded) as im:
-        box = scale_crop_box(im.height, im.width, rng, size=size, scale=scale)
-        return jpeg.crop_resize(im, box, size)
+    height, width = jpeg.size(encoded)
+    return jpeg.crop_resize(encoded, scale_crop_box(height, width, rng, size=size, scale=scale),
+                            size)
 
 
 def imagenet_eval(image: np.ndarray, *, size: int = 224, resize: int = 256,
