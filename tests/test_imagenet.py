@@ -201,3 +201,93 @@ def test_grey_cmyk_and_png_images_decode_to_rgb_crops(mode, fmt):
     ours = augment.imagenet_train_crop(encoded, np.random.default_rng(0), size=SIZE, scale=SCALE)
     ref = _reference_crop(image, np.random.default_rng(0), SIZE, SCALE)
     assert np.abs(ours.astype(int) - ref).mean() < 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate and analyze on ImageNet-style data
+
+NET_SIZE = 64  # the smallest image_size that evaluate/analyze treat as ImageNet-style
+
+
+@pytest.fixture(scope="module")
+def imagenet_net():
+    """A ResNet-18 on 64x64 crops, 3 classes, random weights with trained-like BN statistics."""
+    import resnet_jax
+    from resnet_jax import checkpoint
+    model = resnet_jax.create_model("resnet18", num_classes=3)
+    variables = model.init(jax.random.key(0), np.zeros((1, NET_SIZE, NET_SIZE, 3), np.float32))
+    norm = checkpoint.Normalization(np.full((NET_SIZE, NET_SIZE, 3), 0.5, np.float32), 0.25)
+    return checkpoint.LoadedModel(model, variables, norm,
+                                  {"model": "resnet18", "model_options": {"num_classes": 3},
+                                   "image_size": NET_SIZE}, 0)
+
+
+def _crops(split, ten_crop=False):
+    resize = imagenet.eval_resize(NET_SIZE)
+    return np.stack([augment.imagenet_eval(jpeg.decode(split.source[i]["image"]), size=NET_SIZE,
+                                           resize=resize, ten_crop=ten_crop)
+                     for i in range(len(split))])
+
+
+def test_eval_resize_follows_the_checkpoint():
+    assert imagenet.eval_resize(224) == 256 and imagenet.eval_resize(64) == 73
+    assert imagenet.eval_resize(224, {"config": {"data": {"eval_resize": 288}}}) == 288
+    assert not imagenet.is_imagenet_input(32) and imagenet.is_imagenet_input(224)
+
+
+@pytest.mark.parametrize("ten_crop", [False, True])
+def test_evaluate_streamed_scores_every_image_of_a_folder_once(folder, imagenet_net, ten_crop):
+    from resnet_jax import evaluate
+    split = imagenet.open_split(f"folder:{folder}", "validation")
+    net = imagenet_net
+    x = net.normalization(_crops(split, ten_crop))
+    if ten_crop:
+        probs = jax.nn.softmax(net.model.apply(net.variables, x.reshape((-1,) + x.shape[2:]),
+                                               train=False))
+        logits = np.log(np.asarray(probs).reshape(len(split), 10, -1).mean(1))
+    else:
+        logits = np.asarray(net.model.apply(net.variables, x, train=False))
+    want = int((logits.argmax(1) == split.source.labels).sum())
+    # 5 rounds up to the 8 devices: one batch of 8 and one padded with 4 masked rows
+    r = evaluate.evaluate_streamed(net, split, batch_size=5, ten_crop=ten_crop, progress=None,
+                                   threads=2)
+    assert r["count"] == 12 and r["correct_top1"] == want and r["correct_top5"] == 12
+
+
+def test_eval_batches_decode_lazily(folder):
+    """Memory flat in the split's size: the stream reads a batch ahead, never the split."""
+    split = imagenet.open_split(f"folder:{folder}", "validation")
+    reads = []
+
+    class Counting:
+        def __len__(self):
+            return len(split.source)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return split.source[i]
+
+    batches = imagenet.eval_batches(Counting(), 4, parallel.make_mesh(jax.devices()[:1]),
+                                    size=SIZE, resize=36, threads=2)
+    next(batches)
+    assert len(reads) <= 8  # this batch and the next, of 12 images
+    assert len(list(batches)) == 2 and len(reads) == 12
+
+
+def test_decoded_crops_stream_analysis_like_the_array(folder, imagenet_net):
+    from resnet_jax import analyze
+    split = imagenet.open_split(f"folder:{folder}", "validation")
+    lazy = imagenet.DecodedCrops(split.source, size=NET_SIZE, resize=imagenet.eval_resize(NET_SIZE),
+                                 count=10, threads=2)
+    assert len(lazy) == 10 and lazy.shape == (10, NET_SIZE, NET_SIZE, 3)
+    whole = _crops(split)[:10]
+    np.testing.assert_array_equal(lazy[2:5], whole[2:5])
+    np.testing.assert_array_equal(lazy[np.array([9, 0])], whole[[9, 0]])
+    settings = analyze.Settings(batch_size=4)
+    fn = analyze.batch_moments_fn(imagenet_net.model, imagenet_net.normalization, settings)
+    streamed = analyze.stream_moments(fn, imagenet_net.variables, lazy, settings)
+    in_memory = analyze.stream_moments(fn, imagenet_net.variables, whole, settings)
+    assert streamed.keys() == in_memory.keys()
+    for layer in streamed:
+        for a, b in zip(streamed[layer], in_memory[layer]):
+            np.testing.assert_allclose(a, b, rtol=1e-6)

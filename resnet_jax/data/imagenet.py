@@ -235,6 +235,55 @@ class _Producer:
 # ---------------------------------------------------------------------------------------------
 # Evaluation and the mean image
 
+# Checkpoints of nets at least this large take ImageNet-style input in evaluate and analyze: any
+# image size, shorter side resized to image_size * 256 / 224, the centre (or ten) crops.
+MIN_IMAGENET_SIZE = 64
+
+
+def is_imagenet_input(image_size: int) -> bool:
+    return image_size >= MIN_IMAGENET_SIZE
+
+
+def eval_resize(image_size: int, metadata: Optional[dict] = None) -> int:
+    """The shorter side evaluation crops come from: the training config's `data.eval_resize`
+    where the checkpoint recorded one, else the paper's 256 for 224 scaled to `image_size`."""
+    data = ((metadata or {}).get("config") or {}).get("data") or {}
+    return int(data.get("eval_resize") or round(image_size * 256 / 224))
+
+
+class DecodedCrops:
+    """A split's evaluation crops as an array that decodes on indexing: `len()`, and `[slice]` or
+    `[int array]` -> uint8 [n, size, size, 3] (or [n, 10, size, size, 3] with ten_crop), so the
+    code that batches a numpy split (data/batching.py) streams this one, one batch in memory."""
+
+    def __init__(self, source, *, size: int, resize: int, ten_crop: bool = False,
+                 threads: int = 32, count: Optional[int] = None):
+        self.source, self.size, self.resize, self.ten_crop = source, size, resize, ten_crop
+        self.count = len(source) if count is None else min(count, len(source))
+        self.threads = threads
+
+    def __len__(self):
+        return self.count
+
+    @property
+    def shape(self):
+        crop = (10,) if self.ten_crop else ()
+        return (self.count,) + crop + (self.size, self.size, 3)
+
+    def _crop(self, index: int) -> np.ndarray:
+        image = jpeg.decode(self.source[int(index)]["image"], f"image {int(index)}")
+        return augment.imagenet_eval(image, size=self.size, resize=self.resize,
+                                     ten_crop=self.ten_crop)
+
+    def __getitem__(self, key) -> np.ndarray:
+        index = np.arange(self.count)[key]
+        if index.ndim != 1:
+            raise TypeError("DecodedCrops takes a slice or a 1-D index array")
+        with concurrent.futures.ThreadPoolExecutor(min(self.threads, max(1, len(index)))) as pool:
+            crops = list(pool.map(self._crop, index))
+        return np.stack(crops) if crops else np.zeros((0,) + self.shape[1:], np.uint8)
+
+
 
 def eval_batches(source, batch_size: int, mesh: jax.sharding.Mesh, *, size: int = 224,
                  resize: int = 256, ten_crop: bool = False, threads: int = 32
