@@ -2,6 +2,7 @@
 against resizing the whole image, the device half of the augmentation, training batches as a
 function of (seed, step) whatever the worker count or the process's rows, streamed evaluation."""
 import io
+import json
 import os
 
 import jax
@@ -291,3 +292,52 @@ def test_decoded_crops_stream_analysis_like_the_array(folder, imagenet_net):
     for layer in streamed:
         for a, b in zip(streamed[layer], in_memory[layer]):
             np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_evaluate_on_two_processes_gives_the_one_result(folder, imagenet_net, tmp_path):
+    """A pod slice on one machine: two JAX processes of two CPU devices each, each decoding its
+    own rows, score the folder as one process does."""
+    import subprocess
+    import sys
+    from resnet_jax import checkpoint, evaluate
+    net = imagenet_net
+    ckpt = str(tmp_path / "ckpt")
+    checkpoint.save_model(ckpt, net.variables, model_name="resnet18",
+                          model_options={"num_classes": 3}, normalization=net.normalization,
+                          extra={"image_size": NET_SIZE})
+    out = tmp_path / "result.json"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    proc = subprocess.run(
+        ["bash", os.path.join(repo, "launch", "local_multiprocess.sh"), "-n", "2", "-d", "2",
+         "--cmd", sys.executable, "-m", "resnet_jax.evaluate", "--checkpoint", ckpt,
+         "--data", f"folder:{folder}", "--split", "validation", "--batch_size", "8",
+         "--json", str(out)], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("top-1") == 1  # one result, printed by process 0
+    got = json.loads(out.read_text())
+    split = imagenet.open_split(f"folder:{folder}", "validation")
+    want = evaluate.evaluate_streamed(net, split, batch_size=8, progress=None, threads=2)
+    assert (got["count"], got["correct_top1"], got["correct_top5"]) == \
+        (12, want["correct_top1"], want["correct_top5"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_training_on_a_folder_logs_input_wait(folder, tmp_path):
+    """The trainer's host pipeline end to end: folder:PATH, grain, the device half, input_wait."""
+    from resnet_jax import train
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = train.load_config(os.path.join(repo, "configs", "imagenet.py:resnet18"))
+    config.data.source = f"folder:{folder}"
+    config.data.update(dict(image_size=NET_SIZE, scale=(72, 96), eval_resize=73, mean_images=6,
+                            workers=0, threads=2))
+    config.batch_size = config.eval_batch_size = 8
+    config.num_steps, config.log_every, config.checkpoint_every = 2, 1, 2
+    result = train.train_and_evaluate(config, str(tmp_path / "run"),
+                                      parallel.make_mesh(jax.devices()[:1]))
+    assert result["step"] == 2 and result["val_count"] == 12
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    waits = [l["input_wait"] for l in lines if "input_wait" in l]
+    assert len(waits) == 2 and all(w >= 0 for w in waits)
