@@ -341,3 +341,16 @@ def test_training_on_a_folder_logs_input_wait(folder, tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     waits = [l["input_wait"] for l in lines if "input_wait" in l]
     assert len(waits) == 2 and all(w >= 0 for w in waits)
+
+
+def test_a_bad_file_is_named_in_one_line(tmp_path):
+    d = tmp_path / "train" / "a"
+    d.mkdir(parents=True)
+    for i in range(4):
+        (d / f"{i}.JPEG").write_bytes(_jpeg(_photo(40, 50, seed=i)) if i else b"not a jpeg")
+    split = imagenet.open_split(f"folder:{tmp_path}", "train")
+    host = imagenet.HostInput(split.source, 4, parallel.make_mesh(jax.devices()[:1]), size=SIZE,
+                              scale=SCALE, workers=0)
+    with pytest.raises(UserError, match=r"cannot decode '.*0\.JPEG'.*remove or replace it"):
+        host.batch(0)
+    assert host._producer is None  # stopped: no thread or worker left behind

@@ -127,15 +127,15 @@ def scale_crop_box(height: int, width: int, rng: np.random.Generator, *, size: i
 
 
 def imagenet_train_crop(encoded, rng: np.random.Generator, *, size: int = 224,
-                        scale: Tuple[int, int] = (256, 480)) -> np.ndarray:
+                        scale: Tuple[int, int] = (256, 480), name: str = "image") -> np.ndarray:
     """The host's half of a training image: the scale augmentation's random size x size crop,
     uint8 [size, size, 3], from an encoded image (JPEG/PNG bytes) or a uint8 array; only the
     crop's window is resized, and a JPEG is decoded at 1/2, 1/4 or 1/8 scale where the window
     shrinks at least that much. The flip and the colour shift follow on the device
-    (`flip_lighting`)."""
-    height, width = jpeg.size(encoded)
+    (`flip_lighting`). `name` says which image in an error."""
+    height, width = jpeg.size(encoded, name)
     return jpeg.crop_resize(encoded, scale_crop_box(height, width, rng, size=size, scale=scale),
-                            size)
+                            size, name)
 
 
 def imagenet_eval(image: np.ndarray, *, size: int = 224, resize: int = 256,

@@ -52,7 +52,7 @@ class FolderSource:
 
     def __getitem__(self, index: int):
         with open(self.paths[index], "rb") as f:
-            return {"image": f.read(), "label": int(self.labels[index])}
+            return {"image": f.read(), "label": int(self.labels[index]), "path": self.paths[index]}
 
 
 @dataclasses.dataclass
@@ -108,10 +108,17 @@ class TrainCrops:
         local = self.rows.stop - self.rows.start
         step, row = divmod(int(k), local)
         row += self.rows.start
-        ex = self.source[int(self.order(step)[row])]
+        index = int(self.order(step)[row])
+        ex = self.source[index]
         rng = np.random.default_rng((self.seed, step, row))
-        return (augment.imagenet_train_crop(ex["image"], rng, size=self.size, scale=self.scale),
+        return (augment.imagenet_train_crop(ex["image"], rng, size=self.size, scale=self.scale,
+                                            name=_name(ex, index)),
                 np.int32(ex["label"]))
+
+
+def _name(example, index: int) -> str:
+    """How an error names an image: its file, or its index in the split."""
+    return repr(example["path"]) if "path" in example else f"image {index} of the split"
 
 
 def train_dataset(crops: TrainCrops, start_step: int, workers: int):
@@ -174,7 +181,11 @@ class HostInput:
             self.close()
             self._producer = _Producer(self, step)
         start = time.perf_counter()
-        out = self._producer.get()
+        try:
+            out = self._producer.get()
+        except BaseException:  # a bad image, a dead worker: stop the workers, then report
+            self.close()
+            raise
         self.input_wait += time.perf_counter() - start
         self._next = step + 1
         return out
@@ -271,7 +282,8 @@ class DecodedCrops:
         return (self.count,) + crop + (self.size, self.size, 3)
 
     def _crop(self, index: int) -> np.ndarray:
-        image = jpeg.decode(self.source[int(index)]["image"], f"image {int(index)}")
+        ex = self.source[int(index)]
+        image = jpeg.decode(ex["image"], _name(ex, int(index)))
         return augment.imagenet_eval(image, size=self.size, resize=self.resize,
                                      ten_crop=self.ten_crop)
 
@@ -298,7 +310,7 @@ def eval_batches(source, batch_size: int, mesh: jax.sharding.Mesh, *, size: int 
 
     def load(index):
         ex = source[int(index)]
-        image = jpeg.decode(ex["image"], f"image {int(index)}")
+        image = jpeg.decode(ex["image"], _name(ex, int(index)))
         return (augment.imagenet_eval(image, size=size, resize=resize, ten_crop=ten_crop),
                 np.int32(ex["label"]))
 
@@ -335,8 +347,9 @@ def mean_image(source, count: int = 5000, size: int = 224, resize: int = 256, th
     pick = np.random.default_rng(seed).choice(len(source), min(count, len(source)), replace=False)
 
     def crop(i):
-        return augment.imagenet_eval(jpeg.decode(source[int(i)]["image"], f"image {int(i)}"),
-                                     size=size, resize=resize)
+        ex = source[int(i)]
+        return augment.imagenet_eval(jpeg.decode(ex["image"], _name(ex, int(i))), size=size,
+                                     resize=resize)
 
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         total = sum(c.astype(np.float64) for c in pool.map(crop, pick))
