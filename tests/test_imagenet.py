@@ -354,3 +354,29 @@ def test_a_bad_file_is_named_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"cannot decode '.*0\.JPEG'.*remove or replace it"):
         host.batch(0)
     assert host._producer is None  # stopped: no thread or worker left behind
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/imagenet_input.py's inputs
+
+
+def test_benchmark_jpegs_are_imagenet_like(tmp_path):
+    from benchmarks import imagenet_jpegs
+    paths = imagenet_jpegs.write_folder(str(tmp_path), 40, splits=("train",))
+    assert len(paths) == 40 and len(imagenet.open_split(f"folder:{tmp_path}", "train")) == 40
+    sizes = [Image.open(p).size for p in paths]
+    assert all(200 <= min(s) and max(s) <= 1000 for s in sizes)
+    assert sum(max(s) == 500 and 330 <= min(s) <= 375 for s in sizes) >= 20  # mostly ~500x375
+
+
+def test_benchmark_requirement_is_the_scaling_documents(tmp_path):
+    import re
+    from benchmarks import imagenet_input
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "docs", "scaling.md")) as f:
+        doc = f.read()
+    need = imagenet_input.required_per_host()
+    for hw in ("v5e-8 (8 chips)", "8x H100 SXM"):  # the hosts docs/scaling.md tabulates
+        row = re.search(rf"\| resnet50 \| {re.escape(hw)} \| ([\d,]+) \|", doc)
+        assert abs(need[hw] - int(row.group(1).replace(",", ""))) < 1
+    assert set(need) == set(imagenet_input.HOST_VCPUS)
