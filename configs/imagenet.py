@@ -15,8 +15,11 @@ standard 10 crops with --config.data.ten_crop=True.
 at 150k, 300k and 450k iterations (30/60/90 epochs at batch 256).
 
 The data: tfds imagenet2012 prepared once in ArrayRecord format (tfds build imagenet2012
---file_format=array_record --data_dir=DIR, with the manually downloaded tars), read on every
-host by random access; each process decodes only its own rows of a batch. bf16 for TPU and GPU:
+--file_format=array_record --data_dir=DIR, with the manually downloaded tars), or an ILSVRC-style
+folder (--config.data.source=folder:PATH with PATH/train/<class>/*.JPEG and PATH/validation/...),
+read on every host by random access; each process decodes only its own rows of a batch, in grain
+worker processes (data/imagenet.py). The log's `input wait` says how long each step waited for
+data: near 0, the input keeps up. bf16 for TPU and GPU:
 --config.compute_dtype=bfloat16.
 """
 from resnet_jax.config import default_config
@@ -32,7 +35,10 @@ def get_config(arg: str = "resnet50"):
         c.data.update(dict(
             image_size=224, scale=(256, 480), pca_std=0.1, eval_resize=256, ten_crop=False,
             mean_images=5000,  # random training images whose centre crops give the mean image
-            threads=32))       # decoding threads per host
+            workers=-1,        # grain worker processes per host decoding training crops; -1: one
+                               # per CPU core but one, 0: none (decode in the training process)
+            prefetch=2,        # training batches kept ready on the devices ahead of the step
+            threads=32))       # decoding threads per host for evaluation and the mean image
     c.data.update(dict(source="imagenet2012", pipeline="host", train_split="train",
                        test_split="validation", holdout=0, pad=0))
     c.batch_size = 256

@@ -43,7 +43,7 @@ from absl import flags
 
 from resnet_jax import checkpoint, cli, kernels, parallel
 from resnet_jax.kernels import cpu
-from resnet_jax.data import sources
+from resnet_jax.data import imagenet, sources
 from resnet_jax.data.batching import padded_batches
 from resnet_jax.errors import UserError, exit_on_user_error
 from resnet_jax.models import layout
@@ -301,13 +301,21 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} is a file; name a directory")
     meta = runs[0].loaded.metadata
-    dataset = sources.load(data, split, data_dir=data_dir, image_size=meta.get("image_size", 32),
-                           num_classes=getattr(runs[0].loaded.model, "num_classes", 10))
+    image_size = meta.get("image_size", 32)
+    if imagenet.is_imagenet_input(image_size):  # any image size; decoded batch by batch
+        dataset = imagenet.open_split(data, split, data_dir)
+    else:
+        dataset = sources.load(data, split, data_dir=data_dir, image_size=image_size,
+                               num_classes=getattr(runs[0].loaded.model, "num_classes", 10))
     if num_images is not None:
         if not 0 < num_images <= len(dataset):
             raise UserError(f"--num_images must be in 1..{len(dataset)} for {dataset.name}, "
                             f"not {num_images}")
-    images = dataset.images[:num_images]
+    if imagenet.is_imagenet_input(image_size):
+        images = imagenet.DecodedCrops(dataset.source, size=image_size, count=num_images,
+                                       resize=imagenet.eval_resize(image_size, meta))
+    else:
+        images = dataset.images[:num_images]
 
     results, history = {}, {}
     for run in runs:

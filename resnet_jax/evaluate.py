@@ -27,7 +27,7 @@ from absl import flags
 
 from resnet_jax import checkpoint, cli, kernels, parallel
 from resnet_jax.kernels import cpu
-from resnet_jax.data import sources
+from resnet_jax.data import imagenet, sources
 from resnet_jax.data.batching import nonfinite_rows, padded_batches, topk_correct
 from resnet_jax.errors import UserError, exit_on_user_error
 
@@ -142,6 +142,33 @@ def evaluate(loaded: checkpoint.LoadedModel, dataset: sources.Dataset, batch_siz
     return dict(result, seconds=round(time.perf_counter() - start, 3))
 
 
+def evaluate_streamed(loaded: checkpoint.LoadedModel, split: imagenet.Split, batch_size: int = 500,
+                      ten_crop: bool = False,
+                      progress: Optional[Callable[[int, int, float], None]] = stderr_progress,
+                      progress_every: int = 5, threads: int = 32) -> Dict:
+    """`evaluate` for ImageNet-style data (images of any size, data/imagenet.py): the centre crop
+    or ten crops of each, decoded batch by batch (the split is never held in memory), over every
+    device of every process (after jax.distributed: each process decodes its own rows, and every
+    process gets the one result)."""
+    classes, num_classes = model_classes(loaded), getattr(loaded.model, "num_classes", None)
+    if classes is not None:
+        sources.check_classes(split.name, split.classes, classes)
+    elif num_classes is not None and split.num_classes > num_classes:
+        raise UserError(f"{split.name} has {split.num_classes} classes but the model has "
+                        f"{num_classes}; evaluate on data with the checkpoint's classes")
+    image_size = loaded.metadata["image_size"]
+    mesh = parallel.make_mesh()
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+    eval_step = make_eval_step(loaded.model, mesh, loaded.normalization)
+    batches = imagenet.eval_batches(split.source, batch_size, mesh, size=image_size,
+                                    resize=imagenet.eval_resize(image_size, loaded.metadata),
+                                    ten_crop=ten_crop, threads=threads)
+    start = time.perf_counter()
+    result = evaluate_batches(eval_step, parallel.replicate(loaded.variables, mesh), batches,
+                              progress, len(split), progress_every)
+    return dict(result, seconds=round(time.perf_counter() - start, 3))
+
+
 def write_json(path: str, obj) -> None:
     """Write `obj` as JSON so that a reader never sees half a file (temp file + rename)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -171,6 +198,8 @@ def define_flags():
     flags.DEFINE_string("data_dir", None, "tfds data directory")
     flags.DEFINE_integer("batch_size", 500, "images per forward pass (the last batch is padded)")
     flags.DEFINE_string("json", None, "write the result here as JSON")
+    flags.DEFINE_bool("ten_crop", False, "ImageNet-size nets: average the softmax of the standard "
+                      "10 crops instead of scoring the centre crop")
 
 
 def main(argv):
@@ -183,18 +212,27 @@ def main(argv):
         if FLAGS.batch_size < 1:
             raise UserError(f"--batch_size must be positive, not {FLAGS.batch_size}")
         cpu.use_cpu_cores()
+        parallel.initialize_distributed()  # on every host of a pod slice (ImageNet-style data)
         checkpoint.quiet_orbax()
         loaded = checkpoint.load_model(FLAGS.checkpoint, FLAGS.step,
                                        kernels.for_devices(jax.local_devices()))
         image_size = loaded.metadata.get("image_size", 32)
-        dataset = sources.load(FLAGS.data, FLAGS.split, data_dir=FLAGS.data_dir,
-                               image_size=image_size,
-                               num_classes=getattr(loaded.model, "num_classes", 10),
-                               classes=model_classes(loaded))
-        result = evaluate(loaded, dataset, FLAGS.batch_size)
+        if imagenet.is_imagenet_input(image_size):
+            split = imagenet.open_split(FLAGS.data, FLAGS.split, FLAGS.data_dir)
+            name = split.name
+            result = evaluate_streamed(loaded, split, FLAGS.batch_size, FLAGS.ten_crop)
+        else:
+            dataset = sources.load(FLAGS.data, FLAGS.split, data_dir=FLAGS.data_dir,
+                                   image_size=image_size,
+                                   num_classes=getattr(loaded.model, "num_classes", 10),
+                                   classes=model_classes(loaded))
+            name = dataset.name
+            result = evaluate(loaded, dataset, FLAGS.batch_size)
         result.update(checkpoint=os.path.abspath(FLAGS.checkpoint), step=loaded.step,
                       model=loaded.metadata["model"], data=FLAGS.data, split=FLAGS.split)
-        print(f"{result['model']} step {result['step']} on {dataset.name}: top-1 "
+        if not parallel.is_main_process():
+            return
+        print(f"{result['model']} step {result['step']} on {name}: top-1 "
               f"{100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% "
               f"({result['count']} images)")
         if FLAGS.json:

@@ -255,7 +255,8 @@ def load_splits(config) -> Tuple[sources.Dataset, sources.Dataset, Optional[sour
 
 def make_data(config, mesh) -> Data:
     """`data.pipeline='device'`: CIFAR-sized splits in device memory, augmented there;
-    `'host'`: tfds imagenet2012 read, decoded and augmented on each host (data/imagenet.py)."""
+    `'host'`: tfds imagenet2012 or an image folder read, decoded and cropped on each host
+    (data/imagenet.py)."""
     d = config.data
     if d.pipeline == "host":
         return _host_data(config, mesh)
@@ -273,21 +274,22 @@ def make_data(config, mesh) -> Data:
 def _host_data(config, mesh) -> Data:
     from resnet_jax.data import imagenet
     d = config.data
-    _, name = sources.parse_source(d.source)
-    train = imagenet.data_source(d.train_split, d.data_dir or None, name)
-    val = imagenet.data_source(d.test_split, d.data_dir or None, name)
+    data_dir = d.data_dir or None
+    train = imagenet.open_split(d.source, d.train_split, data_dir)
+    val = imagenet.open_split(d.source, d.test_split, data_dir)
+    sources.check_classes(val.name, val.classes, train.classes, f"{train.name}'s")
     crop = dict(size=d.image_size, resize=d.eval_resize)
     return Data(
-        train=imagenet.HostInput(train, config.batch_size, mesh, seed=config.seed, size=d.image_size,
-                                 scale=d.scale, pca_std=d.pca_std, threads=d.threads),
-        val=lambda: imagenet.eval_batches(val, config.eval_batch_size, mesh, ten_crop=d.ten_crop,
-                                          threads=d.threads, **crop),
+        train=imagenet.HostInput(train.source, config.batch_size, mesh, seed=config.seed,
+                                 size=d.image_size, scale=d.scale, pca_std=d.pca_std,
+                                 workers=d.workers, prefetch=d.prefetch),
+        val=lambda: imagenet.eval_batches(val.source, config.eval_batch_size, mesh,
+                                          ten_crop=d.ten_crop, threads=d.threads, **crop),
         test=None,
-        normalization=checkpoint.Normalization(imagenet.mean_image(train, d.mean_images,
-                                                                   threads=d.threads, **crop)),
-        classes=tuple(train.dataset_info.features["label"].names),
-        image_size=d.image_size, description=f"train {name}:{d.train_split} ({len(train)}), "
-                                             f"val {name}:{d.test_split} ({len(val)})")
+        normalization=checkpoint.Normalization(imagenet.mean_image(
+            train.source, d.mean_images, threads=d.threads, **crop)),
+        classes=train.classes, image_size=d.image_size,
+        description=f"train {train.name} ({len(train)}), val {val.name} ({len(val)})")
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, meta: Dict, metrics: Dict) -> int:
@@ -611,16 +613,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         preemption = Preemption()
         result = _loop(config, workdir, mesh, model, meta, data, mngr, steps, writer, preemption)
     except BaseException:
-        _close_all(preemption, writer, mngr, quietly=True)  # a second error would hide the first
+        # quietly: a second error would hide the first
+        _close_all(data.train, preemption, writer, mngr, quietly=True)
         raise
     with _writing(mngr, result["step"]):
-        _close_all(preemption, writer, mngr)
+        _close_all(data.train, preemption, writer, mngr)
     return result
 
 
 def _close_all(*things, quietly: bool = False):
+    """Close each of `things` that can be (the host input pipeline's workers among them)."""
     for thing in things:
-        if thing is None:
+        if not hasattr(thing, "close"):
             continue
         if quietly:
             with contextlib.suppress(Exception):
@@ -657,11 +661,12 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
     warmup_logged = bool(jax.device_get(state.warmup_end) >= 0)
     pending = []
     clock = (time.perf_counter(), step)
+    input_wait = 0.0  # seconds the loop waited for batches since the last log: input-bound if ~all
     result: Dict[str, Any] = dict(step=step)
 
     def flush():
         """The host sync: check the loss, log, write metrics."""
-        nonlocal pending, clock, warmup_logged
+        nonlocal pending, clock, warmup_logged, input_wait
         if not pending:
             return
         got = jax.device_get(pending)
@@ -678,12 +683,13 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
         rate = (step - clock[1]) * config.batch_size / max(now - clock[0], 1e-9)
         scalars = dict(loss=float(np.mean([m["loss"] for m in got])),
                        train_top1=float(sum(m["correct"] for m in got)) / (len(got) * config.batch_size),
-                       lr=float(got[-1]["lr"]), images_per_s=rate)
+                       lr=float(got[-1]["lr"]), images_per_s=rate, input_wait=input_wait / len(got))
         eta = (config.num_steps - step) * config.batch_size / rate if rate > 0 else float("inf")
         if main:
-            log.info("step %d/%d  loss %.4f  acc %.2f%%  lr %.4g  %.0f img/s  ETA %s", step,
-                     config.num_steps, scalars["loss"], 100 * scalars["train_top1"],
-                     scalars["lr"], rate, _hms(eta))
+            log.info("step %d/%d  loss %.4f  acc %.2f%%  lr %.4g  %.0f img/s  input wait %.0f "
+                     "ms/step  ETA %s", step, config.num_steps, scalars["loss"],
+                     100 * scalars["train_top1"], scalars["lr"], rate,
+                     1000 * scalars["input_wait"], _hms(eta))
             if not warmup_logged and config.warmup_lr:
                 end = int(jax.device_get(state.warmup_end))
                 if end >= 0:
@@ -694,6 +700,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
         writer.write(step, scalars)
         result.update(scalars)
         pending = []
+        input_wait = 0.0
         clock = (time.perf_counter(), step)
 
     def evaluate_and_save():
@@ -720,7 +727,9 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
 
     in_flight = parallel.InFlight()
     while step < config.num_steps:
+        asked = time.perf_counter()
         images, labels = source.batch(step)
+        input_wait += time.perf_counter() - asked
         state, metrics = train_step(state, images, labels)
         pending.append(metrics)
         in_flight.add(metrics)

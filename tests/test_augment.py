@@ -75,16 +75,18 @@ def test_pca_lighting_moves_pixels_along_the_eigenvectors():
     assert np.allclose(shift, shift[0, 0])  # the same shift for every pixel
 
 
-def test_imagenet_train_and_eval_shapes_and_determinism():
+def test_imagenet_train_crop_and_eval_shapes_and_determinism():
     image = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     kw = dict(size=8, scale=(10, 14))
-    a = augment.imagenet_train(image, np.random.default_rng(5), **kw)
-    b = augment.imagenet_train(image, np.random.default_rng(5), **kw)
+    a = augment.imagenet_train_crop(image, np.random.default_rng(5), **kw)
+    b = augment.imagenet_train_crop(image, np.random.default_rng(5), **kw)
     assert a.shape == (8, 8, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
-    draws = {augment.imagenet_train(image, np.random.default_rng(s), **kw).tobytes() for s in range(8)}
+    draws = {augment.imagenet_train_crop(image, np.random.default_rng(s), **kw).tobytes()
+             for s in range(8)}
     assert len(draws) > 4
-    plain = augment.imagenet_train(image, np.random.default_rng(5), pca_std=0.0, **kw)
-    assert 0 < np.abs(a.astype(int) - plain).max() < 16  # PCA shifts by a few grey levels
+    shifted = np.asarray(augment.flip_lighting(a[None], jax.random.key(0), pca_std=0.1))[0]
+    plain = np.asarray(augment.flip_lighting(a[None], jax.random.key(0), pca_std=0.0))[0]
+    assert 0 < np.abs(shifted.astype(int) - plain).max() < 16  # PCA shifts by a few grey levels
     assert augment.imagenet_eval(image, size=8, resize=10).shape == (8, 8, 3)
     assert augment.imagenet_eval(image, size=8, resize=10, ten_crop=True).shape == (10, 8, 8, 3)

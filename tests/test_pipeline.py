@@ -46,30 +46,3 @@ def test_too_small_a_split_and_the_throughput_probe(mesh):
         pipeline.DeviceInput(sources.load("synthetic:40", "train"), 64, mesh)
     rate = pipeline.input_throughput(sources.load("synthetic:64", "train"), 32, mesh, steps=2, warmup=1)
     assert rate > 0
-
-
-class _FakeSource(list):
-    """What a tfds data source gives: examples by index, {'image': HWC uint8, 'label': int}."""
-
-
-def _fake_source(n=12):
-    rng = np.random.default_rng(0)
-    return _FakeSource({"image": rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8), "label": i % 5}
-                       for i in range(n))
-
-
-def test_host_input_batches_and_ten_crop_eval(mesh):
-    from resnet_jax.data import imagenet
-    source = _fake_source()
-    kw = dict(seed=3, size=8, scale=(10, 12), threads=2)
-    a = imagenet.HostInput(source, 4, mesh, **kw)
-    images, labels = a.batch(5)
-    assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
-    np.testing.assert_array_equal(np.asarray(labels), [source[i]["label"] for i in a.indices(5)])
-    again, _ = imagenet.HostInput(source, 4, mesh, **kw).batch(5)  # a restarted run
-    np.testing.assert_array_equal(np.asarray(images), np.asarray(again))
-    batches = list(imagenet.eval_batches(source, 8, mesh, size=8, resize=10, ten_crop=True, threads=2))
-    assert [b[0].shape for b in batches] == [(8, 10, 8, 8, 3)] * 2
-    assert int(sum(np.asarray(m).sum() for _, _, m in batches)) == len(source)
-    mean = imagenet.mean_image(source, count=6, size=8, resize=10, threads=2)
-    assert mean.shape == (8, 8, 3) and 0.3 < mean.mean() < 0.7

@@ -4,11 +4,12 @@ CIFAR (Sec. 4.2), on device inside jit: "4 pixels are padded on each side, and a
 randomly sampled from the padded image or its horizontal flip". Randomness comes from one key per
 global batch, so a batch is the same whichever devices hold its rows (threefry is partitionable).
 
-ImageNet (Sec. 3.4), on the host in numpy: the shorter side resized to a random size in
-[256, 480], a random 224x224 crop or its flip, AlexNet's PCA colour augmentation; evaluation by the
-centre crop or the standard 10 crops (4 corners + centre, and their flips) of the image resized
-to shorter side 256. Every function takes its random draws as arguments or from a numpy
-Generator, so tests can pin them.
+ImageNet (Sec. 3.4): the shorter side resized to a random size in [256, 480] and a random 224x224
+crop, on the host, as one resize of the crop's window of the original image (imagenet_train_crop);
+the flip and AlexNet's PCA colour augmentation on the device (flip_lighting), so uint8 crops cross
+to the device; evaluation by the centre crop or the standard 10 crops (4 corners + centre, and
+their flips) of the image resized to shorter side 256, on the host. Every function takes its
+random draws as arguments, a numpy Generator or a key, so tests can pin them.
 """
 from typing import Tuple
 
@@ -16,6 +17,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from resnet_jax.data import jpeg
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR, on device
@@ -44,7 +47,7 @@ def crop_flip(padded: jax.Array, offsets: jax.Array, flips: jax.Array, size: Tup
 
 
 # ---------------------------------------------------------------------------------------------
-# ImageNet, on the host
+# ImageNet
 
 # AlexNet's PCA of ImageNet RGB pixels scaled to [0, 1] (eigenvalues, eigenvectors as columns),
 # as fb.resnet.torch and the paper's ref. [21] use them; the draws have std 0.1.
@@ -53,6 +56,23 @@ PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                        [-0.5808, -0.0045, -0.8140],
                        [-0.5836, -0.6948, 0.4203]], np.float32)
 PCA_STD = 0.1
+
+
+def flip_lighting(images: jax.Array, key: jax.Array, pca_std: float = PCA_STD) -> jax.Array:
+    """The device's half of ImageNet training images: uint8 [B, H, W, 3] -> the same, half of
+    them mirrored left-right, each shifted by AlexNet's PCA colour augmentation with N(0, pca_std)
+    draws and rounded back to uint8 (a few grey levels, so rounding loses little and the step's
+    normalisation stays the one every pipeline uses). One key per global batch, as CIFAR's."""
+    chex.assert_rank(images, 4)
+    b = images.shape[0]
+    flip_key, alpha_key = jax.random.split(key)
+    flips = jax.random.bernoulli(flip_key, 0.5, (b,))
+    x = jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    if not pca_std:
+        return x
+    alpha = pca_std * jax.random.normal(alpha_key, (b, 3), jnp.float32)
+    shift = 255.0 * (alpha * PCA_EIGVAL) @ PCA_EIGVEC.T  # [B, 3]: pca_lighting's, per image
+    return jnp.clip(jnp.round(x.astype(jnp.float32) + shift[:, None, None, :]), 0, 255).astype(jnp.uint8)
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -91,20 +111,31 @@ def pca_lighting(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return image + PCA_EIGVEC @ (np.asarray(alpha, np.float32) * PCA_EIGVAL)
 
 
-def imagenet_train(image: np.ndarray, rng: np.random.Generator, *, size: int = 224,
-                   scale: Tuple[int, int] = (256, 480), pca_std: float = PCA_STD) -> np.ndarray:
-    """One training image: scale augmentation, random crop, flip, PCA colour; uint8 out (the
-    colour shift is a few grey levels, so rounding loses little and the host->device copy stays
-    a quarter of float32's)."""
-    image = resize_shorter_side(image, int(rng.integers(scale[0], scale[1] + 1)))
-    h, w = image.shape[:2]
-    image = crop(image, int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1)), size)
-    if rng.random() < 0.5:
-        image = image[:, ::-1]
-    if pca_std:
-        shifted = pca_lighting(image.astype(np.float32) / 255.0, rng.normal(0.0, pca_std, 3))
-        image = np.clip(np.rint(shifted * 255.0), 0, 255)
-    return np.ascontiguousarray(image, np.uint8)
+def scale_crop_box(height: int, width: int, rng: np.random.Generator, *, size: int = 224,
+                   scale: Tuple[int, int] = (256, 480)) -> Tuple[float, float, float, float]:
+    """The scale augmentation's crop as a window of the original image: (left, top, right, bottom)
+    in its pixels. Draws, from `rng`, the shorter side S in [scale[0], scale[1]], then the crop's
+    row and column in the image resized to shorter side S (resize_shorter_side's sizes), and maps
+    that size x size crop back through the resize; resizing the window to size x size is the
+    same sampling without ever resizing the rest of the image."""
+    s = int(rng.integers(scale[0], scale[1] + 1))
+    factor = s / min(height, width)
+    new_h, new_w = max(s, round(height * factor)), max(s, round(width * factor))
+    top, left = int(rng.integers(0, new_h - size + 1)), int(rng.integers(0, new_w - size + 1))
+    fy, fx = height / new_h, width / new_w
+    return (left * fx, top * fy, (left + size) * fx, (top + size) * fy)
+
+
+def imagenet_train_crop(encoded, rng: np.random.Generator, *, size: int = 224,
+                        scale: Tuple[int, int] = (256, 480), name: str = "image") -> np.ndarray:
+    """The host's half of a training image: the scale augmentation's random size x size crop,
+    uint8 [size, size, 3], from an encoded image (JPEG/PNG bytes) or a uint8 array; only the
+    crop's window is resized, and a JPEG is decoded at 1/2, 1/4 or 1/8 scale where the window
+    shrinks at least that much. The flip and the colour shift follow on the device
+    (`flip_lighting`). `name` says which image in an error."""
+    height, width = jpeg.size(encoded, name)
+    return jpeg.crop_resize(encoded, scale_crop_box(height, width, rng, size=size, scale=scale),
+                            size, name)
 
 
 def imagenet_eval(image: np.ndarray, *, size: int = 224, resize: int = 256,
