@@ -3,6 +3,7 @@ XLA's with a canonical VJP): lax's outputs and autodiff's gradients within float
 its structural choices on the CPU (unrolled stages, materialised block outputs) change nothing
 but speed."""
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from resnet_jax import parallel
-from resnet_jax.models import cifar, fast_conv, onednn_conv
+from resnet_jax.models import cifar, fast_conv, imagenet, onednn_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -110,11 +111,45 @@ def test_winograd_kernels_where_they_pay(onednn):
             direction = re.search(r"(forward_training|backward_data|backward_weights)", line)
             algorithm = re.search(r"alg:convolution_(\w+)", line)
             used.add((int(shape[1]), int(shape[2]), direction[1], algorithm[1]))
-    with open("/proc/cpuinfo") as f:
-        avx512 = " avx512f" in f.read()
+    # The instruction set oneDNN runs: the CPU's, or less under ONEDNN_MAX_CPU_ISA.
+    avx512 = any(line.startswith("onednn_verbose,info,cpu,isa:") and "AVX-512" in line
+                 for line in out.splitlines())
     directions = ("forward_training", "backward_data", "backward_weights")
     assert used == {(c, oh, d, "winograd" if (c, oh) == (32, 8) and avx512 else "direct")
                     for c, oh in ((32, 8), (16, 8), (32, 4)) for d in directions}
+
+
+# The instruction sets below AVX-512 that oneDNN 2.6 has float32 convolution kernels of their own
+# for, each with its own memory layouts and channel blocks: SSE4.1 (direct forward kernels, GEMM
+# for both backward ones), AVX and AVX2; as dnnl_cpu_isa_t bit masks. AVX-512's kernels (direct,
+# 1x1, Winograd) are the development and CI machines' own, which the rest of this file runs; its
+# later tiers (VNNI, bfloat16, AMX) run float32 on those.
+ISA_TIERS = {"SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7}
+# This file's tests of every kernel, direction and layout, and of a whole net's gradients.
+KERNEL_TESTS = ("test_same_values_and_gradients_as_lax[onednn]",
+                "test_winograd_kernels_where_they_pay",
+                "test_scanned_model_gradients_match_lax[onednn]")
+
+
+@pytest.mark.parametrize("isa", ISA_TIERS)
+def test_kernels_at_each_isa_tier(onednn, isa):
+    """oneDNN picks its kernels by the CPU's instruction set, so a CPU of another kind runs
+    kernels that no test ran here (AVX2's 1x1 stride-2 backward weights were wrong, on CPUs
+    without AVX-512 only). ONEDNN_MAX_CPU_ISA caps that choice when oneDNN starts: each tier
+    runs this file's kernel tests in a process of its own (a cap above the CPU runs the CPU's
+    tier)."""
+    if platform.machine() != "x86_64":
+        pytest.skip(f"oneDNN's instruction-set tiers are x86's, not {platform.machine()}'s")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa)
+    effective = subprocess.run(
+        [sys.executable, "-c", "import ctypes, ctypes.util; print(ctypes.CDLL("
+         "ctypes.util.find_library('dnnl')).dnnl_get_effective_cpu_isa())"],
+        capture_output=True, text=True, check=True, env=env).stdout
+    assert int(effective) & ~ISA_TIERS[isa] == 0, f"{isa} cap ignored: dnnl_cpu_isa_t {effective}"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *(f"{__file__}::{name}" for name in KERNEL_TESTS)],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, f"ONEDNN_MAX_CPU_ISA={isa}:\n{done.stdout[-5000:]}"
 
 
 def test_onednn_under_vmap(onednn):
@@ -204,6 +239,29 @@ def _train_grads(model, variables, x, y):
     return jax.jit(jax.grad(loss))(variables["params"])
 
 
+def _random_variables(fast, plain, x, rng):
+    """Variables for both models (whose parameter trees must agree): random values in place of
+    `init`, whose compiled random number generation costs seconds."""
+    shapes = jax.eval_shape(fast.init, jax.random.PRNGKey(0), x)
+    assert (jax.tree.structure(shapes)
+            == jax.tree.structure(jax.eval_shape(plain.init, jax.random.PRNGKey(0), x)))
+    return jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape, np.float32), shapes)
+
+
+def _assert_gradients_match_lax(fast, plain, variables, x, monkeypatch):
+    """`fast`'s train-mode gradients are those of `plain` (lax's convolutions) under a rolled
+    scan without materialised block outputs."""
+    y = jnp.arange(len(x)) % 10
+    got = _train_grads(fast, variables, x, y)
+    monkeypatch.setattr(fast_conv, "scan_unroll", lambda length, dtype: 1)
+    monkeypatch.setattr(fast_conv, "materialize", lambda x: x)
+    want = _train_grads(plain, variables, x, y)
+    jax.tree_util.tree_map_with_path(
+        lambda path, g, ref: np.testing.assert_allclose(
+            g, ref, rtol=2e-4, atol=2e-5 * float(jnp.abs(ref).max()) + 1e-7,
+            err_msg=jax.tree_util.keystr(path)), got, want)
+
+
 def test_scanned_model_gradients_match_lax(cpu_path, monkeypatch):
     """Through a whole train-mode ResNet whose stages run under nn.scan (option B shortcuts, so
     1x1 stride-2 convs too): the default model is the fast one on the CPU (oneDNN's kernels,
@@ -214,24 +272,29 @@ def test_scanned_model_gradients_match_lax(cpu_path, monkeypatch):
     plain = cifar.CifarResNet(depth=20, conv_general_dilated=lax.conv_general_dilated, **opts)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 12, 12, 3), np.float32)
-    y = jnp.arange(6) % 10
-    shapes = jax.eval_shape(fast.init, jax.random.PRNGKey(0), x)
-    assert (jax.tree.structure(shapes)
-            == jax.tree.structure(jax.eval_shape(plain.init, jax.random.PRNGKey(0), x)))
-    # Random values in place of `init`, whose compiled random number generation costs seconds.
-    variables = jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape, np.float32), shapes)
+    variables = _random_variables(fast, plain, x, rng)
     assert variables["params"]["stage2"]["blocks"]["conv1"]["kernel"].shape == (2, 3, 3, 8, 8)
     jaxpr = str(jax.make_jaxpr(lambda v: fast.apply(v, x))(variables))
     assert "custom_vjp" in jaxpr
     assert ("unroll=2" in jaxpr) == (cpu_path == "onednn")
-    got = _train_grads(fast, variables, x, y)
-    monkeypatch.setattr(fast_conv, "scan_unroll", lambda length, dtype: 1)
-    monkeypatch.setattr(fast_conv, "materialize", lambda x: x)
-    want = _train_grads(plain, variables, x, y)
-    jax.tree_util.tree_map_with_path(
-        lambda path, g, ref: np.testing.assert_allclose(
-            g, ref, rtol=2e-4, atol=2e-5 * float(jnp.abs(ref).max()) + 1e-7,
-            err_msg=jax.tree_util.keystr(path)), got, want)
+    _assert_gradients_match_lax(fast, plain, variables, x, monkeypatch)
+
+
+def test_bottleneck_model_gradients_match_lax(onednn, monkeypatch):
+    """The ImageNet nets' bottleneck blocks in the paper's layout (the stride in the first 1x1
+    conv) with option B shortcuts: each downsampling block0 has two 1x1 stride-2 convs, here on
+    8 and 16 channels (fewer than, and one block of, oneDNN's AVX-512 kernels)."""
+    monkeypatch.setattr(onednn_conv, "usable", lambda: True)
+    opts = dict(stage_sizes=(1, 2, 1, 1), bottleneck=True, widths=(2, 4, 4, 4), num_classes=10)
+    fast = imagenet.ImageNetResNet(**opts)
+    plain = imagenet.ImageNetResNet(conv_general_dilated=lax.conv_general_dilated, **opts)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 64, 64, 3), np.float32)
+    variables = _random_variables(fast, plain, x, rng)
+    stage2 = variables["params"]["stage2"]["block0"]
+    assert stage2["conv1"]["kernel"].shape == (1, 1, 8, 4)
+    assert stage2["shortcut"]["conv"]["kernel"].shape == (1, 1, 8, 16)
+    _assert_gradients_match_lax(fast, plain, variables, x, monkeypatch)
 
 
 def test_stages_unroll_where_the_cpu_kernels_run(cpu_path):
