@@ -3,6 +3,7 @@ kernels, XLA's with a canonical VJP) give lax's outputs and autodiff's gradients
 rounding, and their structural choices (unrolled stages, materialised block outputs) change nothing
 but speed. Each test names the set it runs: no test reaches a path by patching a module."""
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import resnet_jax.kernels
 from resnet_jax import parallel
 from resnet_jax.kernels import cpu
 from resnet_jax.kernels.cpu import onednn_conv
-from resnet_jax.models import cifar, compute
+from resnet_jax.models import cifar, compute, imagenet
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -114,11 +115,45 @@ def test_winograd_kernels_where_they_pay(onednn):
             direction = re.search(r"(forward_training|backward_data|backward_weights)", line)
             algorithm = re.search(r"alg:convolution_(\w+)", line)
             used.add((int(shape[1]), int(shape[2]), direction[1], algorithm[1]))
-    with open("/proc/cpuinfo") as f:
-        avx512 = " avx512f" in f.read()
+    # The instruction set oneDNN runs: the CPU's, or less under ONEDNN_MAX_CPU_ISA.
+    avx512 = any(line.startswith("onednn_verbose,info,cpu,isa:") and "AVX-512" in line
+                 for line in out.splitlines())
     directions = ("forward_training", "backward_data", "backward_weights")
     assert used == {(c, oh, d, "winograd" if (c, oh) == (32, 8) and avx512 else "direct")
                     for c, oh in ((32, 8), (16, 8), (32, 4)) for d in directions}
+
+
+# The instruction sets below AVX-512 that oneDNN 2.6 has float32 convolution kernels of their own
+# for, each with its own memory layouts and channel blocks: SSE4.1 (direct forward kernels, GEMM
+# for both backward ones), AVX and AVX2; as dnnl_cpu_isa_t bit masks. AVX-512's kernels (direct,
+# 1x1, Winograd) are the development and CI machines' own, which the rest of this file runs; its
+# later tiers (VNNI, bfloat16, AMX) run float32 on those.
+ISA_TIERS = {"SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7}
+# This file's tests of every kernel, direction and layout, and of a whole net's gradients.
+KERNEL_TESTS = ("test_same_values_and_gradients_as_lax[onednn]",
+                "test_winograd_kernels_where_they_pay",
+                "test_scanned_model_gradients_match_lax[onednn]")
+
+
+@pytest.mark.parametrize("isa", ISA_TIERS)
+def test_kernels_at_each_isa_tier(onednn, isa):
+    """oneDNN picks its kernels by the CPU's instruction set, so a CPU of another kind runs
+    kernels that no test ran here (AVX2's 1x1 stride-2 backward weights were wrong, on CPUs
+    without AVX-512 only). ONEDNN_MAX_CPU_ISA caps that choice when oneDNN starts: each tier
+    runs this file's kernel tests in a process of its own (a cap above the CPU runs the CPU's
+    tier)."""
+    if platform.machine() != "x86_64":
+        pytest.skip(f"oneDNN's instruction-set tiers are x86's, not {platform.machine()}'s")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa)
+    effective = subprocess.run(
+        [sys.executable, "-c", "import ctypes, ctypes.util; print(ctypes.CDLL("
+         "ctypes.util.find_library('dnnl')).dnnl_get_effective_cpu_isa())"],
+        capture_output=True, text=True, check=True, env=env).stdout
+    assert int(effective) & ~ISA_TIERS[isa] == 0, f"{isa} cap ignored: dnnl_cpu_isa_t {effective}"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *(f"{__file__}::{name}" for name in KERNEL_TESTS)],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, f"ONEDNN_MAX_CPU_ISA={isa}:\n{done.stdout[-5000:]}"
 
 
 def test_onednn_under_vmap(onednn):
@@ -141,8 +176,8 @@ def test_kernels_follow_the_devices_a_program_runs_on(onednn):
     VJP; GPUs and TPUs get XLA's own set, whatever the host is."""
     assert resnet_jax.kernels.for_devices(jax.devices()[:1]) is cpu.ONEDNN
     assert resnet_jax.kernels.for_devices(jax.devices()) is cpu.CANONICAL
-    for platform in ("tpu", "gpu"):
-        devices = [types.SimpleNamespace(platform=platform)] * 4
+    for kind in ("tpu", "gpu"):
+        devices = [types.SimpleNamespace(platform=kind)] * 4
         assert resnet_jax.kernels.for_devices(devices) is compute.XLA
     x, w = jnp.ones((8, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
     x = jax.device_put(x, NamedSharding(parallel.make_mesh(), P(parallel.DATA_AXIS)))
@@ -229,6 +264,30 @@ def _train_grads(model, variables, x, y):
     return jax.jit(jax.grad(loss))(variables["params"])
 
 
+def _random_variables(fast, plain, x, rng):
+    """Variables for both models (whose parameter trees must agree): random values in place of
+    `init`, whose compiled random number generation costs seconds."""
+    shapes = jax.eval_shape(fast.init, jax.random.PRNGKey(0), x)
+    assert (jax.tree.structure(shapes)
+            == jax.tree.structure(jax.eval_shape(plain.init, jax.random.PRNGKey(0), x)))
+    return jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape, np.float32), shapes)
+
+
+# lax's convolutions under a rolled scan without materialised block outputs: the reference.
+ROLLED_XLA = compute.Kernels(unroll=compute.unroll_up_to(0))
+
+
+def _assert_gradients_match_lax(fast, plain, variables, x):
+    """`fast`'s train-mode gradients are those of `plain` (computing with `ROLLED_XLA`)."""
+    y = jnp.arange(len(x)) % 10
+    got = _train_grads(fast, variables, x, y)
+    want = _train_grads(plain, variables, x, y)
+    jax.tree_util.tree_map_with_path(
+        lambda path, g, ref: np.testing.assert_allclose(
+            g, ref, rtol=2e-4, atol=2e-5 * float(jnp.abs(ref).max()) + 1e-7,
+            err_msg=jax.tree_util.keystr(path)), got, want)
+
+
 def test_scanned_model_gradients_match_lax(kernels):
     """Through a whole train-mode ResNet whose stages run under nn.scan (option B shortcuts, so
     1x1 stride-2 convs too): a CPU set (oneDNN's with unrolled stages and materialised block
@@ -236,27 +295,32 @@ def test_scanned_model_gradients_match_lax(kernels):
     of lax's convolutions under a rolled scan."""
     opts = dict(widths=(4, 8, 8), shortcut="B")
     fast = cifar.CifarResNet(depth=20, kernels=kernels, **opts)
-    rolled_xla = compute.Kernels(unroll=compute.unroll_up_to(0))
-    plain = cifar.CifarResNet(depth=20, kernels=rolled_xla, **opts)
+    plain = cifar.CifarResNet(depth=20, kernels=ROLLED_XLA, **opts)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 12, 12, 3), np.float32)
-    y = jnp.arange(6) % 10
-    shapes = jax.eval_shape(fast.init, jax.random.PRNGKey(0), x)
-    assert (jax.tree.structure(shapes)
-            == jax.tree.structure(jax.eval_shape(plain.init, jax.random.PRNGKey(0), x)))
-    # Random values in place of `init`, whose compiled random number generation costs seconds.
-    variables = jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape, np.float32), shapes)
+    variables = _random_variables(fast, plain, x, rng)
     assert variables["params"]["stage2"]["blocks"]["conv1"]["kernel"].shape == (2, 3, 3, 8, 8)
     jaxpr = str(jax.make_jaxpr(lambda v: fast.apply(v, x))(variables))
     assert "custom_vjp" in jaxpr
     assert ("unroll=2" in jaxpr) == (kernels is cpu.ONEDNN)
     assert "unroll=1" in str(jax.make_jaxpr(lambda v: plain.apply(v, x))(variables))
-    got = _train_grads(fast, variables, x, y)
-    want = _train_grads(plain, variables, x, y)
-    jax.tree_util.tree_map_with_path(
-        lambda path, g, ref: np.testing.assert_allclose(
-            g, ref, rtol=2e-4, atol=2e-5 * float(jnp.abs(ref).max()) + 1e-7,
-            err_msg=jax.tree_util.keystr(path)), got, want)
+    _assert_gradients_match_lax(fast, plain, variables, x)
+
+
+def test_bottleneck_model_gradients_match_lax(onednn):
+    """The ImageNet nets' bottleneck blocks in the paper's layout (the stride in the first 1x1
+    conv) with option B shortcuts: each downsampling block0 has two 1x1 stride-2 convs, here on
+    8 and 16 channels (fewer than, and one block of, oneDNN's AVX-512 kernels)."""
+    opts = dict(stage_sizes=(1, 2, 1, 1), bottleneck=True, widths=(2, 4, 4, 4), num_classes=10)
+    fast = imagenet.ImageNetResNet(kernels=cpu.ONEDNN, **opts)
+    plain = imagenet.ImageNetResNet(kernels=ROLLED_XLA, **opts)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 64, 64, 3), np.float32)
+    variables = _random_variables(fast, plain, x, rng)
+    stage2 = variables["params"]["stage2"]["block0"]
+    assert stage2["conv1"]["kernel"].shape == (1, 1, 8, 4)
+    assert stage2["shortcut"]["conv"]["kernel"].shape == (1, 1, 8, 16)
+    _assert_gradients_match_lax(fast, plain, variables, x)
 
 
 def test_stages_unroll_as_each_set_says():

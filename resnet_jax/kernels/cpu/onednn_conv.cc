@@ -50,8 +50,10 @@ struct Plan {
   memory::desc weights_conv;  // the layout the kernel wants
   dnnl::reorder reorder;      // user -> conv (forward, backward data) or conv -> user (weights)
   bool needs_reorder = false;
-  // Activations as the kernel wants them: NHWC for the direct kernels (no copies), blocked by 16
-  // channels for Winograd's, reordered from and to NHWC around the call.
+  // Activations as XLA holds them (NHWC; x a strided view of them where SubsamplesX), and as the
+  // kernel wants them: NHWC for the direct kernels (no copies), blocked by 16 channels for
+  // Winograd's, reordered from and to NHWC around the call.
+  memory::desc x_user, y_user;
   memory::desc x_conv, y_conv;
   dnnl::reorder x_in, x_out, y_in, y_out;  // NHWC -> kernel (in), kernel -> NHWC (out)
   memory::desc scratchpad;
@@ -73,19 +75,41 @@ bool WantsWinograd(const Key& k) {
   return k[4] == 3 && k[5] == 3 && k[9] == 1 && k[10] == 1 && std::min(k[3], k[6]) >= 32;
 }
 
+// A strided 1x1 convolution without padding reads only every stride-th pixel. Where the input is
+// a whole number of strides, oneDNN 2.6's 1x1 kernels (jit_1x1, AVX2 and AVX-512) first copy
+// those pixels into per-thread scratch space ("reduce to unit stride"), and their backward
+// weights over NHWC gets that copy wrong: each thread's run of pixels starts at pixel * (the
+// kernel's channel block: 8 floats for AVX2, 16 for AVX-512) but is packed at pixel * c, and each
+// thread's space holds pixels * c. With fewer channels than a block, a thread's copy overruns its
+// space: into the next thread's, which is reading its own copy there (wrong weight gradients),
+// or past the end of the scratchpad (a corrupted heap). So backward weights takes those pixels
+// itself, a reorder from a strided view of x, and asks oneDNN for the stride-1 convolution of
+// them: the same products and sums, and no such copy. (Other sizes get a kernel that reads the
+// strides itself, and oneDNN would not take the view: its last row would reach past the image.)
+bool SubsamplesX(const Key& k) {
+  return static_cast<Kind>(k[15]) == Kind::kBackwardWeights && k[4] == 1 && k[5] == 1 &&
+         (k[9] > 1 || k[10] > 1) && k[1] % k[9] == 0 && k[2] % k[10] == 0 && k[11] == 0 &&
+         k[12] == 0 && k[13] == 0 && k[14] == 0;
+}
+
 std::shared_ptr<const Plan> BuildPlan(const Key& k, dnnl::algorithm algorithm) {
   const auto& eng = Engine();
   const int64_t n = k[0], h = k[1], w = k[2], c = k[3], kh = k[4], kw = k[5], o = k[6],
                 oh = k[7], ow = k[8];
-  const memory::dims strides = {k[9], k[10]};
-  const memory::dims pad_l = {k[11], k[13]}, pad_r = {k[12], k[14]};
   const auto kind = static_cast<Kind>(k[15]);
   using tag = memory::format_tag;
   const auto f32 = memory::data_type::f32;
-  const memory::desc x_user({n, c, h, w}, f32, tag::nhwc);
+  // The convolution oneDNN runs: x's own, or the stride-1 one of its subsampled pixels.
+  const bool subsample = SubsamplesX(k);
+  const memory::dims x_dims = subsample ? memory::dims{n, c, oh, ow} : memory::dims{n, c, h, w};
+  const memory::dims strides = subsample ? memory::dims{1, 1} : memory::dims{k[9], k[10]};
+  const memory::dims pad_l = {k[11], k[13]}, pad_r = {k[12], k[14]};
+  const memory::desc x_user =
+      subsample ? memory::desc(x_dims, f32, memory::dims{h * w * c, 1, k[9] * w * c, k[10] * c})
+                : memory::desc(x_dims, f32, tag::nhwc);
   const memory::desc y_user({n, o, oh, ow}, f32, tag::nhwc);
   const auto activations = algorithm == dnnl::algorithm::convolution_winograd ? tag::any : tag::nhwc;
-  const memory::desc src({n, c, h, w}, f32, activations);
+  const memory::desc src(x_dims, f32, activations);
   const memory::desc dst({n, o, oh, ow}, f32, activations);
   const memory::desc weights_any({o, c, kh, kw}, f32, tag::any);
 
@@ -95,6 +119,8 @@ std::shared_ptr<const Plan> BuildPlan(const Key& k, dnnl::algorithm algorithm) {
 
   auto plan = std::make_shared<Plan>();
   plan->weights_user = memory::desc({o, c, kh, kw}, f32, tag::hwio);
+  plan->x_user = x_user;
+  plan->y_user = y_user;
   const dnnl::convolution_forward::primitive_desc forward(
       dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, algorithm, src,
                                       weights_any, dst, strides, pad_l, pad_r),
@@ -191,14 +217,11 @@ ffi::Error Run(Kind kind, float* x, ffi::Span<const int64_t> x_dims, float* w,
     const auto plan = GetPlan(key);
     const auto& eng = Engine();
     dnnl::stream stream(eng);
-    const memory::desc src({x_dims[0], x_dims[3], x_dims[1], x_dims[2]}, memory::data_type::f32,
-                           memory::format_tag::nhwc);
-    const memory::desc dst({y_dims[0], w_dims[3], y_dims[1], y_dims[2]}, memory::data_type::f32,
-                           memory::format_tag::nhwc);
-    memory x_mem(src, eng, x), y_mem(dst, eng, y), w_user(plan->weights_user, eng, w);
+    memory x_mem(plan->x_user, eng, x), y_mem(plan->y_user, eng, y);
+    memory w_user(plan->weights_user, eng, w);
     memory w_conv = plan->needs_reorder ? memory(plan->weights_conv, eng) : w_user;
-    memory x_conv = plan->x_conv == src ? x_mem : memory(plan->x_conv, eng);
-    memory y_conv = plan->y_conv == dst ? y_mem : memory(plan->y_conv, eng);
+    memory x_conv = plan->x_conv == plan->x_user ? x_mem : memory(plan->x_conv, eng);
+    memory y_conv = plan->y_conv == plan->y_user ? y_mem : memory(plan->y_conv, eng);
     memory scratchpad(plan->scratchpad, eng);
     // What the kernel reads: x (forward, backward weights), y (both backward), w (not weights).
     if (kind != Kind::kBackwardData && x_conv != x_mem) plan->x_in.execute(stream, x_mem, x_conv);
