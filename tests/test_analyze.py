@@ -77,6 +77,7 @@ def _two_pass(model, variables, images, per_channel):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", analyze.POOLS)
 def test_streamed_statistics_equal_two_pass_over_all_responses(resnet, pool):
     model, variables = resnet
@@ -108,6 +109,7 @@ def test_rows_name_stage_block_and_kernel_and_drop_the_stem(resnet):
         ("stage3/block2/conv2", "stage3", 2, "3x3x8x8")
 
 
+@pytest.mark.slow
 def test_rows_keep_depth_order_past_the_tenth_block():
     """ResNet-110's 18 blocks a stage: block10 comes after block9, not after block1 (as the keys
     of a dict returned from jit come back, sorted), or Figure 7's layer-order curve is shuffled."""
@@ -118,6 +120,7 @@ def test_rows_keep_depth_order_past_the_tenth_block():
         f"stage{s}/block{b}/conv{c}" for s in (1, 2, 3) for b in range(18) for c in (1, 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, options, kernels", [
     # VGG-19's sixteen 3x3 convs (no BN: the response is the conv's output), shrunk in width.
     ("vgg19", dict(stages=((4, 2), (8, 2), (8, 4), (8, 4), (8, 4)), num_classes=10),
@@ -148,6 +151,7 @@ def _bn_of(params, layer):
     return pick(bn["scale"]), pick(bn["bias"])
 
 
+@pytest.mark.slow
 def test_batch_bn_std_is_the_closed_form_of_gamma_and_beta(resnet):
     model, variables = resnet
     # Batches of 256: the last holds 44 images; padding would skew its statistics if it ran.
@@ -209,6 +213,7 @@ def _cli(*args):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_writes_tables_figures_and_the_curves_over_training(checkpoints, tmp_path):
     out = tmp_path / "fig"
     proc = _cli(str(checkpoints / "plain20-as-plain20"), str(checkpoints / "run"),
@@ -245,6 +250,7 @@ def test_command_writes_tables_figures_and_the_curves_over_training(checkpoints,
     assert (out / "table.txt").read_text().splitlines() == table[:3]
 
 
+@pytest.mark.slow
 def test_command_bad_input_prints_one_line_and_exits_non_zero(checkpoints, tmp_path):
     r20, p20 = str(checkpoints / "resnet20-as-resnet20"), str(checkpoints / "plain20-as-plain20")
     proc = _cli(f"{r20}=A", f"{p20}=A",

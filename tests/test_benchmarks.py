@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # benchmarks/ is a folder of the checkout, not part of the installed package.
 _spec = importlib.util.spec_from_file_location("benchmarks_run", os.path.join(REPO, "benchmarks", "run.py"))

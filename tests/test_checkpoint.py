@@ -58,6 +58,7 @@ def test_mismatch_names_the_stored_net_and_the_first_parameters(tmp_path):
     assert "\n" not in msg
 
 
+@pytest.mark.slow
 def test_mismatch_through_a_cli_leaves_no_traceback(tmp_path):
     directory = _mislabelled(tmp_path)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")

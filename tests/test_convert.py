@@ -120,6 +120,7 @@ def _check_logits(torch, net, loaded, image_size=64):
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_torchvision_resnet18_pth_matches_torch(torch, tmp_path):
     net = torchvision_resnet(torch, False, (2, 2, 2, 2), num_classes=10)
     # as DataParallel training scripts save it: `module.` prefix inside {'state_dict': ...}
@@ -133,6 +134,7 @@ def test_torchvision_resnet18_pth_matches_torch(torch, tmp_path):
     _check_logits(torch, net, loaded)
 
 
+@pytest.mark.slow
 def test_torchvision_resnet50_npz_matches_torch(torch, tmp_path):
     net = torchvision_resnet(torch, True, (3, 4, 6, 3), num_classes=10)
     path = tmp_path / "resnet50.npz"
@@ -236,6 +238,7 @@ def _cli(*args):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_converts_and_refuses_a_used_out(akamaster_dir, tmp_path):
     out = tmp_path / "ckpt"
     rc, stdout, stderr = _cli(akamaster_dir / "resnet20.npz", "--model", "resnet20", "--out", out)

@@ -28,6 +28,7 @@ def _loaded(akamaster_dir, name):
                                   convert.IMAGENET_NORMALIZATION, {"model": name}, 0)
 
 
+@pytest.mark.slow
 def test_converted_akamaster_nets_reach_pytorch_top1(akamaster_dir, cifar_jpeg, tmp_path):
     test = sources.load(f"folder:{cifar_jpeg}", "test")
     assert len(test) == 10_000
@@ -44,6 +45,7 @@ def test_converted_akamaster_nets_reach_pytorch_top1(akamaster_dir, cifar_jpeg, 
         assert abs(measured[name] - want) <= 0.05, (name, measured[name], want)
 
 
+@pytest.mark.slow
 def test_every_image_counts_once_whatever_the_batch_size(akamaster_dir):
     loaded = _loaded(akamaster_dir, "resnet20")
     data = sources.load("synthetic:37", "test")
@@ -86,6 +88,7 @@ def _cli(*args):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_keeps_stderr_clean(akamaster_dir, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     convert.convert(str(akamaster_dir / "resnet20.npz"), "resnet20", ckpt)

@@ -135,6 +135,7 @@ KERNEL_TESTS = ("test_same_values_and_gradients_as_lax[onednn]",
                 "test_scanned_model_gradients_match_lax[onednn]")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ISA_TIERS)
 def test_kernels_at_each_isa_tier(onednn, isa):
     """oneDNN picks its kernels by the CPU's instruction set, so a CPU of another kind runs
@@ -288,6 +289,7 @@ def _assert_gradients_match_lax(fast, plain, variables, x):
             err_msg=jax.tree_util.keystr(path)), got, want)
 
 
+@pytest.mark.slow
 def test_scanned_model_gradients_match_lax(kernels):
     """Through a whole train-mode ResNet whose stages run under nn.scan (option B shortcuts, so
     1x1 stride-2 convs too): a CPU set (oneDNN's with unrolled stages and materialised block
@@ -307,6 +309,7 @@ def test_scanned_model_gradients_match_lax(kernels):
     _assert_gradients_match_lax(fast, plain, variables, x)
 
 
+@pytest.mark.slow
 def test_bottleneck_model_gradients_match_lax(onednn):
     """The ImageNet nets' bottleneck blocks in the paper's layout (the stride in the first 1x1
     conv) with option B shortcuts: each downsampling block0 has two 1x1 stride-2 convs, here on
@@ -358,6 +361,7 @@ def _widest_activation_fusion(depth: int) -> int:
     return max(len(re.findall(r"%[\w.\-]+", f.group(1))) for f in fusions)
 
 
+@pytest.mark.slow
 def test_unrolled_stages_do_not_recompute_block_outputs(onednn):
     """XLA:CPU duplicates cheap producers into their consumers: in an unrolled stage each
     backward ReLU recomputed every earlier block's output, in fusions that widened with depth

@@ -95,6 +95,7 @@ def test_conv_padding_is_symmetric_at_stride_2():
     np.testing.assert_array_equal(y[0, :, :, 0], [[0.0, 0.0], [0.0, float(x[0, 1, 1, 0])]])
 
 
+@pytest.mark.slow
 def test_he_normal_init_scale():
     model = resnet_jax.create_model("resnet56")
     params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
@@ -102,6 +103,7 @@ def test_he_normal_init_scale():
     np.testing.assert_allclose(np.std(kernel), np.sqrt(2.0 / (9 * 64)), rtol=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet20", "plain20"])
 def test_forward_backward_under_jit(name):
     model = resnet_jax.create_model(name)
@@ -121,6 +123,7 @@ def test_forward_backward_under_jit(name):
     assert float(jnp.abs(grads["stage2"]["blocks"]["conv1"]["kernel"]).sum()) > 0
 
 
+@pytest.mark.slow
 def test_plain_net_has_no_shortcut_addition():
     """The plain net is the residual net minus the identity: with the second BN of every block
     zeroed, a ResNet passes its input through while the plain net outputs zeros."""
@@ -136,6 +139,7 @@ def test_plain_net_has_no_shortcut_addition():
     assert np.any(out["resnet20"])
 
 
+@pytest.mark.slow
 def test_batch_sharded_over_devices_gives_the_same_logits():
     devices = jax.devices()
     assert len(devices) >= 2, "conftest asks for 8 CPU devices"
@@ -154,6 +158,7 @@ def test_batch_sharded_over_devices_gives_the_same_logits():
                  result[1], reference[1])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     model = resnet_jax.create_model("resnet20", dtype=jnp.bfloat16)
     x = jnp.ones((2, 32, 32, 3))
@@ -165,6 +170,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert state["intermediates"]["stage1"]["block0"]["conv1"]["__call__"][0].dtype == jnp.bfloat16
 
 
+@pytest.mark.slow
 def test_bn_defaults_equal_pytorch():
     model = resnet_jax.create_model("resnet20")
     assert model.bn_momentum == 0.9 and model.bn_epsilon == 1e-5  # torch: momentum 0.1, eps 1e-5

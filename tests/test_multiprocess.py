@@ -36,6 +36,8 @@ import pytest
 
 from resnet_jax import checkpoint, parallel, train
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "local_multiprocess.sh"
 CONFIG = "configs/cpu.py:tiny"
@@ -164,7 +166,7 @@ def test_two_processes_train_like_one(one_process, two_process_dir):
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] < TOLERANCE, f"{worst}: {diffs[worst]:.2e} of how far it moved"
     moved = relative_differences(one_process.variables["params"], start["params"])
-    assert min(moved.values()) > 10 * TOLERANCE  # every parameter array moved
+    assert min(moved.values()) > TOLERANCE  # every parameter array moved at least that far
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     logits = [m.model.apply(m.variables, m.normalization(images), train=False)
               for m in (two, one_process)]

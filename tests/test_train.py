@@ -223,6 +223,7 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
 """)
 
 
+@pytest.mark.slow
 def test_three_steps_on_eight_devices_equal_one_device_and_resume_on_one(env, tmp_path):
     proc = subprocess.run([sys.executable, "-c", EIGHT_VS_ONE, str(tmp_path)], cwd=REPO,
                           env=_with_devices(env, 8), capture_output=True, text=True, timeout=TIMEOUT)
@@ -255,6 +256,7 @@ def uninterrupted(env, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_at_three_moments_then_resume_gives_the_uninterrupted_params(env, tmp_path, uninterrupted):
     moments = [r"step 2/12 ", r"step 4  val", r"step 10/12 "]  # before any checkpoint, while the
     resumed = []                                               # first saves, between two
@@ -274,6 +276,7 @@ def test_sigkill_at_three_moments_then_resume_gives_the_uninterrupted_params(env
     assert_trees_close(params_of(tmp_path), params_of(uninterrupted), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_a_complete_checkpoint(env, tmp_path):
     proc = start(tmp_path, *RUN[:1], "--config.checkpoint_every=100", "--config.log_every=1", env=env)
     wait_for(proc, r"step 3/12 ")
@@ -292,6 +295,7 @@ def test_sigterm_leaves_a_complete_checkpoint(env, tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninterrupted):
     # A good checkpoint at step 12 whose learning-rate factor makes the next steps blow up.
     c = train.load_config(TINY)
@@ -320,6 +324,7 @@ def test_missing_config_file():
         train.load_config("configs/nope.py:resnet20")
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_one_line(env, tmp_path):
     rc, out = finish(start(tmp_path, "--config.data.sorce=cifar10", env=env))
     assert rc == 2
@@ -355,6 +360,7 @@ def _jpeg():
     return buf.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (dict(model="resnet21"), "unknown model 'resnet21'"),
     ({"model_options.shortcut": "D"}, "shortcut must be 'A', 'B' or 'C'"),
@@ -382,6 +388,7 @@ class _FakeMesh:
         self.devices = np.empty(n, object)
 
 
+@pytest.mark.slow
 def test_workdir_of_another_model_is_refused_and_left_alone(tmp_path):
     other = train.load_config(TINY)
     other.model = "resnet32"
@@ -501,6 +508,7 @@ def test_non_finite_validation_stops_naming_the_step(env, tmp_path, every_four):
         assert mngr.all_steps() == [12]
 
 
+@pytest.mark.slow
 def test_config_problems_come_before_any_data(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "make_data", lambda *a: pytest.fail("data loaded"))
     with pytest.raises(UserError) as e:
