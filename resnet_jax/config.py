@@ -32,14 +32,19 @@ KEYS: Tuple[Tuple[str, Any, str], ...] = (
      "paper's 45k/5k); 0: validate on the test split"),
     ("data.pad", 4, "pad-and-crop augmentation in pixels, with random flips; 0 turns it off"),
     ("data.pipeline", "device", "'device': the split in device memory, augmented there; "
-     "'host': tfds ArrayRecord read and augmented on each host (ImageNet)"),
+     "'host': images of any size (tfds ArrayRecord or a folder) decoded and cropped on each "
+     "host's worker processes (ImageNet)"),
     ("data.image_size", None, "host pipeline: training crop size"),
     ("data.scale", None, "host pipeline: (min, max) shorter side of scale augmentation"),
     ("data.pca_std", None, "host pipeline: std of AlexNet's PCA colour augmentation"),
     ("data.eval_resize", None, "host pipeline: shorter side before the evaluation crop"),
     ("data.ten_crop", None, "host pipeline: evaluate the 10 standard crops"),
     ("data.mean_images", None, "host pipeline: training images averaged for the mean image"),
-    ("data.threads", None, "host pipeline: decoding threads per host"),
+    ("data.workers", None, "host pipeline: grain worker processes per host decoding training "
+     "crops; -1: one per CPU core but one; 0: in the training process"),
+    ("data.prefetch", None, "host pipeline: training batches kept ready on the devices"),
+    ("data.threads", None, "host pipeline: decoding threads per host for evaluation and the "
+     "mean image"),
     ("seed", 0, "initialisation, data order and augmentation"),
     ("batch_size", 128, "global training batch over all devices and processes"),
     ("eval_batch_size", 512, "global evaluation batch (the last one is padded)"),
@@ -202,8 +207,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> List[st
          f"data.pipeline must be 'device' or 'host', not {config.data.pipeline!r}")
     try:
         kind, _ = parse_source(config.data.source)
-        need(config.data.pipeline != "host" or kind == "tfds",
-             f"data.pipeline='host' reads tfds data sets, not {config.data.source!r}")
+        need(config.data.pipeline != "host" or kind in ("tfds", "folder"),
+             f"data.pipeline='host' reads a tfds data set or folder:PATH, not "
+             f"{config.data.source!r}")
     except ValueError as e:
         problems.append(f"data.source: {e}")
 

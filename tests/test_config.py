@@ -83,7 +83,7 @@ def test_the_recipes_validate():
     ({"data.source": "nfs:/x"}, "data.source: unknown data source 'nfs:/x'"),
     ({"data.pipeline": "gpu"}, "data.pipeline must be 'device' or 'host', not 'gpu'"),
     ({"data.pipeline": "host", "data.source": "synthetic:64"},
-     "data.pipeline='host' reads tfds data sets, not 'synthetic:64'"),
+     "data.pipeline='host' reads a tfds data set or folder:PATH, not 'synthetic:64'"),
     (dict(compute_dtype="float16"), "compute_dtype must be 'float32' or 'bfloat16', not 'float16'"),
     (dict(weight_decay_on="biases"), "weight_decay_on must be 'all' or 'kernels', not 'biases'"),
     (dict(bn_group_size=5), "bn_group_size 5 does not divide batch_size 32"),

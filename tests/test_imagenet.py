@@ -148,6 +148,7 @@ def test_a_process_builds_only_its_rows(folder):
         assert label == their_label
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(folder):
     split = imagenet.open_split(f"folder:{folder}", "train")
     mesh = parallel.make_mesh(jax.devices()[:1])
@@ -236,6 +237,7 @@ def test_eval_resize_follows_the_checkpoint():
     assert not imagenet.is_imagenet_input(32) and imagenet.is_imagenet_input(224)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ten_crop", [False, True])
 def test_evaluate_streamed_scores_every_image_of_a_folder_once(folder, imagenet_net, ten_crop):
     from resnet_jax import evaluate
@@ -294,6 +296,7 @@ def test_decoded_crops_stream_analysis_like_the_array(folder, imagenet_net):
             np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_on_two_processes_gives_the_one_result(folder, imagenet_net, tmp_path):
     """A pod slice on one machine: two JAX processes of two CPU devices each, each decoding its
     own rows, score the folder as one process does."""
@@ -325,6 +328,7 @@ def test_evaluate_on_two_processes_gives_the_one_result(folder, imagenet_net, tm
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_training_on_a_folder_logs_input_wait(folder, tmp_path):
     """The trainer's host pipeline end to end: folder:PATH, grain, the device half, input_wait."""
     from resnet_jax import train

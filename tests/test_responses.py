@@ -45,6 +45,7 @@ def test_names_are_in_depth_order():
     assert list(abstract_responses("resnet50", 64))[:2] == ["stage1/block0/conv2", "stage1/block1/conv2"]
 
 
+@pytest.mark.slow
 def test_depth_order_survives_jit_past_the_tenth_block():
     """ResNet-110 has 18 blocks a stage; jit hands a dict back with its keys sorted as strings
     (block10 before block2), and `in_depth_order` restores the order of the forward pass."""
@@ -164,6 +165,7 @@ def _rank4_reductions(lowered) -> int:
     return len(re.findall(r"stablehlo\.reduce.*\(tensor<\d+x\d+x\d+x\d+xf32>", lowered.as_text()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet50"])
 def test_moments_taken_in_cache_are_the_responses_moments(name, onednn):
     """With oneDNN's kernels the moments come from each conv's output as it is written, mapped
