@@ -90,3 +90,16 @@ def fresh_python(code: str, xla_flags: str = "") -> list:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
     return out.stdout.split()
+
+
+def tiny_config(**changes):
+    """configs/cpu.py:tiny with `changes` ({'data.source': ..., 'lr': ...}) applied."""
+    from resnet_jax.train import load_config
+    c = load_config(str(REPO / "configs" / "cpu.py") + ":tiny")
+    for key, value in changes.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c

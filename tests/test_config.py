@@ -6,25 +6,13 @@ import subprocess
 import sys
 import tomllib
 
-import ml_collections
 import pytest
 
+from conftest import tiny_config
 from resnet_jax import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"{REPO}/configs/cpu.py:tiny"
-
-
-def _tiny(**changes) -> ml_collections.ConfigDict:
-    from resnet_jax.train import load_config
-    c = load_config(TINY)
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
 
 
 def _run(*args, env=None, timeout=300):
@@ -91,13 +79,13 @@ def test_the_recipes_validate():
     (dict(eval_batch_size=66), "eval_batch_size 66 does not split over 4 devices"),
 ])
 def test_validate_names_each_problem(changes, message):
-    problems = config_lib.validate(_tiny(**changes), num_devices=4)
+    problems = config_lib.validate(tiny_config(**changes), num_devices=4)
     assert len(problems) == 1, problems
     assert problems[0].startswith(message), problems
 
 
 def test_validate_reports_every_problem_at_once():
-    problems = config_lib.validate(_tiny(checkpoint_every=0, log_every=0, lr=-1.0,
+    problems = config_lib.validate(tiny_config(checkpoint_every=0, log_every=0, lr=-1.0,
                                          **{"data.source": "synthetic:abc"}))
     assert len(problems) == 4, problems
 
