@@ -1,0 +1,390 @@
+"""Size a TPU job before booking it: compile the trainer's programs for a TPU slice, deviceless.
+
+    python -m resnet_jax.compile --config configs/imagenet.py:resnet50 --topology v5e:2x4 \
+        --config.compute_dtype=bfloat16 [--batch_size 1024] [--max_batch] [--json out.json]
+
+With `libtpu` installed (`pip install 'resnet-jax[tpu]'`), a CPU machine describes a TPU slice it
+does not own (`jax.experimental.topologies`) and XLA's TPU compiler builds the very executables
+that slice would run: the trainer's train step (`train.make_train_step`), its evaluation step
+(`evaluate.make_eval_step`) and the Figure 7 analysis step (`analyze.batch_moments_fn`), over a
+mesh of every chip of every host, with abstract state (nothing is initialised). Printed per chip:
+HBM for arguments, temporaries and outputs and whether their sum fits the chip (`CHIPS`); flops
+and bytes accessed per step (XLA's cost analysis, which counts a rolled stage's loop body once:
+`rolled` says where that applies); the collectives (kind, count, bytes); and the compile time.
+`--max_batch` searches the largest per-chip batch whose train step fits.
+
+Programs are built exactly as on a TPU host: models compute with the kernels of the target
+devices (`resnet_jax.kernels.for_devices`), never of the host. Multi-host slices (v4:2x2x2: two
+hosts) compile to the one SPMD program that every host runs its part of.
+"""
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import resnet_jax.kernels
+from resnet_jax import analyze, checkpoint, parallel, train
+from resnet_jax.evaluate import make_eval_step
+from resnet_jax.errors import UserError, exit_on_user_error
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str           # the topology prefix: v5e in v5e:2x2
+    device_kind: str    # what jax's devices call it
+    hbm_bytes: int      # per chip
+    chip_config: str    # libtpu's chip configuration: megacore chips are one device of 2 cores
+
+
+CHIPS = {c.name: c for c in (
+    Chip("v4", "TPU v4", 32 * GiB, "megacore"),
+    Chip("v5e", "TPU v5 lite", 16 * GiB, "default"),
+    Chip("v5p", "TPU v5", 95 * GiB, "megacore"),
+    Chip("v6e", "TPU v6 lite", 32 * GiB, "default"),
+)}
+PROGRAMS = ("train", "eval", "analyze")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_TOPOLOGY = re.compile(r"^(v\w+):(\d+(?:x\d+){1,2})$")
+_LIBTPU_MISSING = ("libtpu is not installed, and it compiles for TPUs; pip install "
+                   "'resnet-jax[tpu]' (or 'libtpu==0.0.42.*', the version jax 0.10.2 pins)")
+
+
+def libtpu_installed() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def chip_of(topology: str) -> Chip:
+    match = _TOPOLOGY.match(topology)
+    if not match or match.group(1) not in CHIPS:
+        raise UserError(f"--topology {topology!r} is not CHIP:AxB[xC] with CHIP one of "
+                        f"{', '.join(CHIPS)}; e.g. v5e:2x2 (4 chips), v4:2x2x2 (8 chips, 2 hosts)")
+    return CHIPS[match.group(1)]
+
+
+def tpu_devices(topology: str) -> List[jax.Device]:
+    """The chips of a TPU slice, for compiling only: nothing here needs (or touches) a TPU."""
+    chip = chip_of(topology)
+    if not libtpu_installed():
+        raise UserError(_LIBTPU_MISSING)
+    from jax.experimental import topologies
+    try:
+        devices = topologies.get_topology_desc(
+            platform="tpu", topology_name=topology, chip_config_name=chip.chip_config).devices
+    except Exception as e:  # noqa: BLE001 - libtpu's errors are RuntimeErrors of many texts
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "lockfile" in first:
+            raise UserError(f"libtpu is in use by another process ({first}); run this with "
+                            "ALLOW_MULTIPLE_LIBTPU_LOAD=1 or when that process has ended") from None
+        raise UserError(f"libtpu cannot describe topology {topology!r}: {first}") from None
+    return list(devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# What one compiled program needs per chip
+
+
+@dataclasses.dataclass
+class Report:
+    program: str
+    per_chip_batch: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int     # outputs that reuse donated arguments' buffers
+    temp_bytes: int
+    code_bytes: int
+    hbm_bytes: int       # the chip's
+    flops: float         # per chip, per step, loop bodies once
+    bytes_accessed: float
+    collectives: Dict[str, Dict[str, int]]  # kind -> {count, bytes}
+    custom_calls: List[str]
+    rolled: bool         # the program has a while loop (a rolled stage): cost counts its body once
+    compile_seconds: float
+
+    @property
+    def total_bytes(self) -> int:
+        """Live HBM at the peak: arguments, temporaries, outputs not aliased to arguments, code."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + \
+            self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.hbm_bytes
+
+    def to_json(self) -> Dict:
+        return dict(dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits)
+
+
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*)\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.-]+ = (.*?) ([a-z-]+)\(", re.M)
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def _bits(dtype: str) -> int:
+    return 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype) or 8)
+
+
+def shape_bytes(shapes: str) -> int:
+    """Bytes of an HLO result type, a tuple's summed: 'f32[128,64]{1,0}' -> 32768."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(shapes):
+        total += int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * max(_bits(dtype) // 8, 1)
+    return total
+
+
+def collectives(hlo: str) -> Dict[str, Dict[str, int]]:
+    """Each collective of an optimised HLO module: kind -> {count, bytes of its results}. An
+    asynchronous pair (all-reduce-start / -done) counts once, by its start; of an async start
+    only the last element of its tuple is the result."""
+    found: Dict[str, Dict[str, int]] = {}
+    for result, opcode in _INSTRUCTION.findall(hlo):
+        kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+        if kind not in COLLECTIVES:
+            continue
+        size = shape_bytes(result)
+        if opcode.endswith("-start") and kind != "all-reduce" and result.startswith("("):
+            size = shape_bytes(result.rsplit(",", 1)[-1])
+        entry = found.setdefault(kind, dict(count=0, bytes=0))
+        entry["count"] += 1
+        entry["bytes"] += size
+    return found
+
+
+def report(program: str, compiled, per_chip_batch: int, chip: Chip, seconds: float) -> Report:
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    hlo = compiled.as_text()
+    return Report(program=program, per_chip_batch=per_chip_batch,
+                  argument_bytes=memory.argument_size_in_bytes,
+                  output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
+                  temp_bytes=memory.temp_size_in_bytes,
+                  code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=chip.hbm_bytes,
+                  flops=float(cost.get("flops", 0.0)),
+                  bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+                  collectives=collectives(hlo), custom_calls=sorted(set(_CUSTOM_CALL.findall(hlo))),
+                  rolled=bool(re.search(r"\swhile\(", hlo)), compile_seconds=round(seconds, 1))
+
+
+class DoesNotFit(Exception):
+    """XLA's TPU compiler refused the program: it needs more HBM than the chip has."""
+
+
+def compile_lowered(lowered):
+    """lowered -> (compiled, seconds); DoesNotFit where the chip's HBM cannot hold it."""
+    start = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XlaRuntimeError, whose text says what ran out
+        if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+            raise DoesNotFit(str(e).strip().splitlines()[0]) from None
+        raise
+    return compiled, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's programs, abstract
+
+
+NUM_CLASSES = {"imagenet2012": 1000, "cifar10": 10, "cifar100": 100}
+
+
+def num_classes(config) -> int:
+    """The classifier's width for the config's data set (10 for folders and synthetic data)."""
+    name = config.data.source.split(":", 1)[-1].split("/")[0]
+    return NUM_CLASSES.get(name, 10)
+
+
+@dataclasses.dataclass
+class Programs:
+    """The trainer's jitted steps for one config on one mesh, and abstract arguments for them."""
+    config: object
+    mesh: jax.sharding.Mesh
+    model: object
+    image_size: int
+    normalization: checkpoint.Normalization
+
+    @classmethod
+    def build(cls, config, devices: Sequence[jax.Device], image_size: Optional[int] = None):
+        mesh = parallel.make_mesh(devices)
+        image_size = image_size or config.data.get("image_size", 32)
+        model, _ = train.create_model(config, num_classes(config),
+                                      resnet_jax.kernels.for_devices(mesh.devices.flat))
+        # the paper's per-pixel mean: its value does not change the program
+        normalization = checkpoint.Normalization(np.zeros((image_size, image_size, 3), np.float32))
+        return cls(config, mesh, model, image_size, normalization)
+
+    def batch(self, per_chip: int, *extra_dims, dtype=jnp.uint8):
+        global_size = per_chip * self.mesh.devices.size
+        return jax.ShapeDtypeStruct((global_size,) + extra_dims, dtype,
+                                    sharding=parallel.batch_sharding(self.mesh))
+
+    def images(self, per_chip: int):
+        return self.batch(per_chip, self.image_size, self.image_size, 3)
+
+    def lower(self, program: str, per_chip: int):
+        """The program traced and lowered for `per_chip` images on every chip."""
+        if program not in PROGRAMS:
+            raise UserError(f"unknown program {program!r}; one of {', '.join(PROGRAMS)}")
+        state = train.abstract_state(self.config, self.model, self.mesh, self.image_size)
+        images, labels = self.images(per_chip), self.batch(per_chip, dtype=jnp.int32)
+        if program == "train":
+            step = train.make_train_step(self.config, self.model, self.mesh, self.normalization)
+            return step.lower(state, images, labels)
+        mask = self.batch(per_chip, dtype=jnp.bool_)
+        if program == "eval":
+            step = make_eval_step(self.model, self.mesh, self.normalization)
+            return step.lower(state.variables, images, labels, mask)
+        moments = analyze.batch_moments_fn(self.model, self.normalization, analyze.Settings())
+        return moments.step.lower(state.variables, images, mask, groups=self.mesh.devices.size)
+
+
+def compile_program(programs: Programs, program: str, per_chip: int, chip: Chip) -> Report:
+    compiled, seconds = compile_lowered(programs.lower(program, per_chip))
+    return report(program, compiled, per_chip, chip, seconds)
+
+
+def max_batch(programs: Programs, chip: Chip, start: int, log=lambda *a: None) -> int:
+    """The largest per-chip batch (a multiple of 8 past 8) whose train step fits the chip's HBM:
+    doubled from `start` until it does not fit, then bisected. 0 if not even 1 image fits."""
+    def fits(b):
+        try:
+            r = compile_program(programs, "train", b, chip)
+        except DoesNotFit:
+            log(f"  per-chip batch {b}: does not fit (the compiler ran out of HBM)")
+            return False
+        log(f"  per-chip batch {b}: {r.total_bytes / GiB:.2f} GiB of {chip.hbm_bytes / GiB:.0f}"
+            f" ({r.compile_seconds:.0f} s)")
+        return r.fits
+    low, high = 0, max(start, 1)
+    while fits(high):
+        low, high = high, high * 2
+    step = 8 if low >= 8 else 1
+    while high - low > step:
+        mid = (low + high) // 2 // step * step
+        if mid <= low:
+            break
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+
+
+def _size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def format_report(r: Report) -> str:
+    comm = ", ".join(f"{k} x{v['count']} ({_size(v['bytes'])})" for k, v in r.collectives.items())
+    fit = "fits" if r.fits else "DOES NOT FIT"
+    lines = [
+        f"{r.program}: {r.per_chip_batch} images a chip, compiled in {r.compile_seconds:.1f} s",
+        f"  HBM per chip: arguments {_size(r.argument_bytes)}, temporaries {_size(r.temp_bytes)}, "
+        f"outputs {_size(r.output_bytes)} ({_size(r.alias_bytes)} of them in donated arguments), "
+        f"code {_size(r.code_bytes)}: {_size(r.total_bytes)} of {_size(r.hbm_bytes)}, {fit} "
+        f"({100 * r.total_bytes / r.hbm_bytes:.0f} %)",
+        f"  per chip and step: {r.flops / 1e12:.3g} TFLOP, {r.bytes_accessed / GiB:.3g} GiB accessed"
+        + (" (a rolled stage's loop body counted once)" if r.rolled else ""),
+        f"  collectives: {comm or 'none'}"]
+    if r.custom_calls:
+        lines.append(f"  custom calls: {', '.join(r.custom_calls)}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file(
+        "config", None, "a config file and its argument, e.g. configs/imagenet.py:resnet50; "
+        "override any key with --config.KEY=VALUE", lock_config=True)
+    flags.DEFINE_string("topology", "v5e:2x2", "the TPU slice: CHIP:AxB[xC] with CHIP one of "
+                        + ", ".join(f"{c.name} ({c.hbm_bytes // GiB} GiB HBM)" for c in CHIPS.values()))
+    flags.DEFINE_integer("batch_size", None, "global batch (default: the config's batch_size)")
+    flags.DEFINE_list("programs", list(PROGRAMS), f"which steps: any of {', '.join(PROGRAMS)}")
+    flags.DEFINE_bool("max_batch", False, "also search the largest per-chip train batch that fits")
+    flags.DEFINE_integer("image_size", None, "image side (default: the config's, 32 for CIFAR)")
+    flags.DEFINE_string("json", None, "also write the figures to this JSON file")
+
+
+def run_compile(config, topology: str, batch_size: Optional[int] = None,
+                programs: Sequence[str] = PROGRAMS, search_max_batch: bool = False,
+                image_size: Optional[int] = None, log=print) -> Dict:
+    """The command's work, importable: {'topology', 'chips', 'hosts', 'reports', 'max_batch'}."""
+    chip = chip_of(topology)
+    devices = tpu_devices(topology)
+    batch_size = batch_size or config.batch_size
+    chips, hosts = len(devices), len({d.process_index for d in devices})
+    if batch_size % chips:
+        raise UserError(f"batch size {batch_size} does not split over the {chips} chips of "
+                        f"{topology}; use a multiple of {chips}")
+    per_chip = batch_size // chips
+    built = Programs.build(config, devices, image_size)
+    log(f"{config.model} ({config.compute_dtype}) on {topology}: {chips} {chip.device_kind} chips, "
+        f"{hosts} host{'s' * (hosts > 1)}; global batch {batch_size}")
+    reports = []
+    for program in programs:
+        try:
+            r = compile_program(built, program, per_chip, chip)
+        except DoesNotFit as e:
+            log(f"{program}: {per_chip} images a chip DO NOT FIT {chip.device_kind}'s "
+                f"{chip.hbm_bytes // GiB} GiB: {e}")
+            reports.append(dict(program=program, per_chip_batch=per_chip, fits=False))
+            continue
+        log(format_report(r))
+        reports.append(r.to_json())
+    result = dict(model=config.model, compute_dtype=config.compute_dtype, topology=topology,
+                  chips=chips, hosts=hosts, device_kind=chip.device_kind, reports=reports)
+    if search_max_batch:
+        log("largest per-chip train batch:")
+        result["max_batch"] = max_batch(built, chip, per_chip, log)
+        log(f"max batch: {result['max_batch']} images a chip "
+            f"({result['max_batch'] * chips} global) on {topology}")
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; options go as --flag=value")
+    with exit_on_user_error():
+        unknown = set(FLAGS.programs) - set(PROGRAMS)
+        if unknown:
+            raise UserError(f"--programs {', '.join(sorted(unknown))}: not any of {', '.join(PROGRAMS)}")
+        result = run_compile(FLAGS.config, FLAGS.topology, FLAGS.batch_size, FLAGS.programs,
+                             FLAGS.max_batch, FLAGS.image_size)
+        if FLAGS.json:
+            from resnet_jax.evaluate import write_json
+            write_json(FLAGS.json, result)
+
+
+def run():
+    # A compile-only tool: the host's CPU is the only backend it starts (it can run beside a
+    # training job that holds the TPU chips), and libtpu's one-process lock does not apply to a
+    # process that opens no TPU.
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    define_flags()
+    with exit_on_user_error():
+        train.check_overrides(sys.argv[1:])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
