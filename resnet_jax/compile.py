@@ -134,12 +134,9 @@ def _bits(dtype: str) -> int:
     return 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype) or 8)
 
 
-def shape_bytes(shapes: str) -> int:
-    """Bytes of an HLO result type, a tuple's summed: 'f32[128,64]{1,0}' -> 32768."""
-    total = 0
-    for dtype, dims in _SHAPE.findall(shapes):
-        total += int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * max(_bits(dtype) // 8, 1)
-    return total
+def _shape_bytes(dtype: str, dims: str) -> int:
+    """Bytes of one HLO array type: ('f32', '128,64') -> 32768."""
+    return int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * max(_bits(dtype) // 8, 1)
 
 
 def collectives(hlo: str) -> Dict[str, Dict[str, int]]:
@@ -151,9 +148,10 @@ def collectives(hlo: str) -> Dict[str, Dict[str, int]]:
         kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
         if kind not in COLLECTIVES:
             continue
-        size = shape_bytes(result)
+        shapes = _SHAPE.findall(result)
         if opcode.endswith("-start") and kind != "all-reduce" and result.startswith("("):
-            size = shape_bytes(result.rsplit(",", 1)[-1])
+            shapes = shapes[-1:]
+        size = sum(_shape_bytes(dtype, dims) for dtype, dims in shapes)
         entry = found.setdefault(kind, dict(count=0, bytes=0))
         entry["count"] += 1
         entry["bytes"] += size
@@ -163,7 +161,7 @@ def collectives(hlo: str) -> Dict[str, Dict[str, int]]:
 def report(program: str, compiled, per_chip_batch: int, chip: Chip, seconds: float) -> Report:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     hlo = compiled.as_text()
     return Report(program=program, per_chip_batch=per_chip_batch,
                   argument_bytes=memory.argument_size_in_bytes,
@@ -180,11 +178,13 @@ class DoesNotFit(Exception):
     """XLA's TPU compiler refused the program: it needs more HBM than the chip has."""
 
 
-def compile_lowered(lowered):
-    """lowered -> (compiled, seconds); DoesNotFit where the chip's HBM cannot hold it."""
+def compile_lowered(lowered, effort: float = 0.0):
+    """lowered -> (compiled, seconds); DoesNotFit where the chip's HBM cannot hold it. `effort`
+    is XLA's exec_time_optimization_effort in [-1, 1]: 0 (the default) is the program a TPU job
+    runs; -1 compiles some 4x faster, a little less optimised (the tests use it)."""
     start = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile({"exec_time_optimization_effort": effort} if effort else None)
     except Exception as e:  # noqa: BLE001 - XlaRuntimeError, whose text says what ran out
         if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
             raise DoesNotFit(str(e).strip().splitlines()[0]) from None
@@ -249,33 +249,56 @@ class Programs:
         return moments.step.lower(state.variables, images, mask, groups=self.mesh.devices.size)
 
 
-def compile_program(programs: Programs, program: str, per_chip: int, chip: Chip) -> Report:
-    compiled, seconds = compile_lowered(programs.lower(program, per_chip))
+def compile_program(programs: Programs, program: str, per_chip: int, chip: Chip,
+                    effort: float = 0.0) -> Report:
+    compiled, seconds = compile_lowered(programs.lower(program, per_chip), effort)
     return report(program, compiled, per_chip, chip, seconds)
 
 
-def max_batch(programs: Programs, chip: Chip, start: int, log=lambda *a: None) -> int:
-    """The largest per-chip batch (a multiple of 8 past 8) whose train step fits the chip's HBM:
-    doubled from `start` until it does not fit, then bisected. 0 if not even 1 image fits."""
-    def fits(b):
+def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
+              log=lambda *a: None) -> int:
+    """The largest per-chip batch whose train step fits the chip's HBM (exact to 8 images past
+    16, else to 1; 0 if not even one image fits). Memory grows about linearly with the batch, so
+    each fitting compile predicts where HBM runs out (its fixed part: arguments and code), and
+    compiles there; a failed prediction bisects. Three to five compiles, where doubling and
+    bisecting took seven or more."""
+    fits: Dict[int, Report] = {}
+    fails = set()
+
+    def probe(b):
         try:
-            r = compile_program(programs, "train", b, chip)
+            r = compile_program(programs, "train", b, chip, effort)
         except DoesNotFit:
-            log(f"  per-chip batch {b}: does not fit (the compiler ran out of HBM)")
+            log(f"  {b} images a chip: does not fit (the compiler ran out of HBM)")
+            fails.add(b)
             return False
-        log(f"  per-chip batch {b}: {r.total_bytes / GiB:.2f} GiB of {chip.hbm_bytes / GiB:.0f}"
-            f" ({r.compile_seconds:.0f} s)")
+        log(f"  {b} images a chip: {_size(r.total_bytes)} of {_size(chip.hbm_bytes)} "
+            f"({r.compile_seconds:.0f} s)")
+        if r.fits:
+            fits[b] = r
+        else:
+            fails.add(b)
         return r.fits
-    low, high = 0, max(start, 1)
-    while fits(high):
-        low, high = high, high * 2
-    step = 8 if low >= 8 else 1
-    while high - low > step:
-        mid = (low + high) // 2 // step * step
-        if mid <= low:
-            break
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+
+    last_fit = probe(max(start, 1))
+    while True:
+        low, high = max(fits, default=0), min(fails, default=None)
+        step = 8 if low >= 16 else 1
+        if high is not None and high - low <= step:
+            return low
+        if not low:
+            candidate = high // 2
+        elif high is not None and not last_fit:
+            candidate = (low + high) // 2 // step * step
+        else:
+            r = fits[low]
+            fixed = r.argument_bytes + r.code_bytes
+            per_image = max((r.total_bytes - fixed) / low, 1.0)
+            candidate = int((chip.hbm_bytes - fixed) / per_image) // step * step
+            if high is not None:
+                candidate = min(candidate, high - step)
+        candidate = max(candidate, low + step) if low else max(candidate, 1)
+        last_fit = probe(candidate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,12 +343,14 @@ def define_flags():
     flags.DEFINE_list("programs", list(PROGRAMS), f"which steps: any of {', '.join(PROGRAMS)}")
     flags.DEFINE_bool("max_batch", False, "also search the largest per-chip train batch that fits")
     flags.DEFINE_integer("image_size", None, "image side (default: the config's, 32 for CIFAR)")
+    flags.DEFINE_float("effort", 0.0, "XLA's exec_time_optimization_effort, -1..1: 0 compiles "
+                       "the program a TPU job runs; -1 some 4x faster, a little less optimised")
     flags.DEFINE_string("json", None, "also write the figures to this JSON file")
 
 
 def run_compile(config, topology: str, batch_size: Optional[int] = None,
                 programs: Sequence[str] = PROGRAMS, search_max_batch: bool = False,
-                image_size: Optional[int] = None, log=print) -> Dict:
+                image_size: Optional[int] = None, effort: float = 0.0, log=print) -> Dict:
     """The command's work, importable: {'topology', 'chips', 'hosts', 'reports', 'max_batch'}."""
     chip = chip_of(topology)
     devices = tpu_devices(topology)
@@ -341,7 +366,7 @@ def run_compile(config, topology: str, batch_size: Optional[int] = None,
     reports = []
     for program in programs:
         try:
-            r = compile_program(built, program, per_chip, chip)
+            r = compile_program(built, program, per_chip, chip, effort)
         except DoesNotFit as e:
             log(f"{program}: {per_chip} images a chip DO NOT FIT {chip.device_kind}'s "
                 f"{chip.hbm_bytes // GiB} GiB: {e}")
@@ -350,10 +375,11 @@ def run_compile(config, topology: str, batch_size: Optional[int] = None,
         log(format_report(r))
         reports.append(r.to_json())
     result = dict(model=config.model, compute_dtype=config.compute_dtype, topology=topology,
+                  effort=effort,
                   chips=chips, hosts=hosts, device_kind=chip.device_kind, reports=reports)
     if search_max_batch:
         log("largest per-chip train batch:")
-        result["max_batch"] = max_batch(built, chip, per_chip, log)
+        result["max_batch"] = max_batch(built, chip, per_chip, effort, log)
         log(f"max batch: {result['max_batch']} images a chip "
             f"({result['max_batch'] * chips} global) on {topology}")
     return result
@@ -367,7 +393,7 @@ def main(argv):
         if unknown:
             raise UserError(f"--programs {', '.join(sorted(unknown))}: not any of {', '.join(PROGRAMS)}")
         result = run_compile(FLAGS.config, FLAGS.topology, FLAGS.batch_size, FLAGS.programs,
-                             FLAGS.max_batch, FLAGS.image_size)
+                             FLAGS.max_batch, FLAGS.image_size, FLAGS.effort)
         if FLAGS.json:
             from resnet_jax.evaluate import write_json
             write_json(FLAGS.json, result)
