@@ -45,13 +45,16 @@ class Chip:
     device_kind: str    # what jax's devices call it
     hbm_bytes: int      # per chip
     chip_config: str    # libtpu's chip configuration: megacore chips are one device of 2 cores
+    peak_flops: float   # bf16 dense, per chip
+    hbm_bandwidth: float  # bytes/s, per chip
 
 
+# Cloud TPU's published figures (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e).
 CHIPS = {c.name: c for c in (
-    Chip("v4", "TPU v4", 32 * GiB, "megacore"),
-    Chip("v5e", "TPU v5 lite", 16 * GiB, "default"),
-    Chip("v5p", "TPU v5", 95 * GiB, "megacore"),
-    Chip("v6e", "TPU v6 lite", 32 * GiB, "default"),
+    Chip("v4", "TPU v4", 32 * GiB, "megacore", 275e12, 1228e9),
+    Chip("v5e", "TPU v5 lite", 16 * GiB, "default", 197e12, 819e9),
+    Chip("v5p", "TPU v5", 95 * GiB, "megacore", 459e12, 2765e9),
+    Chip("v6e", "TPU v6 lite", 32 * GiB, "default", 918e12, 1640e9),
 )}
 PROGRAMS = ("train", "eval", "analyze")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -78,6 +81,9 @@ def tpu_devices(topology: str) -> List[jax.Device]:
     if not libtpu_installed():
         raise UserError(_LIBTPU_MISSING)
     from jax.experimental import topologies
+    # libtpu's one-process lock guards chips that a compile-only topology never opens; without
+    # this a second process (a test run beside a training job) would be refused.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         devices = topologies.get_topology_desc(
             platform="tpu", topology_name=topology, chip_config_name=chip.chip_config).devices
@@ -104,6 +110,8 @@ class Report:
     temp_bytes: int
     code_bytes: int
     hbm_bytes: int       # the chip's
+    peak_flops: float    # the chip's
+    hbm_bandwidth: float  # the chip's
     flops: float         # per chip, per step, loop bodies once
     bytes_accessed: float
     collectives: Dict[str, Dict[str, int]]  # kind -> {count, bytes}
@@ -121,8 +129,15 @@ class Report:
     def fits(self) -> bool:
         return self.total_bytes <= self.hbm_bytes
 
+    @property
+    def roofline_seconds(self) -> float:
+        """A floor on the step time: the flops at the chip's peak or the bytes at its HBM
+        bandwidth, whichever takes longer (collectives and loop trips not counted)."""
+        return max(self.flops / self.peak_flops, self.bytes_accessed / self.hbm_bandwidth)
+
     def to_json(self) -> Dict:
-        return dict(dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits)
+        return dict(dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits,
+                    roofline_seconds=self.roofline_seconds)
 
 
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*)\[([\d,]*)\]")
@@ -168,6 +183,7 @@ def report(program: str, compiled, per_chip_batch: int, chip: Chip, seconds: flo
                   output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
                   temp_bytes=memory.temp_size_in_bytes,
                   code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=chip.hbm_bytes,
+                  peak_flops=chip.peak_flops, hbm_bandwidth=chip.hbm_bandwidth,
                   flops=float(cost.get("flops", 0.0)),
                   bytes_accessed=float(cost.get("bytes accessed", 0.0)),
                   collectives=collectives(hlo), custom_calls=sorted(set(_CUSTOM_CALL.findall(hlo))),
@@ -319,7 +335,10 @@ def format_report(r: Report) -> str:
         f"code {_size(r.code_bytes)}: {_size(r.total_bytes)} of {_size(r.hbm_bytes)}, {fit} "
         f"({100 * r.total_bytes / r.hbm_bytes:.0f} %)",
         f"  per chip and step: {r.flops / 1e12:.3g} TFLOP, {r.bytes_accessed / GiB:.3g} GiB accessed"
-        + (" (a rolled stage's loop body counted once)" if r.rolled else ""),
+        + (" (a rolled stage's loop body counted once)" if r.rolled else "")
+        + f"; at peak and full HBM bandwidth no less than {1e3 * r.roofline_seconds:.3g} ms "
+        f"({'memory' if r.bytes_accessed / r.hbm_bandwidth > r.flops / r.peak_flops else 'compute'}"
+        "-bound)",
         f"  collectives: {comm or 'none'}"]
     if r.custom_calls:
         lines.append(f"  custom calls: {', '.join(r.custom_calls)}")
@@ -400,12 +419,10 @@ def main(argv):
 
 
 def run():
-    # A compile-only tool: the host's CPU is the only backend it starts (it can run beside a
-    # training job that holds the TPU chips), and libtpu's one-process lock does not apply to a
-    # process that opens no TPU.
+    # A compile-only tool: the host's CPU is the only backend it starts, so it can run beside a
+    # training job that holds the TPU chips.
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     define_flags()
     with exit_on_user_error():
         train.check_overrides(sys.argv[1:])
