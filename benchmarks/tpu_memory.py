@@ -32,7 +32,7 @@ FIELDS = ("temp_bytes", "bytes_accessed", "flops", "compile_seconds")
 
 def compare(topology: str, per_chip: int, image_size: int = 224, effort: float = 0.0, log=print):
     chip = tpu_compile.chip_of(topology)
-    devices = tpu_compile.tpu_devices(topology)
+    devices = tpu_compile.target_devices(topology)
     config = train.load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)),
                                             "configs", "imagenet.py") + ":resnet50")
     with config.unlocked():

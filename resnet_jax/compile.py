@@ -13,6 +13,10 @@ and bytes accessed per step (XLA's cost analysis, which counts a rolled stage's 
 `rolled` says where that applies); the collectives (kind, count, bytes); and the compile time.
 `--max_batch` searches the largest per-chip batch whose train step fits.
 
+The same for NVIDIA GPUs, with the CUDA plugin (`jax-cuda12-plugin`, no GPU or CUDA libraries
+needed): `--topology h100:8` is one host of eight H100s (XLA's GPU compiler gives memory and
+collectives, not a cost analysis).
+
 Programs are built exactly as on a TPU host: models compute with the kernels of the target
 devices (`resnet_jax.kernels.for_devices`), never of the host. Multi-host slices (v4:2x2x2: two
 hosts) compile to the one SPMD program that every host runs its part of.
@@ -47,52 +51,93 @@ class Chip:
     chip_config: str    # libtpu's chip configuration: megacore chips are one device of 2 cores
     peak_flops: float   # bf16 dense, per chip
     hbm_bandwidth: float  # bytes/s, per chip
+    platform: str = "tpu"
+    target_config: str = ""  # a GPU's: XLA's GpuTargetConfigProto, as text
 
 
-# Cloud TPU's published figures (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e).
+# XLA's description of an H100 SXM (xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb), what the CUDA
+# plugin compiles for when no GPU is attached.
+H100_SXM = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84978434048 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+# Cloud TPU's published figures (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e), NVIDIA's for H100.
 CHIPS = {c.name: c for c in (
     Chip("v4", "TPU v4", 32 * GiB, "megacore", 275e12, 1228e9),
     Chip("v5e", "TPU v5 lite", 16 * GiB, "default", 197e12, 819e9),
     Chip("v5p", "TPU v5", 95 * GiB, "megacore", 459e12, 2765e9),
     Chip("v6e", "TPU v6 lite", 32 * GiB, "default", 918e12, 1640e9),
+    Chip("h100", "NVIDIA H100 80GB HBM3", 80 * GiB, "", 989e12, 3.35e12, "cuda", H100_SXM),
 )}
 PROGRAMS = ("train", "eval", "analyze")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_TOPOLOGY = re.compile(r"^(v\w+):(\d+(?:x\d+){1,2})$")
-_LIBTPU_MISSING = ("libtpu is not installed, and it compiles for TPUs; pip install "
-                   "'resnet-jax[tpu]' (or 'libtpu==0.0.42.*', the version jax 0.10.2 pins)")
+_TOPOLOGY = re.compile(r"^(\w+):(\d+(?:x\d+){0,2})$")
+_FORMS = ("CHIP:AxB[xC] for a TPU slice, v5e:2x2 (4 chips) or v4:2x2x2 (8 chips, 2 hosts), or "
+          "h100:GPUS or h100:HOSTSxGPUS for GPUs, h100:8 (one host of 8)")
+_MISSING = {
+    "tpu": ("libtpu is not installed, and it compiles for TPUs; pip install 'resnet-jax[tpu]' "
+            "(or 'libtpu==0.0.42.*', the version jax 0.10.2 pins)"),
+    "cuda": ("the CUDA plugin is not installed, and it compiles for NVIDIA GPUs (no GPU needed); "
+             "pip install 'jax-cuda12-plugin==0.10.2' 'jax-cuda12-pjrt==0.10.2'"),
+}
+_COMPILER = {"tpu": "libtpu", "cuda": "jax_cuda12_plugin"}
 
 
 def libtpu_installed() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+def _installed(platform: str) -> bool:
+    return libtpu_installed() if platform == "tpu" else \
+        importlib.util.find_spec(_COMPILER[platform]) is not None
+
+
 def chip_of(topology: str) -> Chip:
     match = _TOPOLOGY.match(topology)
-    if not match or match.group(1) not in CHIPS:
-        raise UserError(f"--topology {topology!r} is not CHIP:AxB[xC] with CHIP one of "
-                        f"{', '.join(CHIPS)}; e.g. v5e:2x2 (4 chips), v4:2x2x2 (8 chips, 2 hosts)")
-    return CHIPS[match.group(1)]
+    chip = CHIPS.get(match.group(1)) if match else None
+    dims = match.group(2).count("x") + 1 if match else 0
+    if chip is None or not (dims in (2, 3) if chip.platform == "tpu" else dims in (1, 2)):
+        raise UserError(f"--topology {topology!r} is not {_FORMS}; chips: {', '.join(CHIPS)}")
+    return chip
 
 
-def tpu_devices(topology: str) -> List[jax.Device]:
-    """The chips of a TPU slice, for compiling only: nothing here needs (or touches) a TPU."""
+def target_devices(topology: str) -> List[jax.Device]:
+    """The chips of a TPU slice or of GPU hosts, for compiling only: nothing here needs (or
+    touches) a TPU or a GPU."""
     chip = chip_of(topology)
-    if not libtpu_installed():
-        raise UserError(_LIBTPU_MISSING)
+    if not _installed(chip.platform):
+        raise UserError(_MISSING[chip.platform])
     from jax.experimental import topologies
     # libtpu's one-process lock guards chips that a compile-only topology never opens; without
     # this a second process (a test run beside a training job) would be refused.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    shape = topology.split(":", 1)[1]
     try:
-        devices = topologies.get_topology_desc(
-            platform="tpu", topology_name=topology, chip_config_name=chip.chip_config).devices
-    except Exception as e:  # noqa: BLE001 - libtpu's errors are RuntimeErrors of many texts
+        if chip.platform == "tpu":
+            devices = topologies.get_topology_desc(
+                platform="tpu", topology_name=topology, chip_config_name=chip.chip_config).devices
+        else:  # slices x hosts x GPUs per host
+            hosts, _, gpus = shape.rpartition("x")
+            devices = topologies.get_topology_desc(
+                platform=chip.platform, target_config=chip.target_config,
+                topology=f"1x{hosts or 1}x{gpus}").devices
+    except Exception as e:  # noqa: BLE001 - the plugins' errors are RuntimeErrors of many texts
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "lockfile" in first:
             raise UserError(f"libtpu is in use by another process ({first}); run this with "
                             "ALLOW_MULTIPLE_LIBTPU_LOAD=1 or when that process has ended") from None
-        raise UserError(f"libtpu cannot describe topology {topology!r}: {first}") from None
+        raise UserError(f"{_COMPILER[chip.platform]} cannot describe topology {topology!r}: "
+                        f"{first}") from None
     return list(devices)
 
 
@@ -334,11 +379,11 @@ def format_report(r: Report) -> str:
         f"outputs {_size(r.output_bytes)} ({_size(r.alias_bytes)} of them in donated arguments), "
         f"code {_size(r.code_bytes)}: {_size(r.total_bytes)} of {_size(r.hbm_bytes)}, {fit} "
         f"({100 * r.total_bytes / r.hbm_bytes:.0f} %)",
-        f"  per chip and step: {r.flops / 1e12:.3g} TFLOP, {r.bytes_accessed / GiB:.3g} GiB accessed"
-        + (" (a rolled stage's loop body counted once)" if r.rolled else "")
-        + f"; at peak and full HBM bandwidth no less than {1e3 * r.roofline_seconds:.3g} ms "
-        f"({'memory' if r.bytes_accessed / r.hbm_bandwidth > r.flops / r.peak_flops else 'compute'}"
-        "-bound)",
+        (f"  per chip and step: {r.flops / 1e12:.3g} TFLOP, {r.bytes_accessed / GiB:.3g} GiB accessed"
+         + (" (a rolled stage's loop body counted once)" if r.rolled else "")
+         + f"; at peak and full HBM bandwidth no less than {1e3 * r.roofline_seconds:.3g} ms "
+         f"({'memory' if r.bytes_accessed / r.hbm_bandwidth > r.flops / r.peak_flops else 'compute'}"
+         "-bound)") if r.flops else "  per chip and step: this compiler gives no cost analysis",
         f"  collectives: {comm or 'none'}"]
     if r.custom_calls:
         lines.append(f"  custom calls: {', '.join(r.custom_calls)}")
@@ -372,7 +417,7 @@ def run_compile(config, topology: str, batch_size: Optional[int] = None,
                 image_size: Optional[int] = None, effort: float = 0.0, log=print) -> Dict:
     """The command's work, importable: {'topology', 'chips', 'hosts', 'reports', 'max_batch'}."""
     chip = chip_of(topology)
-    devices = tpu_devices(topology)
+    devices = target_devices(topology)
     batch_size = batch_size or config.batch_size
     chips, hosts = len(devices), len({d.process_index for d in devices})
     if batch_size % chips:

@@ -27,7 +27,7 @@ EFFORT = -1.0
 def v5e():
     if not tpu_compile.libtpu_installed():
         _require_native("libtpu is not installed (pip install 'resnet-jax[tpu]')")
-    return tpu_compile.tpu_devices("v5e:2x2")
+    return tpu_compile.target_devices("v5e:2x2")
 
 
 def _config(spec, **changes):
@@ -155,10 +155,16 @@ def test_max_batch_finds_the_largest_batch_that_fits(monkeypatch, limit):
 def test_missing_libtpu_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(tpu_compile, "libtpu_installed", lambda: False)
     with pytest.raises(UserError, match=r"pip install 'resnet-jax\[tpu\]'"):
-        tpu_compile.tpu_devices("v5e:2x2")
+        tpu_compile.target_devices("v5e:2x2")
 
 
-@pytest.mark.parametrize("topology", ["v5e", "v3:2x2", "v5e:2by2", "tpu"])
+def test_missing_cuda_plugin_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(tpu_compile, "_installed", lambda platform: False)
+    with pytest.raises(UserError, match=r"pip install 'jax-cuda12-plugin==0.10.2'"):
+        tpu_compile.target_devices("h100:8")
+
+
+@pytest.mark.parametrize("topology", ["v5e", "v3:2x2", "v5e:2by2", "tpu", "v5e:8", "h100:1x2x8"])
 def test_bad_topology_names_the_form(topology):
     with pytest.raises(UserError, match="CHIP:AxB"):
-        tpu_compile.tpu_devices(topology)
+        tpu_compile.target_devices(topology)
