@@ -163,6 +163,7 @@ class Report:
     custom_calls: List[str]
     rolled: bool         # the program has a while loop (a rolled stage): cost counts its body once
     compile_seconds: float
+    compile_cpu_seconds: float  # all this process's threads: comparable on a busy machine
 
     @property
     def total_bytes(self) -> int:
@@ -218,7 +219,8 @@ def collectives(hlo: str) -> Dict[str, Dict[str, int]]:
     return found
 
 
-def report(program: str, compiled, per_chip_batch: int, chip: Chip, seconds: float) -> Report:
+def report(program: str, compiled, per_chip_batch: int, chip: Chip, seconds: float,
+           cpu_seconds: float) -> Report:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
@@ -232,7 +234,8 @@ def report(program: str, compiled, per_chip_batch: int, chip: Chip, seconds: flo
                   flops=float(cost.get("flops", 0.0)),
                   bytes_accessed=float(cost.get("bytes accessed", 0.0)),
                   collectives=collectives(hlo), custom_calls=sorted(set(_CUSTOM_CALL.findall(hlo))),
-                  rolled=bool(re.search(r"\swhile\(", hlo)), compile_seconds=round(seconds, 1))
+                  rolled=bool(re.search(r"\swhile\(", hlo)), compile_seconds=round(seconds, 1),
+                  compile_cpu_seconds=round(cpu_seconds, 1))
 
 
 class DoesNotFit(Exception):
@@ -240,17 +243,17 @@ class DoesNotFit(Exception):
 
 
 def compile_lowered(lowered, effort: float = 0.0):
-    """lowered -> (compiled, seconds); DoesNotFit where the chip's HBM cannot hold it. `effort`
+    """lowered -> (compiled, seconds, CPU seconds); DoesNotFit where the chip's HBM cannot hold it. `effort`
     is XLA's exec_time_optimization_effort in [-1, 1]: 0 (the default) is the program a TPU job
     runs; -1 compiles some 4x faster, a little less optimised (the tests use it)."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         compiled = lowered.compile({"exec_time_optimization_effort": effort} if effort else None)
     except Exception as e:  # noqa: BLE001 - XlaRuntimeError, whose text says what ran out
         if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
             raise DoesNotFit(str(e).strip().splitlines()[0]) from None
         raise
-    return compiled, time.perf_counter() - start
+    return compiled, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,8 +315,8 @@ class Programs:
 
 def compile_program(programs: Programs, program: str, per_chip: int, chip: Chip,
                     effort: float = 0.0) -> Report:
-    compiled, seconds = compile_lowered(programs.lower(program, per_chip), effort)
-    return report(program, compiled, per_chip, chip, seconds)
+    compiled, seconds, cpu_seconds = compile_lowered(programs.lower(program, per_chip), effort)
+    return report(program, compiled, per_chip, chip, seconds, cpu_seconds)
 
 
 def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
@@ -374,7 +377,8 @@ def format_report(r: Report) -> str:
     comm = ", ".join(f"{k} x{v['count']} ({_size(v['bytes'])})" for k, v in r.collectives.items())
     fit = "fits" if r.fits else "DOES NOT FIT"
     lines = [
-        f"{r.program}: {r.per_chip_batch} images a chip, compiled in {r.compile_seconds:.1f} s",
+        f"{r.program}: {r.per_chip_batch} images a chip, compiled in {r.compile_seconds:.1f} s "
+        f"({r.compile_cpu_seconds:.1f} s of CPU)",
         f"  HBM per chip: arguments {_size(r.argument_bytes)}, temporaries {_size(r.temp_bytes)}, "
         f"outputs {_size(r.output_bytes)} ({_size(r.alias_bytes)} of them in donated arguments), "
         f"code {_size(r.code_bytes)}: {_size(r.total_bytes)} of {_size(r.hbm_bytes)}, {fit} "

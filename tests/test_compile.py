@@ -141,7 +141,8 @@ def test_max_batch_finds_the_largest_batch_that_fits(monkeypatch, limit):
         if b > 2 * limit:
             raise tpu_compile.DoesNotFit("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm")
         return tpu_compile.Report("train", b, fixed, 0, 0, total - fixed, 0, chip.hbm_bytes,
-                                  chip.peak_flops, chip.hbm_bandwidth, 1.0, 1.0, {}, [], False, 1.0)
+                                  chip.peak_flops, chip.hbm_bandwidth, 1.0, 1.0, {}, [], False, 1.0,
+                                  1.0)
 
     monkeypatch.setattr(tpu_compile, "compile_program", fake)
     found = tpu_compile.max_batch(None, chip, start=32)
