@@ -320,14 +320,14 @@ def compile_program(programs: Programs, program: str, per_chip: int, chip: Chip,
 
 
 def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
-              log=lambda *a: None) -> int:
+              log=lambda *a: None, known: Optional[Report] = None) -> int:
     """The largest per-chip batch whose train step fits the chip's HBM (exact to 8 images past
     16, else to 1; 0 if not even one image fits). Memory grows about linearly with the batch, so
     each fitting compile predicts where HBM runs out (its fixed part: arguments and code), and
     compiles there; a failed prediction bisects. Three to five compiles, where doubling and
-    bisecting took seven or more."""
-    fits: Dict[int, Report] = {}
-    fails = set()
+    bisecting took seven or more. `known`: the train step's report at some batch already."""
+    fits: Dict[int, Report] = {known.per_chip_batch: known} if known and known.fits else {}
+    fails = {known.per_chip_batch} if known and not known.fits else set()
 
     def probe(b):
         try:
@@ -344,7 +344,7 @@ def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
             fails.add(b)
         return r.fits
 
-    last_fit = probe(max(start, 1))
+    last_fit = known.fits if known else probe(max(start, 1))
     while True:
         low, high = max(fits, default=0), min(fails, default=None)
         step = 8 if low >= 16 else 1
@@ -405,8 +405,8 @@ def define_flags():
     config_flags.DEFINE_config_file(
         "config", None, "a config file and its argument, e.g. configs/imagenet.py:resnet50; "
         "override any key with --config.KEY=VALUE", lock_config=True)
-    flags.DEFINE_string("topology", "v5e:2x2", "the TPU slice: CHIP:AxB[xC] with CHIP one of "
-                        + ", ".join(f"{c.name} ({c.hbm_bytes // GiB} GiB HBM)" for c in CHIPS.values()))
+    flags.DEFINE_string("topology", "v5e:2x2", f"{_FORMS}; chips: " + ", ".join(
+        f"{c.name} ({c.hbm_bytes // GiB} GiB HBM)" for c in CHIPS.values()))
     flags.DEFINE_integer("batch_size", None, "global batch (default: the config's batch_size)")
     flags.DEFINE_list("programs", list(PROGRAMS), f"which steps: any of {', '.join(PROGRAMS)}")
     flags.DEFINE_bool("max_batch", False, "also search the largest per-chip train batch that fits")
@@ -431,7 +431,7 @@ def run_compile(config, topology: str, batch_size: Optional[int] = None,
     built = Programs.build(config, devices, image_size)
     log(f"{config.model} ({config.compute_dtype}) on {topology}: {chips} {chip.device_kind} chips, "
         f"{hosts} host{'s' * (hosts > 1)}; global batch {batch_size}")
-    reports = []
+    reports, train_report = [], None
     for program in programs:
         try:
             r = compile_program(built, program, per_chip, chip, effort)
@@ -442,12 +442,13 @@ def run_compile(config, topology: str, batch_size: Optional[int] = None,
             continue
         log(format_report(r))
         reports.append(r.to_json())
+        train_report = r if program == "train" else train_report
     result = dict(model=config.model, compute_dtype=config.compute_dtype, topology=topology,
-                  effort=effort,
-                  chips=chips, hosts=hosts, device_kind=chip.device_kind, reports=reports)
+                  effort=effort, chips=chips, hosts=hosts, device_kind=chip.device_kind,
+                  reports=reports)
     if search_max_batch:
         log("largest per-chip train batch:")
-        result["max_batch"] = max_batch(built, chip, per_chip, effort, log)
+        result["max_batch"] = max_batch(built, chip, per_chip, effort, log, train_report)
         log(f"max batch: {result['max_batch']} images a chip "
             f"({result['max_batch'] * chips} global) on {topology}")
     return result
