@@ -39,7 +39,7 @@ def compare(topology: str, per_chip: int, image_size: int = 224, effort: float =
     with config.unlocked():
         config.compute_dtype = "bfloat16"
     ours = tpu_compile.Programs.build(config, devices, image_size)
-    # The compiler's one-time start-up (about 15 s of CPU) would be charged to the first step.
+    # The compiler's one-time start-up would be charged to whichever step compiles first.
     tpu_compile.compile_lowered(jax.jit(lambda x: x * 2).lower(ours.images(1)))
     rows = {}
     rows["resnet-jax"] = tpu_compile.compile_program(ours, "train", per_chip, chip, effort)
