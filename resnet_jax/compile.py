@@ -321,11 +321,14 @@ def compile_program(programs: Programs, program: str, per_chip: int, chip: Chip,
 
 def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
               log=lambda *a: None, known: Optional[Report] = None) -> int:
-    """The largest per-chip batch whose train step fits the chip's HBM (exact to 8 images past
-    16, else to 1; 0 if not even one image fits). Memory grows about linearly with the batch, so
-    each fitting compile predicts where HBM runs out (its fixed part: arguments and code), and
-    compiles there; a failed prediction bisects. Three to five compiles, where doubling and
-    bisecting took seven or more. `known`: the train step's report at some batch already."""
+    """The largest per-chip batch whose train step the compiler fits into the chip's HBM (exact
+    to 8 images past 16, else to 1; 0 if not even one image fits). Memory grows about linearly
+    with the batch until HBM is nearly full, so each fitting compile predicts where HBM runs out
+    (its fixed part: arguments and code) and compiles there, jumping at least twice as far as the
+    last jump; a failed prediction bisects. Near the limit XLA's TPU compiler recomputes activations
+    rather than store them (the memory stays flat and the flops per image rise: the log shows
+    both), so the largest batch that fits can cost extra compute. `known`: the train step's
+    report at some batch already."""
     fits: Dict[int, Report] = {known.per_chip_batch: known} if known and known.fits else {}
     fails = {known.per_chip_batch} if known and not known.fits else set()
 
@@ -336,8 +339,11 @@ def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
             log(f"  {b} images a chip: does not fit (the compiler ran out of HBM)")
             fails.add(b)
             return False
-        log(f"  {b} images a chip: {_size(r.total_bytes)} of {_size(chip.hbm_bytes)} "
-            f"({r.compile_seconds:.0f} s)")
+        base = known or (fits[min(fits)] if fits else r)
+        extra = r.flops / b / (base.flops / base.per_chip_batch) - 1 if base.flops else 0.0
+        log(f"  {b} images a chip: {_size(r.total_bytes)} of {_size(chip.hbm_bytes)}"
+            + (f", flops per image {100 * extra:+.0f} %" if base.flops else "")
+            + f" ({r.compile_seconds:.0f} s)")
         if r.fits:
             fits[b] = r
         else:
@@ -345,6 +351,7 @@ def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
         return r.fits
 
     last_fit = known.fits if known else probe(max(start, 1))
+    previous = 0  # the fitting batch before `low`
     while True:
         low, high = max(fits, default=0), min(fails, default=None)
         step = 8 if low >= 16 else 1
@@ -359,10 +366,13 @@ def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
             fixed = r.argument_bytes + r.code_bytes
             per_image = max((r.total_bytes - fixed) / low, 1.0)
             candidate = int((chip.hbm_bytes - fixed) / per_image) // step * step
+            candidate = max(candidate, (3 * low - 2 * previous) // step * step)
             if high is not None:
                 candidate = min(candidate, high - step)
         candidate = max(candidate, low + step) if low else max(candidate, 1)
         last_fit = probe(candidate)
+        if last_fit:
+            previous = low
 
 
 # ---------------------------------------------------------------------------------------------

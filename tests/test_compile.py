@@ -153,6 +153,28 @@ def test_max_batch_finds_the_largest_batch_that_fits(monkeypatch, limit):
     assert len(compiled) <= 10 + 2, compiled
 
 
+@pytest.mark.parametrize("oom", [300, 1100])
+def test_max_batch_past_the_compilers_recomputation(monkeypatch, oom):
+    """Near the limit XLA's TPU compiler recomputes rather than stores, and memory stays flat
+    until it cannot fit at all: the search still ends at the last batch that compiles."""
+    chip = tpu_compile.CHIPS["v5e"]
+    compiled = []
+
+    def fake(programs, program, b, chip_, effort=0.0):
+        compiled.append(b)
+        if b > oom:
+            raise tpu_compile.DoesNotFit("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm")
+        total = min((100 << 20) + b * (100 << 20), int(0.92 * chip.hbm_bytes))
+        return tpu_compile.Report("train", b, 100 << 20, 0, 0, total - (100 << 20), 0,
+                                  chip.hbm_bytes, chip.peak_flops, chip.hbm_bandwidth, 1.0 * b,
+                                  1.0, {}, [], False, 1.0, 1.0)
+
+    monkeypatch.setattr(tpu_compile, "compile_program", fake)
+    found = tpu_compile.max_batch(None, chip, start=32)
+    assert oom - 8 < found <= oom
+    assert len(compiled) <= 16, compiled  # doubling jumps, then bisection to 8 images
+
+
 def test_missing_libtpu_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(tpu_compile, "libtpu_installed", lambda: False)
     with pytest.raises(UserError, match=r"pip install 'resnet-jax\[tpu\]'"):
