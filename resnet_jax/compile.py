@@ -325,7 +325,7 @@ def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
     to 8 images past 16, else to 1; 0 if not even one image fits). Memory grows about linearly
     with the batch until HBM is nearly full, so each fitting compile predicts where HBM runs out
     (its fixed part: arguments and code) and compiles there, jumping at least twice as far as the
-    last jump; a failed prediction bisects. Near the limit XLA's TPU compiler recomputes activations
+    last jump; after the first batch that does not fit, it bisects. Near the limit XLA's TPU compiler recomputes activations
     rather than store them (the memory stays flat and the flops per image rise: the log shows
     both), so the largest batch that fits can cost extra compute. `known`: the train step's
     report at some batch already."""
@@ -350,7 +350,8 @@ def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
             fails.add(b)
         return r.fits
 
-    last_fit = known.fits if known else probe(max(start, 1))
+    if not known:
+        probe(max(start, 1))
     previous = 0  # the fitting batch before `low`
     while True:
         low, high = max(fits, default=0), min(fails, default=None)
@@ -359,7 +360,7 @@ def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
             return low
         if not low:
             candidate = high // 2
-        elif high is not None and not last_fit:
+        elif high is not None:  # memory need not be linear near the limit: bisect
             candidate = (low + high) // 2 // step * step
         else:
             r = fits[low]
@@ -367,11 +368,8 @@ def max_batch(programs: Programs, chip: Chip, start: int, effort: float = 0.0,
             per_image = max((r.total_bytes - fixed) / low, 1.0)
             candidate = int((chip.hbm_bytes - fixed) / per_image) // step * step
             candidate = max(candidate, (3 * low - 2 * previous) // step * step)
-            if high is not None:
-                candidate = min(candidate, high - step)
         candidate = max(candidate, low + step) if low else max(candidate, 1)
-        last_fit = probe(candidate)
-        if last_fit:
+        if probe(candidate):
             previous = low
 
 
