@@ -139,6 +139,7 @@ def batch_moments_fn(model, normalization: Callable, settings: Settings) -> Call
 
         return call
 
+    for_variables.step = jitted  # for resnet_jax.compile: the program, to lower abstractly
     return for_variables
 
 

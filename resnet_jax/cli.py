@@ -10,7 +10,7 @@ import sys
 
 from resnet_jax import preload
 
-TOOLS = ("train", "evaluate", "analyze", "summary", "convert")
+TOOLS = ("train", "evaluate", "analyze", "summary", "convert", "compile")
 
 
 def start(tool: str) -> None:
@@ -37,6 +37,10 @@ def summary():
 
 def convert():
     start("convert")
+
+
+def compile_for():
+    start("compile")
 
 
 def absl_run(main, module: str) -> None:

@@ -11,6 +11,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# CPU only, in this process and the CLIs it starts, whatever plugins are installed: libtpu (in
+# the test extra, for test_compile.py's deviceless TPU compiles, which need no TPU backend) would
+# otherwise start a TPU backend in every process and print five lines about finding no TPU on
+# stderr, where the CLIs' errors must be one line.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 

@@ -138,5 +138,5 @@ def test_console_scripts_start_like_python_m(script, tcmalloc):
     assert "tcmalloc mapped: True" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     flag = {"train": "--workdir", "evaluate": "--checkpoint", "analyze": "--out",
-            "summary": "--image_size", "convert": "--option"}[script.rsplit("-", 1)[1]]
+            "summary": "--image_size", "convert": "--option", "compile": "--topology"}[script.rsplit("-", 1)[1]]
     assert flag in proc.stdout, proc.stdout[-2000:]

@@ -1,0 +1,72 @@
+"""The "Before you book a TPU" table: per-chip HBM at the paper's batch and the largest batch that
+fits, for each net of the zoo on each kind of chip, compiled deviceless (resnet_jax.compile).
+
+    PYTHONPATH=. python -m benchmarks.tpu_table [--models resnet18,resnet50] \
+        [--topologies v4:2x2x1,v5e:2x2,v5p:2x2x1,v6e:2x2] [--effort -1] [--json table.json]
+
+Each cell is one `run_compile(..., search_max_batch=True)` of the train step in bfloat16 at the
+config's global batch (256 for the ImageNet nets): a few compiles of minutes each for the large
+nets, so the whole table takes hours on a small machine; --effort -1 compiles about 4x faster.
+"""
+import json
+import os
+
+import jax
+from absl import app, flags
+
+from resnet_jax import compile as tpu_compile
+from resnet_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg19"],
+                  "nets of configs/imagenet.py")
+flags.DEFINE_list("topologies", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"], "one slice per chip")
+flags.DEFINE_float("effort", -1.0, "XLA's exec_time_optimization_effort")
+flags.DEFINE_string("json", None, "also write the cells here")
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "imagenet.py")
+
+
+def cell(model: str, topology: str, effort: float) -> dict:
+    config = train.load_config(f"{CONFIG}:{model}")
+    with config.unlocked():
+        config.compute_dtype = "bfloat16"
+    result = tpu_compile.run_compile(config, topology, programs=("train",), search_max_batch=True,
+                                     effort=effort, log=lambda *a: None)
+    (r,) = result["reports"]
+    return dict(model=model, topology=topology, per_chip=r["per_chip_batch"],
+                gib=r.get("total_bytes", float("nan")) / tpu_compile.GiB, fits=r["fits"],
+                max_batch=result["max_batch"])
+
+
+def table(cells) -> str:
+    topologies = list(dict.fromkeys(c["topology"] for c in cells))
+    lines = ["| net (bf16, batch 256) | " + " | ".join(
+        f"{tpu_compile.chip_of(t).name} ({tpu_compile.chip_of(t).hbm_bytes // tpu_compile.GiB} GiB)"
+        for t in topologies) + " |", "|---|" + "---:|" * len(topologies)]
+    for model in dict.fromkeys(c["model"] for c in cells):
+        row = {c["topology"]: c for c in cells if c["model"] == model}
+        lines.append(f"| {model} | " + " | ".join(
+            f"{row[t]['gib']:.1f} GiB at {row[t]['per_chip']}/chip, max {row[t]['max_batch']}"
+            if t in row else "" for t in topologies) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    cells = []
+    for model in FLAGS.models:
+        for topology in FLAGS.topologies:
+            cells.append(cell(model, topology, FLAGS.effort))
+            print(cells[-1], flush=True)
+    print(table(cells))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(cells, f, indent=1)
+
+
+if __name__ == "__main__":
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    app.run(main)
