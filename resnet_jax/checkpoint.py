@@ -320,11 +320,27 @@ class _QuietOrbax(logging.Filter):
         return not any(note in record.getMessage() for note in self.NOTES)
 
 
+def _drop_closed_loop(default_hook):
+    """An unraisable-exception hook without one message: when a restore fails (a damaged file),
+    tensorstore may still complete a read afterwards and call back into the event loop orbax has
+    closed; Python prints that callback's `RuntimeError: Event loop is closed` as "Exception
+    ignored", a traceback after the one-line report of the damage."""
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            default_hook(unraisable)
+    hook.drops_closed_loop = True
+    return hook
+
+
 def quiet_orbax():
     """For CLIs: keep stderr to what the user needs. Orbax logs every step of a save or restore
     through absl at INFO, and warns that a directory opened read-only is read-only; an explicit
     --verbosity still shows everything but those warnings."""
+    import sys
     from absl import flags, logging as absl_logging
+    if not getattr(sys.unraisablehook, "drops_closed_loop", False):
+        sys.unraisablehook = _drop_closed_loop(sys.unraisablehook)
     logger = logging.getLogger("absl")
     if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
         logger.addFilter(_QuietOrbax())

@@ -155,3 +155,21 @@ def test_a_file_is_not_called_missing(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="checkpoint '.*f' is a file; pass the directory"):
         checkpoint.load_model(str(tmp_path / "f"))
+
+
+def test_quiet_orbax_drops_only_the_closed_loop_callbacks(monkeypatch):
+    """A read that completes after a failed restore calls into orbax's closed event loop; Python
+    reports that as an unraisable exception, which the CLIs must not print after their one-line
+    report. Every other unraisable exception still reaches the previous hook."""
+    import sys
+    import types
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    checkpoint.quiet_orbax()
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    sys.unraisablehook(closed)
+    sys.unraisablehook(other)
+    checkpoint.quiet_orbax()  # once only: not wrapped twice
+    sys.unraisablehook(other)
+    assert seen == [other, other]
