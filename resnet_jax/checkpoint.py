@@ -320,16 +320,29 @@ class _QuietOrbax(logging.Filter):
         return not any(note in record.getMessage() for note in self.NOTES)
 
 
-def _drop_closed_loop(default_hook):
-    """An unraisable-exception hook without one message: when a restore fails (a damaged file),
-    tensorstore may still complete a read afterwards and call back into the event loop orbax has
-    closed; Python prints that callback's `RuntimeError: Event loop is closed` as "Exception
-    ignored", a traceback after the one-line report of the damage."""
+def _orbax_leftover(unraisable) -> bool:
+    """Whether an exception Python could not raise anywhere comes from a failed restore's
+    leftovers: when a damaged file fails one read, orbax's other read coroutines are dropped with
+    their own errors pending, and tensorstore may still complete a read into the event loop orbax
+    has closed. The failure itself reaches the caller as `DamagedCheckpoint`."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        if "/orbax/" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _without_orbax_leftovers(default_hook):
+    """An unraisable-exception hook that does not print `_orbax_leftover`s ("Exception ignored"
+    tracebacks after the one-line report of a damaged step) and hands on everything else."""
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError)
-                and str(unraisable.exc_value) == "Event loop is closed"):
+        if not _orbax_leftover(unraisable):
             default_hook(unraisable)
-    hook.drops_closed_loop = True
+    hook.drops_orbax_leftovers = True
     return hook
 
 
@@ -339,8 +352,8 @@ def quiet_orbax():
     --verbosity still shows everything but those warnings."""
     import sys
     from absl import flags, logging as absl_logging
-    if not getattr(sys.unraisablehook, "drops_closed_loop", False):
-        sys.unraisablehook = _drop_closed_loop(sys.unraisablehook)
+    if not getattr(sys.unraisablehook, "drops_orbax_leftovers", False):
+        sys.unraisablehook = _without_orbax_leftovers(sys.unraisablehook)
     logger = logging.getLogger("absl")
     if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
         logger.addFilter(_QuietOrbax())

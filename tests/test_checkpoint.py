@@ -157,19 +157,30 @@ def test_a_file_is_not_called_missing(tmp_path):
         checkpoint.load_model(str(tmp_path / "f"))
 
 
-def test_quiet_orbax_drops_only_the_closed_loop_callbacks(monkeypatch):
-    """A read that completes after a failed restore calls into orbax's closed event loop; Python
-    reports that as an unraisable exception, which the CLIs must not print after their one-line
-    report. Every other unraisable exception still reaches the previous hook."""
+def test_quiet_orbax_drops_only_a_failed_restores_leftovers(monkeypatch):
+    """After a damaged read, orbax's other read coroutines are dropped with errors pending and a
+    late read may call into its closed event loop; Python reports those as unraisable exceptions,
+    which the CLIs must not print after their one-line report. Any other unraisable exception
+    still reaches the previous hook."""
     import sys
     import types
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
     checkpoint.quiet_orbax()
-    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
-    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
-    sys.unraisablehook(closed)
-    sys.unraisablehook(other)
+
+    def raised_in(filename):
+        code = compile("raise Exception('read failed')", filename, "exec")
+        try:
+            exec(code, {})
+        except Exception as e:  # noqa: BLE001 - the exception is the test's object
+            return types.SimpleNamespace(exc_value=e, exc_traceback=e.__traceback__)
+
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"),
+                                   exc_traceback=None)
+    orbax_read = raised_in("/venv/site-packages/orbax/checkpoint/serialization.py")
+    other = raised_in("/work/user_code.py")
+    for unraisable in (closed, orbax_read, other):
+        sys.unraisablehook(unraisable)
     checkpoint.quiet_orbax()  # once only: not wrapped twice
     sys.unraisablehook(other)
     assert seen == [other, other]
