@@ -457,3 +457,15 @@ def test_use_cpu_cores_after_the_backend_started_changes_nothing():
     code = "import jax; jax.devices()\n" + USE_CPU_CORES
     count, devices, sequential = fresh_python(code)
     assert (int(count), int(devices), sequential) == (-1, 1, "False")
+
+
+def test_onednn_set_builds_its_library_when_first_used(onednn, tmp_path):
+    """A caller may hold `cpu.ONEDNN` without asking `for_devices` (which builds and registers
+    the library): the first traced call registers it, instead of XLA failing to find a handler."""
+    code = ("import jax, jax.numpy as jnp, resnet_jax; from resnet_jax.kernels import cpu; "
+            "m = resnet_jax.create_model('resnet20', widths=(4, 8, 8), kernels=cpu.ONEDNN); "
+            "x = jnp.ones((2, 8, 8, 3)); v = jax.jit(m.init)(jax.random.key(0), x); "
+            "print(jax.jit(m.apply)(v, x).shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, XLA_FLAGS=""))
+    assert out.returncode == 0 and out.stdout.strip() == "(2, 10)", out.stderr[-2000:]

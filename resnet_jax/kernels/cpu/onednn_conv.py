@@ -146,9 +146,19 @@ def _log_once(why_not: str) -> None:
     logging.info("oneDNN convolutions off, XLA's in use: %s", why_not)
 
 
+def _registered(target: str) -> str:
+    """`target`, its library built and registered first: a caller may hold `kernels.cpu.ONEDNN`
+    without having asked `available()`, and XLA only finds a registered handler."""
+    why_not = _load()
+    if why_not is not None:
+        raise RuntimeError(f"oneDNN's kernels are not available here ({why_not}); use "
+                           "resnet_jax.kernels.for_devices(devices) to get the kernels that are")
+    return target
+
+
 def _call(target: str, out_shape, a, b, strides, pads):
     # vmap (bn_group_size's groups) runs the kernel once per group: each is a whole batch to it.
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+    return jax.ffi.ffi_call(_registered(target), jax.ShapeDtypeStruct(out_shape, jnp.float32),
                             vmap_method="sequential")(
         a, b, strides=np.asarray(strides, np.int64),
         padding=np.asarray([p for pair in pads for p in pair], np.int64))
@@ -180,7 +190,8 @@ conv.defvjp(_fwd, _bwd)
 def materialize(x: jax.Array) -> jax.Array:
     """`x` (float32), through a custom call: XLA cannot fuse across it, so its consumers read
     `x`'s buffer instead of recomputing `x` from its producers (kernels/cpu/__init__.py says why)."""
-    return jax.ffi.ffi_call("resnet_jax_materialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
+    return jax.ffi.ffi_call(_registered("resnet_jax_materialize"),
+                            jax.ShapeDtypeStruct(x.shape, x.dtype),
                             input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)
 
 
@@ -198,6 +209,6 @@ def image_moments(x: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
     values, and XLA then gave the BN+ReLU a fresh output buffer rather than writing in place:
     2.9 -> 4-8 ms per plain-20 step of stage-1 BN+ReLU."""
     stats = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32)
-    mean, m2 = jax.ffi.ffi_call("resnet_jax_image_moments", (stats, stats),
+    mean, m2 = jax.ffi.ffi_call(_registered("resnet_jax_image_moments"), (stats, stats),
                                 vmap_method="sequential")(x)
     return jax.lax.optimization_barrier((x, mean, m2))
