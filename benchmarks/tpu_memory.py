@@ -75,7 +75,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if not os.environ.get("JAX_PLATFORMS"):
-        jax.config.update("jax_platforms", "cpu")
+    tpu_compile.compile_only()
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     app.run(main)

@@ -11,7 +11,6 @@ nets, so the whole table takes hours on a small machine; --effort -1 compiles ab
 import json
 import os
 
-import jax
 from absl import app, flags
 
 from resnet_jax import compile as tpu_compile
@@ -67,6 +66,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if not os.environ.get("JAX_PLATFORMS"):
-        jax.config.update("jax_platforms", "cpu")
+    tpu_compile.compile_only()
     app.run(main)

@@ -479,11 +479,15 @@ def main(argv):
             write_json(FLAGS.json, result)
 
 
-def run():
-    # A compile-only tool: the host's CPU is the only backend it starts, so it can run beside a
-    # training job that holds the TPU chips.
+def compile_only():
+    """For a process that only compiles (this CLI, the TPU benchmarks): the host's CPU is the only
+    backend it starts, so it can run beside a training job that holds the TPU chips."""
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")
+
+
+def run():
+    compile_only()
     define_flags()
     with exit_on_user_error():
         train.check_overrides(sys.argv[1:])
