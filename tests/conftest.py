@@ -28,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("RESNET_JAX_SHARED", REPO.parent / "shared"))
 
 
-def _require_native(why_not):
+def require_native(why_not):
     """oneDNN's kernels and tcmalloc need system packages a user's machine may lack (skip there);
     `.ci/run` installs them and sets RESNET_JAX_REQUIRE_NATIVE=1, which makes a skip a failure."""
     if why_not is None:
@@ -43,14 +43,14 @@ def onednn():
     """oneDNN's convolutions, built and registered (kernels/cpu/onednn_conv.py)."""
     from resnet_jax.kernels.cpu import onednn_conv
     if not onednn_conv.available():
-        _require_native(f"oneDNN convolutions unavailable: {onednn_conv._load()}")
+        require_native(f"oneDNN convolutions unavailable: {onednn_conv._load()}")
 
 
 @pytest.fixture
 def tcmalloc() -> str:
     """The tcmalloc library `preload.use_tcmalloc` preloads."""
     library = preload.tcmalloc_library()
-    _require_native(library is None and "tcmalloc is not installed "
+    require_native(library is None and "tcmalloc is not installed "
                     "(apt-get install libtcmalloc-minimal4)" or None)
     return library
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, _require_native
+from conftest import REPO, require_native
 from resnet_jax import compile as tpu_compile
 from resnet_jax import train
 from resnet_jax.errors import UserError
@@ -26,7 +26,7 @@ EFFORT = -1.0
 @pytest.fixture(scope="module")
 def v5e():
     if not tpu_compile.libtpu_installed():
-        _require_native("libtpu is not installed (pip install 'resnet-jax[tpu]')")
+        require_native("libtpu is not installed (pip install 'resnet-jax[tpu]')")
     return tpu_compile.target_devices("v5e:2x2")
 
 

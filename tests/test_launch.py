@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from conftest import require_native
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted(p.name for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
@@ -37,11 +39,8 @@ def test_bash_syntax(script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shellcheck(script):
-    if shutil.which("shellcheck") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("shellcheck is not installed; CI must install it (apt-get install shellcheck)",
-                        pytrace=False)
-        pytest.skip("shellcheck is not installed (CI installs it)")
+    require_native(shutil.which("shellcheck") is None
+                   and "shellcheck is not installed (apt-get install shellcheck)" or None)
     result = subprocess.run(["shellcheck", "-x", str(LAUNCH / script)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
