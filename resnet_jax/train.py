@@ -131,10 +131,7 @@ def create_model(config, num_classes: int, kernels: Kernels = XLA):
     options = dict(config.model_options)
     options["num_classes"] = num_classes
     model_options = dict(options)  # what the checkpoint's metadata records (JSON-able)
-    if config.compute_dtype != "float32":
-        if config.compute_dtype != "bfloat16":
-            raise UserError(f"compute_dtype must be 'float32' or 'bfloat16', not {config.compute_dtype!r}")
-        options["dtype"] = jnp.bfloat16
+    options["dtype"] = jnp.dtype(config.compute_dtype)  # one of config.DTYPES (validate)
     return resnet_jax.create_model(config.model, kernels=kernels, **options), model_options
 
 

@@ -42,7 +42,7 @@ class FolderSource:
     records are the files' bytes (picklable, so grain's workers can read it)."""
 
     def __init__(self, root: str, split: str):
-        self.classes, files = sources._folder_files(root, split)  # the folder rule of data/sources.py
+        self.classes, files = sources.folder_files(root, split)  # the folder rule of data/sources.py
         self.paths = [p for p, _ in files]
         self.labels = np.asarray([label for _, label in files], np.int32)
         self.num_classes = len(self.classes)

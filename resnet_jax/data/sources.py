@@ -104,7 +104,7 @@ def _synthetic(split, count, image_size, num_classes) -> Dataset:
     return Dataset(images, labels, synthetic_classes(num_classes), f"synthetic:{count}:{split}")
 
 
-def _folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
+def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
                   whose: str = "the model's"):
     if not os.path.isdir(root):
         raise UserError(f"data folder {root!r} does not exist; pass folder:PATH with "
@@ -149,7 +149,7 @@ def _decode(path: str) -> np.ndarray:
 
 def _load_folder(root: str, split: str, classes: Optional[Sequence[str]] = None,
                  whose: str = "the model's") -> Dataset:
-    classes, files = _folder_files(root, split, classes, whose)
+    classes, files = folder_files(root, split, classes, whose)
     name = f"folder:{root}:{split}"
     cache = _cache_path(os.path.join(root, split), files)
     if os.path.exists(cache):
