@@ -5,12 +5,15 @@
 
 Rows:
 - per_core: images/s of one process, one thread, decoding and cropping as the training input does
-  (augment.imagenet_train_crop: the scale augmentation's window decoded and resized once) beside
-  a tf.data pipeline doing the same sampling with `tf.io.decode_and_crop_jpeg`, a bilinear resize
-  to 224 and a flip, restricted to one thread; the two take turns over the same in-memory JPEGs,
-  round by round, and `ratio` is the median of the rounds' ratios (above 1: ours is faster);
+  (augment.imagenet_train_crop: only the scale augmentation's window decoded, and resized once)
+  beside the same with the whole image decoded (where libjpeg's headers are missing) and a
+  tf.data pipeline doing the same sampling with `tf.io.decode_and_crop_jpeg`, a bilinear resize
+  to 224 and a flip, restricted to one thread; the three take turns over the same in-memory
+  JPEGs, round by round, and `ratio` is the median of the rounds' ratios (above 1: ours is
+  faster);
 - workers_N: images/s of the grain pipeline the trainer runs (data/imagenet.py's train_dataset
-  over the folder), N worker processes, after the workers' start; with its ratio to 1 worker;
+  over the folder, files read from disk), N worker processes pinned with this process to N
+  cores, after every worker has delivered its first batch; with its ratio to 1 worker;
 - step: images/s of the trainer's jitted train step of `--step_model` at 224x224 on this
   machine's CPUs, and the per-core input rate over it (the input keeps a step fed when >= 1);
 - tpu_host: what a host's vCPUs at the measured per-core rate would supply, beside the rate a
@@ -26,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 from absl import app, flags
@@ -54,13 +57,23 @@ def define_flags():
 # The two pipelines, one core each
 
 
-def ours_call(encoded: List[bytes]):
-    from resnet_jax.data import augment
+def ours_call(encoded: List[bytes], window: bool = True):
+    """The training input's decode-and-crop; window=False: the whole-image path a machine
+    without libjpeg's headers takes (data/jpeg.py), for the before/after in one run."""
+    from unittest import mock
 
-    def call():
+    from resnet_jax.data import augment, jpeg
+
+    def crops():
         for i, data in enumerate(encoded):
             augment.imagenet_train_crop(data, np.random.default_rng((0, 0, i)), size=SIZE,
                                         scale=SCALE)
+
+    def call():
+        if window:
+            return crops()
+        with mock.patch.object(jpeg, "_decode_window", lambda *a: None):
+            return crops()
     return call
 
 
@@ -112,24 +125,33 @@ def interleaved_rates(calls, count: int, repeats: int) -> List[List[float]]:
 # The trainer's pipeline with worker processes, and the train step
 
 
-def workers_rate(folder: str, workers: int, batch: int, images: int) -> float:
-    """images/s of data/imagenet.py's grain pipeline with `workers` processes, from the first
-    batch (the workers started) to the last of `images // batch + 1`."""
+def workers_rate(folder: str, workers: int, batch: int, images: int,
+                 seconds: float = 3.0) -> Tuple[float, int]:
+    """(images/s, cores) of data/imagenet.py's grain pipeline with `workers` processes on
+    `workers` cores (this process and its workers pinned to them, where the machine has as many:
+    otherwise one worker's batching and this process's share would run on a spare core), once
+    every worker has delivered a batch (their start is not the rate), over at least `images`
+    images and `seconds`."""
     from resnet_jax.data import imagenet
     split = imagenet.open_split(f"folder:{folder}", "train")
     crops = imagenet.TrainCrops(split.source, len(split), batch, slice(0, batch), 0, SIZE, SCALE)
+    allowed = sorted(os.sched_getaffinity(0))
+    cores = allowed[:workers]
+    os.sched_setaffinity(0, cores)  # inherited by the workers grain starts
     it = iter(imagenet.train_dataset(crops, 0, workers))
     try:
-        next(it)
-        batches = max(2, images // batch)
-        start = time.perf_counter()
-        for _ in range(batches):
+        for _ in range(workers + 1):
             next(it)
-        return batches * batch / (time.perf_counter() - start)
+        count, start = 0, time.perf_counter()
+        while count < max(2, images // batch) or time.perf_counter() - start < seconds:
+            next(it)
+            count += 1
+        return count * batch / (time.perf_counter() - start), len(cores)
     finally:
         close = getattr(it, "close", None)
         if close:
             close()
+        os.sched_setaffinity(0, allowed)
 
 
 def step_rate(model: str, batch: int, steps: int = 3) -> float:
@@ -174,15 +196,22 @@ def run(folder: str, images: int, repeats: int, workers: List[int], batch: int,
     from resnet_jax.data import imagenet
     split = imagenet.open_split(f"folder:{folder}", "train")
     encoded = [split.source[i]["image"] for i in range(min(images, len(split)))]
-    ours, theirs = interleaved_rates([ours_call(encoded), tf_call(encoded)], len(encoded), repeats)
+    from resnet_jax.data import jpeg
+    if jpeg.window_decoding() is not None:
+        print(f"warning: {jpeg.window_decoding()}; 'ours' decodes whole images", flush=True)
+    ours, whole, theirs = interleaved_rates(
+        [ours_call(encoded), ours_call(encoded, window=False), tf_call(encoded)], len(encoded),
+        repeats)
     per_core = statistics.median(ours)
-    rows = [dict(row="per_core", ours=per_core, tf_data=statistics.median(theirs),
+    rows = [dict(row="per_core", ours=per_core, whole_image=statistics.median(whole),
+                 tf_data=statistics.median(theirs),
                  ratio=statistics.median(a / b for a, b in zip(ours, theirs)),
+                 whole_image_ratio=statistics.median(a / b for a, b in zip(whole, theirs)),
                  rounds=len(ours), images=len(encoded))]
     rates = {}
     for w in workers:
-        rates[w] = workers_rate(folder, w, batch, images)
-        rows.append(dict(row=f"workers_{w}", ours=rates[w],
+        rates[w], cores = workers_rate(folder, w, batch, images)
+        rows.append(dict(row=f"workers_{w}", ours=rates[w], cores=cores,
                          ratio_to_1=rates[w] / rates[1] if 1 in rates else None))
     if step_model:
         rate = step_rate(step_model, step_batch)
@@ -198,10 +227,13 @@ def run(folder: str, images: int, repeats: int, workers: List[int], batch: int,
 def format_row(r: Dict) -> str:
     if r["row"] == "per_core":
         return (f"per core: ours {r['ours']:.0f} images/s, tf.data {r['tf_data']:.0f} images/s, "
-                f"ratio {r['ratio']:.2f} (median of {r['rounds']} rounds of {r['images']} images)")
+                f"ratio {r['ratio']:.2f} (whole-image decode {r['whole_image']:.0f} images/s, "
+                f"ratio {r['whole_image_ratio']:.2f}; median of {r['rounds']} rounds of "
+                f"{r['images']} images)")
     if r["row"].startswith("workers_"):
         extra = f", {r['ratio_to_1']:.2f}x one worker" if r.get("ratio_to_1") else ""
-        return f"{r['row'].replace('_', ' ')}: {r['ours']:.0f} images/s{extra}"
+        return (f"{r['row'].replace('_', ' ')} on {r['cores']} cores: {r['ours']:.0f} images/s"
+                f"{extra}")
     if r["row"] == "step":
         return (f"train step {r['model']} batch {r['batch']}: {r['step']:.1f} images/s; input "
                 f"per core / step = {r['input_per_core_over_step']:.1f}")

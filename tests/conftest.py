@@ -29,7 +29,8 @@ SHARED = pathlib.Path(os.environ.get("RESNET_JAX_SHARED", REPO.parent / "shared"
 
 
 def require_native(why_not):
-    """oneDNN's kernels and tcmalloc need system packages a user's machine may lack (skip there);
+    """oneDNN's kernels, the JPEG window decoder and tcmalloc need system packages a user's machine
+    may lack (skip there);
     `.ci/run` installs them and sets RESNET_JAX_REQUIRE_NATIVE=1, which makes a skip a failure."""
     if why_not is None:
         return
@@ -44,6 +45,13 @@ def onednn():
     from resnet_jax.kernels.cpu import onednn_conv
     if not onednn_conv.available():
         require_native(f"oneDNN convolutions unavailable: {onednn_conv._load()}")
+
+
+@pytest.fixture
+def jpeg_window():
+    """The JPEG window decoder (data/jpeg_crop.c), built."""
+    from resnet_jax.data import jpeg
+    require_native(jpeg.window_decoding())
 
 
 @pytest.fixture

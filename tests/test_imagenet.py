@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
 from resnet_jax import parallel
@@ -79,6 +80,74 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_and_matches_closely():
         ref = _reference_crop(image, np.random.default_rng(seed), SIZE, (36, 40))
         diffs.append(np.abs(ours.astype(int) - ref).mean())
     assert max(diffs) < 3.0  # DCT scaling instead of antialiased bilinear: within grey levels
+
+
+def _encode(image, **options) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=90, **options)
+    return buf.getvalue()
+
+
+# 4:2:0 (ImageNet's usual), 4:2:2, 4:4:4, progressive, grey: fancy upsampling reads neighbouring
+# chroma, so a window decoded alone has edges of its own unless the decoder is given margins
+WINDOW_CASES = {"420": dict(subsampling=2), "422": dict(subsampling=1),
+                "444": dict(subsampling=0), "progressive": dict(progressive=True),
+                "grey": dict()}
+
+
+@pytest.mark.parametrize("case", sorted(WINDOW_CASES))
+def test_a_window_decoded_alone_has_the_whole_images_pixels(case, jpeg_window):
+    """A box of whole pixels resized to its own size is a copy: the window decoder's pixels must
+    be the whole image's exactly, at every offset (iMCU boundaries and the image's edges too)."""
+    image = _photo(83, 121, seed=5)
+    if case == "grey":
+        image = np.repeat(np.asarray(Image.fromarray(image).convert("L"))[..., None], 3, -1)
+    encoded = _encode(image if case != "grey" else image[..., 0], **WINDOW_CASES[case])
+    whole = jpeg.decode(encoded)
+    rng = np.random.default_rng(0)
+    for left, top, n in [(0, 0, 30), (121 - 30, 83 - 30, 30), (0, 0, 83), (17, 1, 40)] + \
+            [(int(rng.integers(0, 121 - 25)), int(rng.integers(0, 83 - 25)), 25) for _ in range(8)]:
+        window = jpeg._decode_window(encoded, 1, (left, top, left + n, top + n), n)
+        assert window is not None
+        np.testing.assert_array_equal(window, whole[top:top + n, left:left + n])
+
+
+@pytest.mark.parametrize("case", ["420", "progressive"])
+def test_window_decoder_resizes_as_pil_resizes_the_whole_image(case, jpeg_window):
+    """Fractional boxes, shrinking and growing, at full and DCT-reduced scale, against PIL's
+    resize of the whole decoded image (Pillow 13 runs the passes in the other order: a grey level
+    here and there)."""
+    encoded = _encode(_photo(300, 410, seed=2), **WINDOW_CASES[case])
+    whole = jpeg.decode(encoded)
+    rng = np.random.default_rng(1)
+    for out, side in [(32, 40.5), (32, 70.2), (32, 150.0), (32, 290.0), (64, 48.3)]:
+        left, top = rng.uniform(0, 410 - side), rng.uniform(0, 300 - side)
+        box = (left, top, left + side, top + side)
+        ours = jpeg.crop_resize(encoded, box, out)
+        reduce = 2 ** min(3, int(np.log2(max(side / out, 1.0))))
+        scaled = simplejpeg.decode_jpeg(encoded, colorspace="RGB", min_height=-(-300 // reduce),
+                                        min_width=-(-410 // reduce))
+        sy, sx = scaled.shape[0] / 300, scaled.shape[1] / 410  # 103 / 410 at 1/4: not 1/4
+        ref = np.asarray(Image.fromarray(scaled).resize(
+            (out, out), Image.BILINEAR, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)))
+        diff = np.abs(ours.astype(int) - ref)
+        assert diff.max() <= 1 and diff.mean() < 0.1, (out, side, diff.max(), diff.mean())
+    assert whole.shape == (300, 410, 3)
+
+
+def test_jpeg_window_decoder_unbuildable_decodes_whole_images(monkeypatch, caplog):
+    """No libjpeg headers: said in one log line, naming the package; crops still come, from the
+    whole image."""
+    monkeypatch.setattr(jpeg, "_crop_library", jpeg._crop_library.__wrapped__)
+    monkeypatch.setattr(jpeg.native, "include_dirs", lambda: [])
+    monkeypatch.setattr(jpeg.native, "build", lambda *a: pytest.fail("compiled anyway"))
+    jpeg._log_once.cache_clear()
+    assert "libjpeg-dev" in jpeg.window_decoding()
+    encoded = _jpeg(_photo(60, 80))
+    with caplog.at_level("WARNING"):
+        crops = [jpeg.crop_resize(encoded, (3.5, 2.0, 50.5, 49.0), 32) for _ in range(2)]
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "libjpeg-dev" in caplog.records[0].message and crops[0].shape == (32, 32, 3)
 
 
 def test_undecodable_bytes_name_the_problem():
@@ -384,3 +453,11 @@ def test_benchmark_requirement_is_the_scaling_documents(tmp_path):
         row = re.search(rf"\| resnet50 \| {re.escape(hw)} \| ([\d,]+) \|", doc)
         assert abs(need[hw] - int(row.group(1).replace(",", ""))) < 1
     assert set(need) == set(imagenet_input.HOST_VCPUS)
+
+
+@pytest.mark.slow
+def test_benchmark_workers_row_pins_to_as_many_cores_and_restores(folder):
+    from benchmarks import imagenet_input
+    before = os.sched_getaffinity(0)
+    rate, cores = imagenet_input.workers_rate(os.path.join(folder), 1, 4, 8, seconds=0.1)
+    assert rate > 0 and cores == 1 and os.sched_getaffinity(0) == before

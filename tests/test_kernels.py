@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import fresh_python
 import resnet_jax.kernels
-from resnet_jax import parallel
+from resnet_jax import native, parallel
 from resnet_jax.kernels import cpu
 from resnet_jax.kernels.cpu import onednn_conv
 from resnet_jax.models import cifar, compute, imagenet
@@ -205,8 +205,8 @@ def test_models_import_no_kernels_and_default_to_xla():
 
 
 def test_onednn_without_headers_is_not_attempted(monkeypatch):
-    monkeypatch.setattr(onednn_conv, "_include_dirs", lambda: [])
-    monkeypatch.setattr(onednn_conv, "_compile", lambda *a: pytest.fail("compiled anyway"))
+    monkeypatch.setattr(native, "include_dirs", lambda: [])
+    monkeypatch.setattr(native, "build", lambda *a: pytest.fail("compiled anyway"))
     monkeypatch.delenv("RESNET_JAX_ONEDNN", raising=False)
     assert "libdnnl-dev" in onednn_conv._load.__wrapped__()
 
@@ -217,7 +217,7 @@ def test_library_is_cached_per_cpu(monkeypatch):
     path = lambda: onednn_conv._library_path("/usr/bin/g++", "/include")
     here = path()
     assert path() == here
-    monkeypatch.setattr(onednn_conv, "_cpu_signature", lambda: b"flags : fpu sse2")
+    monkeypatch.setattr(native, "cpu_signature", lambda: b"flags : fpu sse2")
     assert path() != here
 
 
@@ -420,7 +420,7 @@ def test_default_device_count_one_with_onednn(monkeypatch):
     they know whether the CPU is the backend at all)."""
     assert cpu.default_device_count(64, onednn=True) == 1
     monkeypatch.setattr(onednn_conv, "_load", lambda: pytest.fail("built the library"))
-    monkeypatch.setattr(onednn_conv, "_include_dirs", lambda: [])
+    monkeypatch.setattr(native, "include_dirs", lambda: [])
     assert cpu.default_device_count(64) == 8
     monkeypatch.setattr(onednn_conv, "_unbuildable", lambda: None)
     assert cpu.default_device_count(64) == 1

@@ -2,11 +2,11 @@
 
 XLA:CPU runs the CIFAR nets' 3x3 convolutions at about 55 GFLOP/s; oneDNN, the library PyTorch
 uses on CPUs, runs them at 200-270 GFLOP/s on the same cores, backward ones included. This module
-compiles `onednn_conv.cc` (XLA FFI handlers around oneDNN) the first time a process needs it,
-caches the library under $RESNET_JAX_CACHE/kernels (default ~/.cache/resnet_jax), and registers
-it with `jax.ffi`. Where the build cannot happen (no C++ compiler, no oneDNN headers: on Debian
-or Ubuntu `apt-get install g++ libdnnl-dev`), `available()` says so once in the log and the
-caller keeps XLA's convolutions: the same network, only slower.
+compiles `onednn_conv.cc` (XLA FFI handlers around oneDNN) the first time a process needs it
+(resnet_jax/native.py: cached under $RESNET_JAX_CACHE/kernels) and registers it with `jax.ffi`.
+Where the build cannot happen (no C++ compiler, no oneDNN headers: on Debian or Ubuntu `apt-get
+install g++ libdnnl-dev`), `available()` says so once in the log and the caller keeps XLA's
+convolutions: the same network, only slower.
 
 The same library holds `materialize`, an identity XLA cannot fuse through (kernels/cpu/__init__.py
 says why), and `image_moments`, per-image moments of a conv's output as it is written
@@ -16,20 +16,16 @@ RESNET_JAX_ONEDNN=0 turns it off (to measure against, or to rule it out).
 """
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from resnet_jax import native
 
 _SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = {"resnet_jax_conv_forward": "ResnetJaxConvForward",
@@ -40,68 +36,28 @@ _TARGETS = {"resnet_jax_conv_forward": "ResnetJaxConvForward",
 Pads = Tuple[Tuple[int, int], ...]
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax"))
-    return Path(root) / "kernels"
-
-
 # -march=native: the moments kernel's loops vectorise to the host's widest lanes (AVX-512 here:
 # its cost per stage-3 layer fell from 11 % to 4 % of conv+BN+ReLU). oneDNN JITs for the host
-# anyway; only our own loops depend on it, and so the cache key names the CPU (`_cpu_signature`).
+# anyway; only our own loops depend on it (resnet_jax/native.py keys the cache by the CPU).
 _CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
-def _cpu_signature() -> bytes:
-    """What the CPU can run, for the cache key: a home directory shared by hosts of different
-    CPUs (a cluster's NFS) must not hand one host a library built for another's instructions."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("flags", "Features", "model name"))]
-        return "".join(sorted(set(lines))).encode()
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}".encode()
+def _command(compiler: str, include: str) -> Tuple[str, ...]:
+    return (compiler, *_CXXFLAGS, f"-I{include}")
 
 
 def _library_path(compiler: str, include: str) -> Path:
-    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), include.encode(), compiler.encode(),
-                                     jax.__version__.encode(), " ".join(_CXXFLAGS).encode(),
-                                     _cpu_signature()])).hexdigest()[:16]
-    return _cache_dir() / f"onednn_conv-{key}.so"
-
-
-def _compile(compiler: str, include: str, out: Path) -> None:
-    """Builds the library into `out` atomically: processes that start together (one per host
-    device, tests) either find a whole library or build their own copy and rename it over."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        cmd = [compiler, *_CXXFLAGS, f"-I{include}", str(_SOURCE), "-o", tmp, "-ldnnl"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise OSError(f"{compiler} failed: {last}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _include_dirs():
-    """Where the compiler looks for headers by default, plus this Python's prefix (conda)."""
-    extra = os.environ.get("CPATH", "") + ":" + os.environ.get("CPLUS_INCLUDE_PATH", "")
-    return ["/usr/include", "/usr/local/include", os.path.join(sys.prefix, "include"),
-            *filter(None, extra.split(":"))]
+    return native.library_path("onednn_conv", _SOURCE, _command(compiler, include),
+                               key=[jax.__version__.encode()])
 
 
 def _unbuildable() -> Optional[str]:
     """Why the library cannot be built here, or None; looks at files only, compiles nothing."""
     if os.environ.get("RESNET_JAX_ONEDNN", "1") == "0":
         return "RESNET_JAX_ONEDNN=0"
-    if not any(os.path.isfile(os.path.join(d, "oneapi", "dnnl", "dnnl.hpp"))
-               for d in _include_dirs()):
+    if not native.has_header("oneapi/dnnl/dnnl.hpp"):
         return "oneDNN's headers not found (apt-get install libdnnl-dev, or set CPATH)"
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
+    if native.compiler("CXX", "g++") is None:
         return "no C++ compiler (install g++ or set CXX)"
     return None
 
@@ -118,12 +74,11 @@ def _load() -> Optional[str]:
     why_not = _unbuildable()
     if why_not is not None:
         return why_not
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    compiler = native.compiler("CXX", "g++")
     include = jax.ffi.include_dir()
-    path = _library_path(compiler, include)
     try:
-        if not path.exists():
-            _compile(compiler, include, path)
+        path = native.build(_library_path(compiler, include), _SOURCE,
+                            _command(compiler, include), ["-ldnnl"])
         library = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:
         return f"{e} (apt-get install libdnnl-dev, or RESNET_JAX_ONEDNN=0 to stop trying)"
