@@ -469,3 +469,19 @@ def test_onednn_set_builds_its_library_when_first_used(onednn, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, XLA_FLAGS=""))
     assert out.returncode == 0 and out.stdout.strip() == "(2, 10)", out.stderr[-2000:]
+
+
+def test_native_sources_ship_with_the_package():
+    """Every C/C++ source native.py builds is package data, or a pip-installed copy (not
+    editable) would lack it and silently take the slow path."""
+    import fnmatch
+    import pathlib
+    import tomllib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]
+    sources = [p for ext in ("*.c", "*.cc") for p in (root / "resnet_jax").rglob(ext)]
+    assert len(sources) >= 2
+    for source in sources:
+        package = ".".join(source.parent.relative_to(root).parts)
+        assert any(fnmatch.fnmatch(source.name, g) for g in data.get(package, [])), source
