@@ -8,7 +8,10 @@ net's name, e.g. ResNet-20). A layer's response is its BN output before ReLU and
 addition (`responses.capture_responses`); its std is accumulated batch by batch inside one jitted
 function per model, which returns per-layer moments and never the responses themselves, so memory
 does not grow with the number of images. Per-batch moments are merged on the host in float64
-(Chan et al.), one batch behind the device so the host never stalls it.
+(Chan et al.), one batch behind the device so the host never stalls it. Started on every host of
+a pod slice (as evaluate and the trainer are), each process analyses every n-th batch on its own
+devices, the moments are merged across processes, and process 0 writes: the same batches, and so
+the same numbers, as one process.
 
 Choices the paper leaves open, with their defaults:
   --bn inference   BN with its running averages, as the trained net is used (`batch`: with the
@@ -44,7 +47,7 @@ from absl import flags
 from resnet_jax import checkpoint, cli, kernels, parallel
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
-from resnet_jax.data.batching import padded_batches
+from resnet_jax.data.batching import num_batches, padded_batches
 from resnet_jax.errors import UserError, exit_on_user_error
 from resnet_jax.models import layout
 from resnet_jax.responses import (capture_responses, image_moments, merge_moments, pool_channels,
@@ -152,15 +155,33 @@ def stream_moments(fn: Callable, variables, images: np.ndarray, settings: Settin
     if settings.batch_norm == "inference":  # the numbers do not depend on it: fill every device
         batch_size = -(-batch_size // devices) * devices
     moments_of = fn(variables)
+    batches, processes = num_batches(len(images), batch_size), jax.process_count()
+    if batches < processes:
+        raise UserError(f"{len(images)} images make {batches} batches of {batch_size}, fewer than "
+                        f"the {processes} processes that share them; lower --batch_size")
     total, pending = None, None
-    for batch, _, mask in padded_batches(images, np.zeros(len(images), np.int32), batch_size):
+    for batch, _, mask in padded_batches(images, np.zeros(len(images), np.int32), batch_size,
+                                         shard=(jax.process_index(), processes)):
         if settings.batch_norm == "batch" and not mask.all():
             # Padding would join the batch statistics; run the remainder at its own size instead.
             batch, mask = batch[mask], mask[mask]
         current = moments_of(batch, mask)  # dispatched; the host merges the previous batch
         total = _merge_host(total, pending)
         pending = current
-    return _merge_host(total, pending).by_layer(settings.pool)
+    return merge_processes(_merge_host(total, pending)).by_layer(settings.pool)
+
+
+def merge_processes(moments: LayerMoments) -> LayerMoments:
+    """Every process's moments merged, on every process (each analysed its share of the batches).
+    The float64 arrays travel as raw bits: jax (without x64) would round them to float32."""
+    if jax.process_count() == 1:
+        return moments
+    from jax.experimental import multihost_utils
+    gathered = [np.asarray(multihost_utils.process_allgather(
+        np.ascontiguousarray(a, np.float64).view(np.uint32))).view(np.float64)
+        for a in moments.moments]
+    return LayerMoments(moments.layers,
+                        *functools.reduce(merge_moments, zip(*gathered)))
 
 
 def fold_moments(per_device: LayerMoments) -> LayerMoments:
@@ -336,6 +357,8 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
                   pool=settings.pool, include_stem=settings.include_stem,
                   batch_size=settings.batch_size)
 
+    if not parallel.is_main_process():  # every process has the results; process 0 writes
+        return table
     with _staged(out) as tmp:
         for run in runs:
             rows = results[run.label]
@@ -418,6 +441,7 @@ def main(argv):
     checkpoint.quiet_orbax()
     with exit_on_user_error():
         cpu.use_cpu_cores()
+        parallel.initialize_distributed()  # on every host of a pod slice: each its batches
         if not FLAGS.out:
             raise UserError("--out is required: the directory for the CSV, JSON and figure")
         table = analyze(argv[1:], data=FLAGS.data, split=FLAGS.split, data_dir=FLAGS.data_dir,
@@ -426,8 +450,9 @@ def main(argv):
                                           FLAGS.batch_size),
                         num_images=FLAGS.num_images, step=FLAGS.step,
                         over_training=FLAGS.over_training, baseline=FLAGS.baseline)
-        print(table)
-        print(f"wrote {FLAGS.out}/figure7.png, .pdf, table.txt and a CSV and JSON per model")
+        if parallel.is_main_process():
+            print(table)
+            print(f"wrote {FLAGS.out}/figure7.png, .pdf, table.txt and a CSV and JSON per model")
 
 
 def run():

@@ -66,3 +66,19 @@ def test_non_finite_logits_and_foreign_labels_are_never_correct():
     assert int(bad) == 3
     assert int(nonfinite_rows(logits, np.zeros(6, np.float32), np.array([0, 0, 0, 1, 1, 1], bool))) == 0
     assert int(nonfinite_rows(logits[3:], np.array([0, np.nan, 0], np.float32), np.ones(3, bool))) == 1
+
+
+def test_padded_batches_of_one_shard_index_only_theirs():
+    indexed = []
+
+    class Lazy(np.ndarray):
+        def __getitem__(self, key):
+            indexed.append(key)
+            return super().__getitem__(key)
+
+    images = np.arange(10).view(Lazy)
+    got = [(b.tolist(), m.tolist()) for b, _, m in
+           padded_batches(images, np.zeros(10), 4, shard=(1, 2))]
+    assert got == [([4, 5, 6, 7], [True] * 4)] and len(indexed) == 1
+    got = [b.tolist() for b, _, _ in padded_batches(np.arange(10), np.zeros(10), 4, shard=(0, 2))]
+    assert got == [[0, 1, 2, 3], [8, 9, 0, 0]]

@@ -369,8 +369,6 @@ def test_decoded_crops_stream_analysis_like_the_array(folder, imagenet_net):
 def test_evaluate_on_two_processes_gives_the_one_result(folder, imagenet_net, tmp_path):
     """A pod slice on one machine: two JAX processes of two CPU devices each, each decoding its
     own rows, score the folder as one process does."""
-    import subprocess
-    import sys
     from resnet_jax import checkpoint, evaluate
     net = imagenet_net
     ckpt = str(tmp_path / "ckpt")
@@ -379,22 +377,54 @@ def test_evaluate_on_two_processes_gives_the_one_result(folder, imagenet_net, tm
                           extra={"image_size": NET_SIZE})
     out = tmp_path / "result.json"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-    env.update(TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=repo)
-    proc = subprocess.run(
-        ["bash", os.path.join(repo, "launch", "local_multiprocess.sh"), "-n", "2", "-d", "2",
-         "--cmd", sys.executable, "-m", "resnet_jax.evaluate", "--checkpoint", ckpt,
-         "--data", f"folder:{folder}", "--split", "validation", "--batch_size", "8",
-         "--json", str(out)], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("top-1") == 1  # one result, printed by process 0
+    stdout = _two_processes(repo, "resnet_jax.evaluate", "--checkpoint", ckpt, "--data",
+                            f"folder:{folder}", "--split", "validation", "--batch_size", "8",
+                            "--json", str(out))
+    assert stdout.count("top-1") == 1  # one result, printed by process 0
     got = json.loads(out.read_text())
     split = imagenet.open_split(f"folder:{folder}", "validation")
     want = evaluate.evaluate_streamed(net, split, batch_size=8, progress=None, threads=2)
     assert (got["count"], got["correct_top1"], got["correct_top5"]) == \
         (12, want["correct_top1"], want["correct_top5"])
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def _two_processes(repo, *args):
+    """`python -m resnet_jax.<args>` as a pod slice on one machine: two JAX processes of two CPU
+    devices each (launch/local_multiprocess.sh)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    proc = subprocess.run(
+        ["bash", os.path.join(repo, "launch", "local_multiprocess.sh"), "-n", "2", "-d", "2",
+         "--cmd", sys.executable, "-m", *args], cwd=repo, env=env, capture_output=True,
+        text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_analyze_on_two_processes_gives_the_one_result(folder, imagenet_net, tmp_path):
+    """Each process analyses every other batch (3 batches: two and one), the moments merge
+    across processes, process 0 writes: the numbers of one process."""
+    from resnet_jax import analyze, checkpoint
+    ckpt = str(tmp_path / "ckpt")
+    checkpoint.save_model(ckpt, imagenet_net.variables, model_name="resnet18",
+                          model_options={"num_classes": 3}, normalization=imagenet_net.normalization,
+                          extra={"image_size": NET_SIZE})
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--data", f"folder:{folder}", "--split", "validation", "--batch_size", "4"]
+    stdout = _two_processes(repo, "resnet_jax.analyze", f"{ckpt}=net", *args,
+                            "--out", str(tmp_path / "two"))
+    assert stdout.count("wrote ") == 1  # process 0 alone writes and prints
+    analyze.analyze([f"{ckpt}=net"], data=f"folder:{folder}", split="validation",
+                    out=str(tmp_path / "one"), settings=analyze.Settings(batch_size=4))
+    two, one = (json.loads((tmp_path / d / "net.json").read_text()) for d in ("two", "one"))
+    assert two["num_images"] == one["num_images"] == 12
+    np.testing.assert_allclose([r["std"] for r in two["layers"]],
+                               [r["std"] for r in one["layers"]], rtol=1e-5)
 
 
 @pytest.mark.slow

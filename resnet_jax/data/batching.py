@@ -15,16 +15,19 @@ def num_batches(count: int, batch_size: int) -> int:
     return -(-count // batch_size)
 
 
-def padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
+def padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                   shard: Tuple[int, int] = (0, 1)
                    ) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield `(images, labels, mask)` of exactly `batch_size` rows each; mask is bool [batch_size],
-    False on the padding of the last batch."""
+    False on the padding of the last batch. `shard=(i, n)`: only batches i, i + n, ... (the others
+    are never indexed: a lazily decoding `images` decodes nothing else)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     count = len(labels)
     if len(images) != count:
         raise ValueError(f"{len(images)} images but {count} labels")
-    for start in range(0, count, batch_size):
+    index_of, shards = shard
+    for start in range(index_of * batch_size, count, shards * batch_size):
         stop = min(start + batch_size, count)
         index = np.arange(start, start + batch_size)
         mask = index < stop
