@@ -1,7 +1,7 @@
 """The ImageNet training input against tf.data, in one run, on ImageNet-like JPEGs:
 
     python -m benchmarks.imagenet_input [--folder DIR] [--images 256] [--repeats 5] \
-        [--workers 1,2] [--step_model resnet18] [--json out.json]
+        [--workers 1,2] [--step_model resnet18] [--memory_images 256] [--json out.json]
 
 Rows:
 - per_core: images/s of one process, one thread, decoding and cropping as the training input does
@@ -17,7 +17,11 @@ Rows:
 - step: images/s of the trainer's jitted train step of `--step_model` at 224x224 on this
   machine's CPUs, and the per-core input rate over it (the input keeps a step fed when >= 1);
 - tpu_host: what a host's vCPUs at the measured per-core rate would supply, beside the rate a
-  ResNet-50 step needs per host (benchmarks/scaling.py's model, docs/scaling.md).
+  ResNet-50 step needs per host (benchmarks/scaling.py's model, docs/scaling.md);
+- memory: peak RSS of `python -m resnet_jax.evaluate` and `analyze`, each in its own process, on
+  generated validation folders of `--memory_images` and 4x as many JPEGs (a random-weight
+  ResNet-18 checkpoint at 64x64, the smallest ImageNet-style input, so that the decoding of
+  whole photographs dominates): streamed, the peak does not grow with the split.
 
 The JPEGs are made by benchmarks/imagenet_jpegs.py (into a temporary folder unless --folder
 holds them already). The flip and colour shift of our pipeline run on the device, so they are not
@@ -29,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from absl import app, flags
@@ -50,6 +54,8 @@ def define_flags():
     flags.DEFINE_string("step_model", "resnet18", "ImageNet net whose train step the input is "
                         "compared with ('' skips the step row)")
     flags.DEFINE_integer("step_batch", 8, "batch of the step row")
+    flags.DEFINE_integer("memory_images", 256, "validation images of the smaller memory run "
+                         "(the larger has 4x as many; 0 skips the memory rows)")
     flags.DEFINE_string("json", None, "write the rows here as JSON")
 
 
@@ -178,6 +184,64 @@ def step_rate(model: str, batch: int, steps: int = 3) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
+_PEAK_RSS = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    if e.code:
+        raise
+finally:
+    with open("/proc/self/status") as f:
+        print("VmHWM", next(l.split()[1] for l in f if l.startswith("VmHWM:")), flush=True)
+"""
+
+
+def peak_rss_mib(module: str, *args: str, cwd: Optional[str] = None) -> float:
+    """`python -m module args` in its own process; its peak RSS in MiB (VmHWM, Linux)."""
+    import subprocess
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if cwd:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, module, *args], capture_output=True,
+                          text=True, env=env, cwd=cwd)
+    if proc.returncode:
+        raise RuntimeError(f"{module} failed:\n{proc.stderr[-3000:]}")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def memory_rows(tmp: str, count: int) -> List[Dict]:
+    """Peak RSS of evaluate and analyze over `count` and 4 x `count` generated JPEGs."""
+    import jax
+    import jax.numpy as jnp
+    import resnet_jax
+    from benchmarks import imagenet_jpegs
+    from resnet_jax import checkpoint
+    classes, size = 4, 64
+    model = resnet_jax.create_model("resnet18", num_classes=classes)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    ckpt = os.path.join(tmp, "checkpoint")
+    checkpoint.save_model(ckpt, variables, model_name="resnet18",
+                          model_options={"num_classes": classes},
+                          normalization=checkpoint.Normalization(mean=(0.5,) * 3),
+                          extra={"image_size": size})
+    rows, peaks = [], {}
+    for n in (count, 4 * count):
+        folder = os.path.join(tmp, f"val{n}")
+        imagenet_jpegs.write_folder(folder, n, classes, splits=("validation",))
+        data = ["--data", f"folder:{folder}", "--split", "validation", "--batch_size", "64"]
+        peaks[("evaluate", n)] = peak_rss_mib("resnet_jax.evaluate", "--checkpoint", ckpt, *data)
+        peaks[("analyze", n)] = peak_rss_mib("resnet_jax.analyze", f"{ckpt}=net", *data,
+                                             "--out", os.path.join(tmp, f"analysis{n}"))
+    for command in ("evaluate", "analyze"):
+        small, large = peaks[(command, count)], peaks[(command, 4 * count)]
+        rows.append(dict(row="memory", command=command, images=(count, 4 * count),
+                         peak_mib=(small, large), growth=large / small - 1))
+    return rows
+
+
 def required_per_host() -> Dict[str, float]:
     """images/s a ResNet-50 step needs from each host of 8 (or 4) accelerators (the model of
     docs/scaling.md)."""
@@ -192,7 +256,7 @@ def required_per_host() -> Dict[str, float]:
 
 
 def run(folder: str, images: int, repeats: int, workers: List[int], batch: int,
-        step_model: str, step_batch: int) -> List[Dict]:
+        step_model: str, step_batch: int, memory_images: int = 0) -> List[Dict]:
     from resnet_jax.data import imagenet
     split = imagenet.open_split(f"folder:{folder}", "train")
     encoded = [split.source[i]["image"] for i in range(min(images, len(split)))]
@@ -221,6 +285,9 @@ def run(folder: str, images: int, repeats: int, workers: List[int], batch: int,
         supply = HOST_VCPUS[hw] * per_core
         rows.append(dict(row="tpu_host", hardware=hw, vcpus=HOST_VCPUS[hw],
                          implied=supply, resnet50_needs=need, ratio=supply / need))
+    if memory_images:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += memory_rows(tmp, memory_images)
     return rows
 
 
@@ -234,6 +301,10 @@ def format_row(r: Dict) -> str:
         extra = f", {r['ratio_to_1']:.2f}x one worker" if r.get("ratio_to_1") else ""
         return (f"{r['row'].replace('_', ' ')} on {r['cores']} cores: {r['ours']:.0f} images/s"
                 f"{extra}")
+    if r["row"] == "memory":
+        (a, b), (pa, pb) = r["images"], r["peak_mib"]
+        return (f"{r['command']} peak RSS: {pa:.0f} MiB over {a} images, {pb:.0f} MiB over {b} "
+                f"({100 * r['growth']:+.1f} %)")
     if r["row"] == "step":
         return (f"train step {r['model']} batch {r['batch']}: {r['step']:.1f} images/s; input "
                 f"per core / step = {r['input_per_core_over_step']:.1f}")
@@ -256,7 +327,7 @@ def main(argv):
                 folder = tmp
                 imagenet_jpegs.write_folder(folder, FLAGS.images, splits=("train",))
             rows = run(folder, FLAGS.images, FLAGS.repeats, workers, FLAGS.batch,
-                       FLAGS.step_model, FLAGS.step_batch)
+                       FLAGS.step_model, FLAGS.step_batch, FLAGS.memory_images)
         for r in rows:
             print(format_row(r), flush=True)
         if FLAGS.json:

@@ -491,3 +491,13 @@ def test_benchmark_workers_row_pins_to_as_many_cores_and_restores(folder):
     before = os.sched_getaffinity(0)
     rate, cores = imagenet_input.workers_rate(os.path.join(folder), 1, 4, 8, seconds=0.1)
     assert rate > 0 and cores == 1 and os.sched_getaffinity(0) == before
+
+
+def test_benchmark_peak_rss_of_a_module_run_in_its_own_process(tmp_path):
+    from benchmarks import imagenet_input
+    script = tmp_path / "hold.py"
+    script.write_text("import numpy as np\nx = np.ones(64 << 20, np.uint8)\n")  # 64 MiB
+    held = imagenet_input.peak_rss_mib("hold", cwd=str(tmp_path))
+    script.write_text("x = 1\n")
+    small = imagenet_input.peak_rss_mib("hold", cwd=str(tmp_path))
+    assert held - small > 60
