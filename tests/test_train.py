@@ -253,6 +253,8 @@ def test_train_step_neither_slices_parameters_nor_concatenates_gradients():
 
 EIGHT_VS_ONE = textwrap.dedent(f"""
     import json, sys, jax, numpy as np
+    sys.path.insert(0, "tests")
+    from conftest import differences_by_kind
     from resnet_jax import checkpoint, parallel, train
     from resnet_jax.data import pipeline, sources
     assert jax.device_count() == 8
@@ -264,6 +266,7 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
         mesh = parallel.make_mesh(devices)
         model, options = train.create_model(c, ds.num_classes)
         state = train.init_state(c, model, mesh, 32)
+        start = jax.device_get(state.variables)
         source = pipeline.DeviceInput(ds, c.batch_size, mesh, seed=c.seed)
         step = train.make_train_step(c, model, mesh, norm)
         losses = []
@@ -272,17 +275,25 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
             assert len(images.sharding.device_set) == len(devices)
             state, m = step(state, images, labels)
             losses.append(m["loss"])
-        out.append(jax.device_get((losses, state.params, state.batch_stats, source.batch(3))))
-    (l1, p1, s1, b1), (l8, p8, s8, b8) = out
+        out.append(jax.device_get((losses, start, state.variables, source.batch(3))))
+    (l1, start1, v1, b1), (l8, start8, v8, b8) = out
     np.testing.assert_array_equal(b1[0], b8[0])  # the same augmented batch on any mesh
-    np.testing.assert_allclose(l1, l8, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p8, s8))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(start1), jax.tree.leaves(start8)):
+        np.testing.assert_array_equal(a, b)  # the same initial state on any mesh
+    # The first loss comes before any update: BN statistics of some devices' rows only would
+    # show here. The later ones follow updates that a ReLU tie may have changed (one element
+    # rounding moved across zero: 2 % of the kernels' movement in this net, where a gradient
+    # not reduced over the devices is of the order of the movement itself).
+    np.testing.assert_allclose(l1[0], l8[0], rtol=1e-5)
+    np.testing.assert_allclose(l1, l8, rtol=1e-3)
+    diffs = differences_by_kind(v8, v1, start1)
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] < 0.1, (worst, diffs[worst])
     # the 8-device state as the training loop saves it, for a 1-device process to resume
     meta = checkpoint.metadata(c.model, options, norm, extra=dict(image_size=32))
     with checkpoint.manager(sys.argv[1], async_save=False) as mngr:
         train.save(mngr, state, meta, {{train.BEST_METRIC: 0.1}})
-    print("losses", l1, l8)
+    print("losses", l1, l8, "worst", worst, diffs[worst])
 """)
 
 
