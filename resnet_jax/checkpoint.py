@@ -6,6 +6,11 @@
 
 A converted PyTorch net and a training workdir are the same kind of directory, so evaluation and
 analysis read both through `load_model`.
+
+Items holding variables (and optimizer states that mirror them) are stored in
+`layout.to_checkpoint`'s layout, every stage's identical blocks stacked in `blocks`, whatever
+layout the model holds: `save_model` and `train.save` stack, `restore_checked` restores that
+layout and hands back the model's. Checksums and `stored_shapes` are those of the stored layout.
 """
 import dataclasses
 import logging
@@ -21,7 +26,7 @@ from etils import epath
 
 import resnet_jax
 from resnet_jax.errors import UserError
-from resnet_jax.models import XLA, Kernels
+from resnet_jax.models import XLA, Kernels, layout
 
 ITEMS = ("model", "train", "metadata")
 
@@ -94,7 +99,8 @@ def save_model(directory: str, variables, *, model_name: str, model_options: Dic
     if _path(directory).exists() and any(_path(directory).iterdir()):
         raise UserError(f"output directory {directory!r} is not empty; choose a new --out")
     meta = metadata(model_name, model_options, normalization, extra)
-    model = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    model = layout.to_checkpoint({"params": variables["params"],
+                                  "batch_stats": variables.get("batch_stats", {})})
     with manager(directory, async_save=False) as mngr:
         mngr.save(step, args=ocp.args.Composite(
             model=ocp.args.StandardSave(model),
@@ -155,17 +161,28 @@ def verify(directory: str, step: int, meta: Dict, **items) -> None:
 
 def restore_checked(mngr: ocp.CheckpointManager, directory: str, step: int, meta: Dict,
                     targets: Dict[str, Any]) -> Dict[str, Any]:
-    """The StandardRestore of each item in `targets`, verified; a file that is missing, truncated
-    or unreadable, or an array that changed, is a DamagedCheckpoint naming the step."""
+    """Each item in `targets` (abstract values in the model's layout, with their shardings),
+    restored from the stored layout, verified, then in the model's layout and placed as its
+    target says. A file that is missing, truncated or unreadable, or an array that changed, is a
+    DamagedCheckpoint naming the step."""
+    stored = {name: layout.to_checkpoint(t) for name, t in targets.items()}
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.StandardRestore(t) for name, t in targets.items()}))
+            **{name: ocp.args.StandardRestore(t) for name, t in stored.items()}))
     except Exception as e:  # tensorstore and orbax raise many kinds for a damaged file
         raise DamagedCheckpoint(f"checkpoint {directory!r} step {step} is damaged: it cannot be "
                                 f"read ({first_line(e)})") from None
     restored = {name: restored[name] for name in targets}
-    verify(directory, step, meta, **restored)
-    return restored
+    verify(directory, step, meta, **restored)  # the checksums are the stored arrays'
+    return {name: in_model_layout(tree, targets[name]) for name, tree in restored.items()}
+
+
+def in_model_layout(stored, target):
+    """A restored tree (stored layout) in the layout of `target` (abstract values in the model's
+    layout), each array placed with its target's sharding: one jitted program, which slices
+    sharded arrays where they are."""
+    shardings = jax.tree.map(lambda t: t.sharding, target)
+    return jax.jit(layout.from_checkpoint, out_shardings=shardings)(stored)
 
 
 def first_line(e: BaseException) -> str:
@@ -230,8 +247,8 @@ def abstract_variables(model: nn.Module, image_size: int = 32):
 
 
 def stored_shapes(directory: str, step: int) -> Dict[str, Tuple[int, ...]]:
-    """{'params/stage2/blocks/conv1/kernel': shape, ...} of the `model` item, read from orbax's
-    item metadata without restoring any array."""
+    """{'params/stage2/blocks/conv1/kernel': shape, ...} of the `model` item in its stored layout
+    (`layout.to_checkpoint`), read from orbax's item metadata without restoring any array."""
     handlers = {"model": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
     try:
         with manager(directory, read_only=True, item_handlers=handlers) as mngr:
@@ -242,6 +259,11 @@ def stored_shapes(directory: str, step: int) -> Dict[str, Tuple[int, ...]]:
     if tree is None:
         raise UserError(f"checkpoint {directory!r} step {step} holds no model weights")
     return _flat_shapes(tree)
+
+
+def _stored_shapes_of(target) -> Dict[str, Tuple[int, ...]]:
+    """What `stored_shapes` reads from a checkpoint of variables like `target` (model layout)."""
+    return _flat_shapes(layout.to_checkpoint(target))
 
 
 def _flat_shapes(tree) -> Dict[str, Tuple[int, ...]]:
@@ -268,7 +290,7 @@ def _guess_stored_model(stored, model: nn.Module, model_name: str, options: Dict
             other = resnet_jax.create_model(name, **options)
         except resnet_jax.UnknownModelError:
             continue
-        if type(other) is type(model) and _flat_shapes(abstract_variables(other)) == stored:
+        if type(other) is type(model) and _stored_shapes_of(abstract_variables(other)) == stored:
             return name
     return ""
 
@@ -284,7 +306,7 @@ def load_model(directory: str, step: Optional[int] = None,
     # Compare shapes first: a mismatched restore fails deep inside orbax's async machinery and
     # leaves 'Event loop is closed' tracebacks on stderr at exit.
     stored = stored_shapes(directory, step)
-    problems = _shape_mismatches(stored, _flat_shapes(target))
+    problems = _shape_mismatches(stored, _stored_shapes_of(target))
     if problems:
         options = meta.get("model_options", {})
         guess = _guess_stored_model(stored, model, meta["model"], options)

@@ -9,7 +9,7 @@ Two key namings are recognised from the keys themselves:
                option-A shortcuts (no weights) or option B as `shortcut.{0,1}`, head `linear`;
   torchvision  torchvision.models.resnet*: `layer{s}.{i}.downsample.{0,1}`, head `fc`; bottleneck
                nets in its "v1.5" layout (stride in the 3x3 conv), which is set on the model.
-Names are matched block by block (`layout.unstack_blocks`), then stacked as the model holds them.
+Names are matched block by block (`layout.unstack_blocks`), then laid out as the model holds them.
 
 `.npz` is read with numpy (never pickle); `.pt/.pth/.th` only through torch with
 `weights_only=True`, so an untrusted file cannot run code either way.
@@ -200,7 +200,8 @@ def convert_state_dict(state: Dict[str, np.ndarray], model_name: str, options: O
         hint = f"; the keys look like {' or '.join(guess)}: pass --model {guess[0]}" if guess else ""
         raise UserError(f"{source} ({fmt} naming) does not fit {model_name}: "
                         f"{'; '.join(problems)}{hint}")
-    variables = layout.stack_blocks(traverse_util.unflatten_dict(flat))
+    # Per-block names -> the model's layout: stacked where the model scans (ResNet-1202).
+    variables = layout.from_checkpoint(layout.to_checkpoint(traverse_util.unflatten_dict(flat)))
     variables.setdefault("batch_stats", {})
     return variables, options, fmt
 

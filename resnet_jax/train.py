@@ -58,7 +58,7 @@ from resnet_jax.data import pipeline, sources
 from resnet_jax.evaluate import NonFiniteOutput, evaluate_batches, make_eval_step
 from resnet_jax.errors import UserError, exit_on_user_error
 from resnet_jax.kernels import cpu
-from resnet_jax.models import XLA, Kernels
+from resnet_jax.models import XLA, Kernels, layout
 
 BEST_METRIC = "val_top1"
 # The console: the trainer's own lines at INFO; orbax and jax (absl logging) only warnings.
@@ -291,14 +291,16 @@ def _host_data(config, mesh) -> Data:
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, meta: Dict, metrics: Dict) -> int:
     """Start an asynchronous save of `state` at its step (returns once arrays are on the host),
-    with the checksums `restore` verifies."""
+    in the stored layout (`layout.to_checkpoint`: the optimizer state's copies of the parameters
+    too), with the checksums `restore` verifies."""
     step = int(jax.device_get(state.step))
     if step not in mngr.all_steps():
-        meta = checkpoint.with_checksums(meta, model=state.variables, train=state.train_item())
+        model = layout.to_checkpoint(state.variables)
+        train = layout.to_checkpoint(state.train_item())
+        meta = checkpoint.with_checksums(meta, model=model, train=train)
         with _writing(mngr, step):
             mngr.save(step, metrics=metrics, args=ocp.args.Composite(
-                model=ocp.args.StandardSave(state.variables),
-                train=ocp.args.StandardSave(state.train_item()),
+                model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
                 metadata=ocp.args.JsonSave(meta)))
     return step
 
@@ -326,7 +328,8 @@ def _writing(mngr, step: int):
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: TrainState) -> TrainState:
-    """The state saved at `step`, verified against its checksums (checkpoint.DamagedCheckpoint)."""
+    """The state saved at `step`, verified against its checksums (checkpoint.DamagedCheckpoint),
+    in the model's layout and placed as `target` says."""
     directory = str(mngr.directory)
     meta = checkpoint.read_metadata(directory, step, mngr=mngr)
     restored = checkpoint.restore_checked(mngr, directory, step, meta, dict(

@@ -116,3 +116,27 @@ def tiny_config(**changes):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def by_kind(variables) -> dict:
+    """{'params/kernel': all conv and dense kernels flattened into one vector, 'params/bias': ...}."""
+    import jax
+    import numpy as np
+    kinds = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+        kind = f"{path[0].key}/{path[-1].key}"
+        kinds.setdefault(kind, []).append(np.asarray(leaf, np.float64).ravel())
+    return {kind: np.concatenate(parts) for kind, parts in kinds.items()}
+
+
+def differences_by_kind(a, b, start) -> dict:
+    """Per kind of variable: |a - b| / |b - start|, how far apart two trainings ended relative to
+    how far the variables of that kind moved. Two meshes (or processes) add in other orders, so
+    their runs differ by float rounding, and a ReLU input that rounding moves across zero flips
+    one element's gradient: a few percent of one array, and every array before it. A real
+    difference (BN statistics of some rows only, a gradient not reduced) moves every array of
+    its kind by as much as training did."""
+    import numpy as np
+    a, b, start = by_kind(a), by_kind(b), by_kind(start)
+    assert a.keys() == b.keys() == start.keys()
+    return {k: np.linalg.norm(a[k] - b[k]) / np.linalg.norm(b[k] - start[k]) for k in a}

@@ -13,6 +13,7 @@ import pytest
 
 import resnet_jax
 from resnet_jax import analyze, checkpoint
+from resnet_jax.models import layout
 from resnet_jax.errors import UserError
 from resnet_jax.responses import capture_responses
 
@@ -58,7 +59,7 @@ def checkpoints(tmp_path_factory):
     with checkpoint.manager(str(root / "run"), async_save=False) as mngr:
         for step in (0, 50, 100):
             mngr.save(step, args=ocp.args.Composite(
-                model=ocp.args.StandardSave(_init("resnet20", step)[1]),
+                model=ocp.args.StandardSave(layout.to_checkpoint(_init("resnet20", step)[1])),
                 metadata=ocp.args.JsonSave(meta)))
     return root
 
@@ -138,17 +139,13 @@ def test_every_kind_of_net_gives_its_3x3_layers(name, options, kernels):
 
 
 def _bn_of(params, layer):
-    """(gamma, beta) of the BN that follows `layer`'s conv; block b > 0 is scanned index b - 1."""
+    """(gamma, beta) of the BN that follows `layer`'s conv, by per-block names."""
     *scope, conv = layer.split("/")
-    node, index = params, None
+    node = layout.unstack_blocks(params)
     for p in scope:
-        if p not in node:
-            node, index = node["blocks"], int(p[len("block"):]) - 1
-        else:
-            node = node[p]
+        node = node[p]
     bn = node["bn" + conv[len("conv"):]]
-    pick = (lambda x: np.asarray(x)[index]) if index is not None else np.asarray
-    return pick(bn["scale"]), pick(bn["bias"])
+    return np.asarray(bn["scale"]), np.asarray(bn["bias"])
 
 
 @pytest.mark.slow

@@ -6,11 +6,13 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import resnet_jax
 from resnet_jax import checkpoint
 from resnet_jax.errors import UserError
+from resnet_jax.models import layout
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NORM = checkpoint.Normalization(mean=np.full((32, 32, 3), 0.5, np.float32))
@@ -37,6 +39,26 @@ def test_save_then_load_round_trips(tmp_path):
     shapes = checkpoint.stored_shapes(str(tmp_path / "c"), 7)
     assert shapes["params/stage2/blocks/conv1/kernel"] == (2, 3, 3, 32, 32)
     assert shapes["batch_stats/bn1/mean"] == (16,)
+
+
+def test_a_checkpoint_in_the_stacked_layout_loads_into_per_block_modules(tmp_path):
+    """Checkpoints store a stage's identical blocks stacked in `blocks` (every checkpoint written
+    so far, converted weights included); the model holds `block1`, `block2`, ...: the restored
+    variables are the saved ones, block b from row b - 1, and compute the same logits."""
+    model, variables = _variables("resnet20", widths=(4, 8, 8))
+    stacked = layout.stack_blocks(variables)
+    assert stacked["params"]["stage3"]["blocks"]["conv2"]["kernel"].shape == (2, 3, 3, 8, 8)
+    meta = checkpoint.metadata("resnet20", {"widths": [4, 8, 8]}, NORM)
+    with checkpoint.manager(str(tmp_path / "old"), async_save=False) as mngr:
+        mngr.save(3, args=ocp.args.Composite(model=ocp.args.StandardSave(stacked),
+                                             metadata=ocp.args.JsonSave(meta)))
+    loaded = checkpoint.load_model(str(tmp_path / "old"))
+    assert "block2" in loaded.variables["params"]["stage3"]
+    assert jax.tree.structure(loaded.variables) == jax.tree.structure(dict(variables))
+    jax.tree.map(np.testing.assert_array_equal, loaded.variables, dict(variables))
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.model.apply(loaded.variables, x),
+                                  model.apply(variables, x))
 
 
 def _mislabelled(tmp_path):

@@ -145,12 +145,12 @@ def test_torchvision_resnet50_npz_matches_torch(torch, tmp_path):
     _check_logits(torch, net, loaded)
 
 
-def test_akamaster_layout_goes_into_stacked_blocks(akamaster_dir):
+def test_akamaster_layout_goes_into_the_models_blocks(akamaster_dir):
     state = convert.read_state_dict(str(akamaster_dir / "resnet20.npz"))
     variables, options, fmt = convert.convert_state_dict(state, "resnet20")
     assert fmt == "cifar" and options == {"num_classes": 10}
-    # block i > 0 of stage s is index i - 1 of `blocks`; OIHW -> HWIO
-    np.testing.assert_array_equal(variables["params"]["stage2"]["blocks"]["conv1"]["kernel"][1],
+    # block i of stage s is `block{i}`, as the model holds it; OIHW -> HWIO
+    np.testing.assert_array_equal(variables["params"]["stage2"]["block2"]["conv1"]["kernel"],
                                   state["layer2.2.conv1.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(variables["batch_stats"]["stage3"]["block0"]["bn2"]["var"],
                                   state["layer3.0.bn2.running_var"])

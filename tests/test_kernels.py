@@ -1,7 +1,7 @@
 """The CPU kernel sets (resnet_jax.kernels.cpu) compute what XLA's do: both convolutions (oneDNN's
 kernels, XLA's with a canonical VJP) give lax's outputs and autodiff's gradients within float32
-rounding, and their structural choices (unrolled stages, materialised block outputs) change nothing
-but speed. Each test names the set it runs: no test reaches a path by patching a module."""
+rounding, and their structural choice (materialised block outputs) changes nothing but speed.
+Each test names the set it runs: no test reaches a path by patching a module."""
 import os
 import platform
 import re
@@ -132,7 +132,7 @@ ISA_TIERS = {"SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7}
 # This file's tests of every kernel, direction and layout, and of a whole net's gradients.
 KERNEL_TESTS = ("test_same_values_and_gradients_as_lax[onednn]",
                 "test_winograd_kernels_where_they_pay",
-                "test_scanned_model_gradients_match_lax[onednn]")
+                "test_model_gradients_match_lax[onednn]")
 
 
 @pytest.mark.slow
@@ -274,12 +274,8 @@ def _random_variables(fast, plain, x, rng):
     return jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape, np.float32), shapes)
 
 
-# lax's convolutions under a rolled scan without materialised block outputs: the reference.
-ROLLED_XLA = compute.Kernels(unroll=compute.unroll_up_to(0))
-
-
 def _assert_gradients_match_lax(fast, plain, variables, x):
-    """`fast`'s train-mode gradients are those of `plain` (computing with `ROLLED_XLA`)."""
+    """`fast`'s train-mode gradients are those of `plain` (computing with `compute.XLA`)."""
     y = jnp.arange(len(x)) % 10
     got = _train_grads(fast, variables, x, y)
     want = _train_grads(plain, variables, x, y)
@@ -290,22 +286,18 @@ def _assert_gradients_match_lax(fast, plain, variables, x):
 
 
 @pytest.mark.slow
-def test_scanned_model_gradients_match_lax(kernels):
-    """Through a whole train-mode ResNet whose stages run under nn.scan (option B shortcuts, so
-    1x1 stride-2 convs too): a CPU set (oneDNN's with unrolled stages and materialised block
-    outputs, or the canonical one, rolled) keeps the parameter tree, and its gradients are those
-    of lax's convolutions under a rolled scan."""
+def test_model_gradients_match_lax(kernels):
+    """Through a whole train-mode ResNet (option B shortcuts, so 1x1 stride-2 convs too): a CPU
+    set (oneDNN's with materialised block outputs, or the canonical one) keeps the parameter
+    tree, and its gradients are those of lax's convolutions."""
     opts = dict(widths=(4, 8, 8), shortcut="B")
     fast = cifar.CifarResNet(depth=20, kernels=kernels, **opts)
-    plain = cifar.CifarResNet(depth=20, kernels=ROLLED_XLA, **opts)
+    plain = cifar.CifarResNet(depth=20, kernels=compute.XLA, **opts)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 12, 12, 3), np.float32)
     variables = _random_variables(fast, plain, x, rng)
-    assert variables["params"]["stage2"]["blocks"]["conv1"]["kernel"].shape == (2, 3, 3, 8, 8)
-    jaxpr = str(jax.make_jaxpr(lambda v: fast.apply(v, x))(variables))
-    assert "custom_vjp" in jaxpr
-    assert ("unroll=2" in jaxpr) == (kernels is cpu.ONEDNN)
-    assert "unroll=1" in str(jax.make_jaxpr(lambda v: plain.apply(v, x))(variables))
+    assert variables["params"]["stage2"]["block2"]["conv1"]["kernel"].shape == (3, 3, 8, 8)
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda v: fast.apply(v, x))(variables))
     _assert_gradients_match_lax(fast, plain, variables, x)
 
 
@@ -316,7 +308,7 @@ def test_bottleneck_model_gradients_match_lax(onednn):
     8 and 16 channels (fewer than, and one block of, oneDNN's AVX-512 kernels)."""
     opts = dict(stage_sizes=(1, 2, 1, 1), bottleneck=True, widths=(2, 4, 4, 4), num_classes=10)
     fast = imagenet.ImageNetResNet(kernels=cpu.ONEDNN, **opts)
-    plain = imagenet.ImageNetResNet(kernels=ROLLED_XLA, **opts)
+    plain = imagenet.ImageNetResNet(kernels=compute.XLA, **opts)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 64, 64, 3), np.float32)
     variables = _random_variables(fast, plain, x, rng)
@@ -324,18 +316,6 @@ def test_bottleneck_model_gradients_match_lax(onednn):
     assert stage2["conv1"]["kernel"].shape == (1, 1, 8, 4)
     assert stage2["shortcut"]["conv"]["kernel"].shape == (1, 1, 8, 16)
     _assert_gradients_match_lax(fast, plain, variables, x)
-
-
-def test_stages_unroll_as_each_set_says():
-    """oneDNN's set unrolls float32 stages up to ResNet-110's; the canonical CPU set stays rolled;
-    XLA's unrolls up to ResNet-152's deepest stage. ResNet-1202's (199 blocks) stay rolled
-    everywhere: it compiles in seconds only rolled."""
-    assert cpu.ONEDNN.unroll(17, jnp.float32) == 17
-    assert cpu.ONEDNN.unroll(17, jnp.bfloat16) == 1
-    assert cpu.CANONICAL.unroll(17, jnp.float32) == 1
-    assert compute.XLA.unroll(35, jnp.bfloat16) == 35
-    for kernels in (cpu.ONEDNN, cpu.CANONICAL, compute.XLA):
-        assert kernels.unroll(199, jnp.float32) == 1
 
 
 def test_materialize_is_the_identity(onednn):

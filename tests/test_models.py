@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import resnet_jax
@@ -58,7 +59,7 @@ def test_option_c_projects_every_shortcut():
     _, c = abstract_init("resnet34", 64, shortcut="C")
     assert num_params(c) > num_params(b)
     assert "shortcut" in c["params"]["stage1"]["block0"]
-    assert c["params"]["stage1"]["blocks"]["shortcut"]["conv"]["kernel"].shape == (2, 1, 1, 64, 64)
+    assert c["params"]["stage1"]["block2"]["shortcut"]["conv"]["kernel"].shape == (1, 1, 64, 64)
 
 
 def test_bottleneck_stride_placement():
@@ -99,7 +100,7 @@ def test_conv_padding_is_symmetric_at_stride_2():
 def test_he_normal_init_scale():
     model = resnet_jax.create_model("resnet56")
     params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
-    kernel = params["stage3"]["blocks"]["conv2"]["kernel"]  # (8, 3, 3, 64, 64)
+    kernel = np.stack([params["stage3"][f"block{b}"]["conv2"]["kernel"] for b in range(1, 9)])
     np.testing.assert_allclose(np.std(kernel), np.sqrt(2.0 / (9 * 64)), rtol=0.02)
 
 
@@ -120,7 +121,7 @@ def test_forward_backward_under_jit(name):
     assert np.isfinite(value)
     assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    assert float(jnp.abs(grads["stage2"]["blocks"]["conv1"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(grads["stage2"]["block1"]["conv1"]["kernel"]).sum()) > 0
 
 
 @pytest.mark.slow
@@ -221,21 +222,74 @@ def test_num_classes_option():
     assert isinstance(resnet_jax.create_model("vgg19", batch_norm=True), nn.Module)
 
 
-def test_layout_unstacks_every_scanned_block_in_depth_order_and_stacks_back():
-    """`layout` is the one reading of a stage's `block0` + stacked `blocks`: block b is row b - 1,
-    the blocks come out where they ran, and stacking gives the model's tree back exactly."""
-    model = resnet_jax.create_model("resnet56", widths=(2, 4, 4))  # 9 blocks a stage
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
-                          shapes["params"])
-    flat = layout.unstack_blocks(params)
-    assert list(flat["stage2"]) == [f"block{b}" for b in range(9)]
-    assert list(flat) == list(params)  # the stem, the stages and fc where they were
-    stacked = params["stage2"]["blocks"]["conv1"]["kernel"]
-    np.testing.assert_array_equal(flat["stage2"]["block3"]["conv1"]["kernel"], stacked[2])
-    abstract = layout.unstack_blocks(shapes["params"])
-    assert abstract["stage3"]["block8"]["bn2"]["scale"].shape == (4,)
-    back = layout.stack_blocks(flat)
-    assert jax.tree.structure(back) == jax.tree.structure(params)
-    jax.tree.map(np.testing.assert_array_equal, back, params)
+@pytest.mark.parametrize("name,separate", [("resnet20", 2), ("resnet56", 8), ("plain110", 17),
+                                           ("resnet152", 35)])
+def test_stages_of_up_to_35_identical_blocks_are_separate_modules(name, separate):
+    """Each identical block its own module (no stacked parameters: they cost a slice per
+    parameter and block, and a concatenate per gradient, in every compile)."""
+    _, shapes = abstract_init(name, 64)
+    for stage in shapes["params"].values():
+        if "block0" in stage:
+            assert layout.SCANNED not in stage
+    deepest = max((s for s in shapes["params"].values() if "block0" in s), key=len)
+    assert set(deepest) == {f"block{b}" for b in range(separate + 1)}  # eval_shape sorts keys
+
+
+def test_resnet1202_stages_stay_one_scan():
+    _, shapes = abstract_init("resnet1202")
+    stage = shapes["params"]["stage2"]
+    assert list(stage) == ["block0", layout.SCANNED]
+    assert stage[layout.SCANNED]["conv1"]["kernel"].shape == (199, 3, 3, 32, 32)
+
+
+def _random(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+
+
+def test_checkpoint_layout_stacks_identical_blocks_and_back():
+    """`to_checkpoint` stacks block b into row b - 1 of `blocks`; `from_checkpoint` gives the
+    model's tree back exactly, inside an optimizer state (namedtuples) too, and for abstract
+    values with their sharding."""
+    model, shapes = abstract_init("resnet56", 8, widths=(2, 4, 4))  # 9 blocks a stage
+    params = _random(shapes["params"])
+    opt_state = optax.trace(0.9).init(params)
+    tree = {"params": params, "opt_state": (optax.EmptyState(), opt_state)}
+    stored = layout.to_checkpoint(tree)
+    kernel = stored["params"]["stage2"][layout.SCANNED]["conv1"]["kernel"]
+    assert kernel.shape == (8, 3, 3, 4, 4)
+    assert list(stored["params"]["stage2"]) == ["block0", layout.SCANNED]
+    np.testing.assert_array_equal(kernel[2], params["stage2"]["block3"]["conv1"]["kernel"])
+    trace = stored["opt_state"][1].trace["stage3"][layout.SCANNED]["bn2"]["scale"]
+    assert type(stored["opt_state"][1]) is type(opt_state) and trace.shape == (8, 4)
+    back = layout.from_checkpoint(stored)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    jax.tree.map(np.testing.assert_array_equal, back, tree)
+    assert layout.unstack_blocks(stored)["params"]["stage2"].keys() == params["stage2"].keys()
+
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("data",)),
+                                          jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            shapes)
+    stored_abstract = layout.to_checkpoint(abstract)
+    leaf = stored_abstract["params"]["stage1"][layout.SCANNED]["conv2"]["kernel"]
+    assert leaf.shape == (8, 3, 3, 2, 2) and leaf.sharding.spec == jax.sharding.PartitionSpec(None)
+    assert (jax.tree.map(lambda s: s.shape, layout.from_checkpoint(stored_abstract))
+            == jax.tree.map(lambda s: s.shape, abstract))
+
+
+def test_checkpoint_layout_of_a_scanned_net_is_its_own():
+    _, shapes = abstract_init("resnet1202")
+    assert layout.to_checkpoint(shapes) == shapes
+    assert layout.from_checkpoint(shapes) == shapes
+
+
+def test_unstack_blocks_names_every_block_in_depth_order():
+    """Per-block names whatever the model holds: block b is row b - 1 of a scan's `blocks`."""
+    _, shapes = abstract_init("resnet1202")
+    flat = layout.unstack_blocks(shapes["params"])
+    assert list(flat["stage2"]) == [f"block{b}" for b in range(200)]
+    assert list(flat) == list(shapes["params"])  # the stem, the stages and fc where they were
+    assert flat["stage3"]["block199"]["bn2"]["scale"].shape == (64,)
+    _, per_block = abstract_init("resnet20")
+    assert layout.unstack_blocks(per_block) == per_block

@@ -92,7 +92,7 @@ def test_response_is_bn_output_before_relu_and_addition(resnet20):
                                          mutable=["intermediates"]))(variables, x)
     bn = state["intermediates"]
     np.testing.assert_array_equal(got["stage1/block0/conv2"], bn["stage1"]["block0"]["bn2"]["__call__"][0])
-    np.testing.assert_array_equal(got["stage3/block2/conv1"], bn["stage3"]["blocks"]["bn1"]["__call__"][0][1])
+    np.testing.assert_array_equal(got["stage3/block2/conv1"], bn["stage3"]["block2"]["bn1"]["__call__"][0])
     np.testing.assert_array_equal(got["conv1"], bn["bn1"]["__call__"][0])
     assert float(got["stage2/block1/conv2"].min()) < 0  # before ReLU
 
@@ -103,7 +103,7 @@ def test_recorded_with_capture_intermediates_and_reducible_in_place(resnet20):
                                          mutable=["intermediates"]))(variables, x)
     got = jax.jit(functools.partial(responses.capture_responses, model))(variables, x)
     np.testing.assert_array_equal(
-        got["stage2/block2/conv1"], state["intermediates"]["stage2"]["blocks"]["response1"]["__call__"][0][1])
+        got["stage2/block2/conv1"], state["intermediates"]["stage2"]["block2"]["response1"]["__call__"][0])
     maxima = jax.jit(functools.partial(responses.capture_responses, model, reduce=jnp.max))(variables, x)
     assert list(maxima) == list(got)
     for name in got:
@@ -115,8 +115,8 @@ def test_train_mode_pooled_std_is_set_by_gamma_and_beta(resnet20):
     the response has variance mean(gamma^2) + var(beta): the paper's std is BN's parameters."""
     model, variables, x = resnet20
     got = jax.jit(functools.partial(responses.capture_responses, model, train=True))(variables, x)
-    bn = variables["params"]["stage2"]["blocks"]["bn2"]
-    gamma, beta = np.asarray(bn["scale"][0]), np.asarray(bn["bias"][0])
+    bn = variables["params"]["stage2"]["block1"]["bn2"]
+    gamma, beta = np.asarray(bn["scale"]), np.asarray(bn["bias"])
     expected = np.sqrt(np.mean(gamma**2) + np.var(beta))
     r = np.asarray(got["stage2/block1/conv2"], np.float64)
     np.testing.assert_allclose(r.std(), expected, rtol=1e-3)

@@ -32,5 +32,5 @@ class CifarResNet(layers.Network):
                                   kernels=self.kernels)
         for s, width in enumerate(self.widths):
             x = layers.Stage(block, width, self.blocks_per_stage, 1 if s == 0 else 2,
-                             kernels=self.kernels, name=f"stage{s + 1}")(x)
+                             name=f"stage{s + 1}")(x)
         return self.classify(layers.global_average_pool(x))

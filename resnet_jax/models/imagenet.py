@@ -35,6 +35,6 @@ class ImageNetResNet(layers.Network):
         block = (functools.partial(layers.Bottleneck, stride_in_3x3=self.stride_in_3x3, **common)
                  if self.bottleneck else functools.partial(layers.BasicBlock, **common))
         for s, (width, num_blocks) in enumerate(zip(self.widths, self.stage_sizes)):
-            x = layers.Stage(block, width, num_blocks, 1 if s == 0 else 2, kernels=self.kernels,
+            x = layers.Stage(block, width, num_blocks, 1 if s == 0 else 2,
                              name=f"stage{s + 1}")(x)
         return self.classify(layers.global_average_pool(x))

@@ -12,6 +12,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
+from resnet_jax.models import layout
 from resnet_jax.models.compute import XLA, Kernels
 
 ModuleDef = Any
@@ -140,26 +141,27 @@ def _apply_block(block, x, _):
 
 class Stage(nn.Module):
     """A stage of `num_blocks` blocks (a row of Table 1): `block0` may change the shape; the
-    identical rest run as one `nn.scan` (`blocks`, parameters stacked on a leading axis), which
-    compiles once however deep the net: unrolled, ResNet-1202 takes minutes to compile. How many
-    blocks one iteration runs is the kernels' choice (`Kernels.unroll`); the parameters are the
-    same either way."""
+    identical rest are separate modules `block1`, `block2`, ..., or, past
+    `layout.MAX_UNROLLED_BLOCKS` of them, one rolled `nn.scan` (`blocks`, parameters stacked on a
+    leading axis), which compiles once however deep the net. The choice depends on the number of
+    blocks alone, so a network has one parameter tree whatever its kernels (`models/layout.py`)."""
 
     block: ModuleDef  # a block class partially applied with everything but features/strides
     features: int
     num_blocks: int
     strides: int
-    kernels: Kernels = XLA
 
     @nn.compact
     def __call__(self, x):
         x = self.block(self.features, self.strides, name="block0")(x)
-        if self.num_blocks > 1:
+        identical = self.num_blocks - 1
+        if layout.runs_scanned(identical):
             scan = nn.scan(_apply_block, variable_axes={True: 0},
-                           split_rngs={"params": True, "dropout": True},
-                           length=self.num_blocks - 1,
-                           unroll=self.kernels.unroll(self.num_blocks - 1, x.dtype))
-            x, _ = scan(self.block(self.features, 1, name="blocks"), x, None)
+                           split_rngs={"params": True, "dropout": True}, length=identical)
+            x, _ = scan(self.block(self.features, 1, name=layout.SCANNED), x, None)
+        else:
+            for b in range(1, self.num_blocks):
+                x = self.block(self.features, 1, name=layout.block_name(b))(x)
         return x
 
 

@@ -3,12 +3,12 @@
 Two sets, both the same maths as `models.compute.XLA`:
 - `ONEDNN`: float32 convolutions (forward and both backward ones) by oneDNN's kernels, the
   library PyTorch uses on CPUs, through `onednn_conv` (built on first use where `g++` and
-  `libdnnl-dev` are installed); block outputs materialised; stages of up to
-  `MAX_UNROLLED_BLOCKS` identical blocks unrolled; responses' moments taken in cache. For a
-  program on one CPU device: oneDNN's kernels use every core by themselves, and GSPMD cannot split
-  a custom call over devices (it would gather the batch and repeat the whole convolution on each).
+  `libdnnl-dev` are installed); block outputs materialised; responses' moments taken in cache.
+  For a program on one CPU device: oneDNN's kernels use every core by themselves, and GSPMD
+  cannot split a custom call over devices (it would gather the batch and repeat the whole
+  convolution on each).
 - `CANONICAL`: XLA's convolutions with a canonical VJP (`fast_conv.conv_nhwc`), for programs
-  over several CPU devices or where oneDNN cannot be built. Stages stay rolled, as measured.
+  over several CPU devices or where oneDNN cannot be built.
 
 `for_devices` picks one; `use_cpu_cores` gives the CPU backend its devices before it starts.
 RESNET_JAX_ONEDNN=0 turns oneDNN off (to measure against, or to rule it out).
@@ -24,27 +24,12 @@ from resnet_jax.kernels.cpu import fast_conv, onednn_conv
 from resnet_jax.kernels.cpu.moments import InCacheMoments
 from resnet_jax.models.compute import Kernels
 
-# The longest run of identical blocks that `Stage` unrolls with oneDNN's kernels. Under a rolled
-# scan each block's saved activations are copied into stacked buffers in the forward pass and out
-# again in the backward pass; unrolled, they stay where they were made. 17 is ResNet-110's (18
-# blocks a stage), whose train step still compiles in seconds; longer stages stay rolled.
-MAX_UNROLLED_BLOCKS = 17
-
 # Without oneDNN, XLA:CPU runs one program per device, and at the zoo's layer sizes its
 # convolutions barely use a second core; a batch sharded over several CPU devices keeps every core
 # busy (BatchNorm's statistics stay the whole batch's: the step is one GSPMD program). Two devices
 # per core, a power of two so that batches split, at most 8, trained fastest (benchmarks/run.py).
 DEVICES_PER_CORE = 2
 MAX_DEVICES = 8
-
-
-def _onednn_unroll(length: int, dtype) -> int:
-    return length if length <= MAX_UNROLLED_BLOCKS and dtype == jnp.float32 else 1
-
-
-def _rolled(length: int, dtype) -> int:
-    del length, dtype
-    return 1
 
 
 def materialize(x: jax.Array) -> jax.Array:
@@ -58,10 +43,8 @@ def materialize(x: jax.Array) -> jax.Array:
 
 
 ONEDNN = Kernels(conv_general_dilated=fast_conv.onednn_conv_general_dilated,
-                 materialize=materialize, unroll=_onednn_unroll, response_tap=InCacheMoments,
-                 name="cpu-onednn")
-CANONICAL = Kernels(conv_general_dilated=fast_conv.conv_general_dilated, unroll=_rolled,
-                    name="cpu-xla")
+                 materialize=materialize, response_tap=InCacheMoments, name="cpu-onednn")
+CANONICAL = Kernels(conv_general_dilated=fast_conv.conv_general_dilated, name="cpu-xla")
 
 
 def for_devices(devices: Sequence[jax.Device]) -> Kernels:
