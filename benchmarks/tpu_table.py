@@ -7,6 +7,8 @@ fits, for each net of the zoo on each kind of chip, compiled deviceless (resnet_
 Each cell is one `run_compile(..., search_max_batch=True)` of the train step in bfloat16 at the
 config's global batch (256 for the ImageNet nets): a few compiles of minutes each for the large
 nets, so the whole table takes hours on a small machine; --effort -1 compiles about 4x faster.
+With --json, each cell is written there as it finishes, and a rerun with the same --json skips
+the cells it holds: a stopped run resumes.
 """
 import json
 import os
@@ -17,11 +19,15 @@ from resnet_jax import compile as tpu_compile
 from resnet_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg19"],
-                  "nets of configs/imagenet.py")
-flags.DEFINE_list("topologies", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"], "one slice per chip")
-flags.DEFINE_float("effort", -1.0, "XLA's exec_time_optimization_effort")
-flags.DEFINE_string("json", None, "also write the cells here")
+
+
+def define_flags():
+    flags.DEFINE_list("models", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                                 "vgg19"], "nets of configs/imagenet.py")
+    flags.DEFINE_list("topologies", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"],
+                      "one slice per chip")
+    flags.DEFINE_float("effort", -1.0, "XLA's exec_time_optimization_effort")
+    flags.DEFINE_string("json", None, "also write the cells here, and resume from them")
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "imagenet.py")
@@ -52,19 +58,37 @@ def table(cells) -> str:
     return "\n".join(lines)
 
 
+def run(models, topologies, effort: float, path=None) -> list:
+    """The cells of the table, resuming from and writing to `path` (JSON) when given."""
+    cells = []
+    if path and os.path.exists(path):
+        with open(path) as f:
+            cells = json.load(f)
+    done = {(c["model"], c["topology"]) for c in cells}
+    for model in models:
+        for topology in topologies:
+            if (model, topology) in done:
+                continue
+            cells.append(cell(model, topology, effort))
+            print(cells[-1], flush=True)
+            if path:
+                _write(path, cells)
+    return [c for c in cells if c["model"] in models and c["topology"] in topologies]
+
+
 def main(argv):
     del argv
-    cells = []
-    for model in FLAGS.models:
-        for topology in FLAGS.topologies:
-            cells.append(cell(model, topology, FLAGS.effort))
-            print(cells[-1], flush=True)
-    print(table(cells))
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(cells, f, indent=1)
+    print(table(run(FLAGS.models, FLAGS.topologies, FLAGS.effort, FLAGS.json)))
+
+
+def _write(path: str, cells) -> None:
+    """Atomically: a run stopped while writing leaves the previous cells."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(cells, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
     tpu_compile.compile_only()
+    define_flags()
     app.run(main)

@@ -5,6 +5,8 @@ host's backend), they fit the chips, hold no CPU custom calls, and all-reduce th
 per step. libtpu is in the `test` extra: CI (RESNET_JAX_REQUIRE_NATIVE=1) fails without it, a
 user's clone skips.
 """
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,3 +193,25 @@ def test_missing_cuda_plugin_is_one_clear_line(monkeypatch):
 def test_bad_topology_names_the_form(topology):
     with pytest.raises(UserError, match="CHIP:AxB"):
         tpu_compile.target_devices(topology)
+
+
+def test_tpu_table_resumes_from_its_json(tmp_path, monkeypatch):
+    """A stopped table run (hours of compiles) resumes: the cells in its JSON are not compiled
+    again, and each new cell is written as it finishes."""
+    from benchmarks import tpu_table
+    path = tmp_path / "table.json"
+    done = dict(model="resnet18", topology="v5e:2x2", per_chip=64, gib=1.0, fits=True, max_batch=999)
+    path.write_text(json.dumps([done]))
+    compiled = []
+
+    def fake_cell(model, topology, effort):
+        compiled.append((model, topology))
+        assert (model, topology) not in [(c["model"], c["topology"])
+                                         for c in json.loads(path.read_text())]
+        return dict(done, model=model, topology=topology)
+
+    monkeypatch.setattr(tpu_table, "cell", fake_cell)
+    cells = tpu_table.run(["resnet18", "resnet34"], ["v5e:2x2", "v4:2x2x1"], -1.0, str(path))
+    assert compiled == [("resnet18", "v4:2x2x1"), ("resnet34", "v5e:2x2"), ("resnet34", "v4:2x2x1")]
+    assert len(cells) == len(json.loads(path.read_text())) == 4
+    assert "max 999" in tpu_table.table(cells)
