@@ -49,10 +49,10 @@ def _measure(model_name: str, count: int, batch_size: int, what: str) -> Dict:
             total = total + forward(variables, batch)  # stays on device: no sync per batch
         jax.block_until_ready(total)
     return dict(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu,
-                peak_mib=_peak_rss_mib())
+                peak_mib=own_peak_rss_mib())
 
 
-def _peak_rss_mib() -> float:
+def own_peak_rss_mib() -> float:
     """This process's own peak RSS. Not ru_maxrss: a child started from a large parent reports
     the parent's peak there, so every count would read the same."""
     with open("/proc/self/status") as f:

@@ -39,6 +39,7 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, SCALE = 224, (256, 480)
 # vCPUs of one host, from the cloud providers' machine types (hyperthreads: two per core).
 HOST_VCPUS = {"v4-8 (4 chips)": 240, "v5e-8 (8 chips)": 224, "8x A100 SXM": 96, "8x H100 SXM": 208}
@@ -164,8 +165,7 @@ def step_rate(model: str, batch: int, steps: int = 3) -> float:
     """images/s of the trainer's jitted step of an ImageNet net at 224x224, on a random batch."""
     import jax
     from resnet_jax import checkpoint, kernels, parallel, train
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = train.load_config(os.path.join(repo, "configs", f"imagenet.py:{model}"))
+    config = train.load_config(os.path.join(REPO, "configs", f"imagenet.py:{model}"))
     config.batch_size = batch
     mesh = parallel.make_mesh()
     net, _ = train.create_model(config, 1000, kernels.for_devices(mesh.devices.flat))
@@ -186,6 +186,7 @@ def step_rate(model: str, batch: int, steps: int = 3) -> float:
 
 _PEAK_RSS = """
 import runpy, sys
+from benchmarks.analysis_memory import own_peak_rss_mib
 sys.argv = sys.argv[1:]
 try:
     runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
@@ -193,23 +194,21 @@ except SystemExit as e:
     if e.code:
         raise
 finally:
-    with open("/proc/self/status") as f:
-        print("VmHWM", next(l.split()[1] for l in f if l.startswith("VmHWM:")), flush=True)
+    print("peak MiB", own_peak_rss_mib(), flush=True)
 """
 
 
 def peak_rss_mib(module: str, *args: str, cwd: Optional[str] = None) -> float:
     """`python -m module args` in its own process; its peak RSS in MiB (VmHWM, Linux)."""
     import subprocess
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if cwd:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))
+    path = [cwd, REPO, os.environ.get("PYTHONPATH")]  # `module`, and benchmarks/
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join(filter(None, path)))
     proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, module, *args], capture_output=True,
                           text=True, env=env, cwd=cwd)
     if proc.returncode:
         raise RuntimeError(f"{module} failed:\n{proc.stderr[-3000:]}")
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("VmHWM"))
-    return int(line.split()[1]) / 1024
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("peak MiB"))
+    return float(line.split()[2])
 
 
 def memory_rows(tmp: str, count: int) -> List[Dict]:
@@ -245,7 +244,7 @@ def memory_rows(tmp: str, count: int) -> List[Dict]:
 def required_per_host() -> Dict[str, float]:
     """images/s a ResNet-50 step needs from each host of 8 (or 4) accelerators (the model of
     docs/scaling.md)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, REPO)
     from benchmarks import scaling
     row = scaling.work(next(w for w in scaling.WORKLOADS if w.name == "resnet50"))
     return {h.name: scaling.step_time(row, h)["images_per_s"] * min(8, h.devices) / h.devices
