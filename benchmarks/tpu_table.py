@@ -46,16 +46,31 @@ def cell(model: str, topology: str, effort: float) -> dict:
 
 
 def table(cells) -> str:
+    """Markdown: a row per net, its HBM a chip at the paper's batch (the largest over the chips,
+    which differ by under 1 %), then the largest batch each chip fits."""
     topologies = list(dict.fromkeys(c["topology"] for c in cells))
-    lines = ["| net (bf16, batch 256) | " + " | ".join(
-        f"{tpu_compile.chip_of(t).name} ({tpu_compile.chip_of(t).hbm_bytes // tpu_compile.GiB} GiB)"
-        for t in topologies) + " |", "|---|" + "---:|" * len(topologies)]
+    per_chip = "/".join(str(b) for b in sorted({c["per_chip"] for c in cells}))
+    lines = [f"| net, bf16 | HBM a chip at {per_chip} images | " + " | ".join(
+        f"largest batch a chip, {_chip(t)}" if i == 0 else _chip(t)
+        for i, t in enumerate(topologies)) + " |",
+        "|---|---:|" + "---:|" * len(topologies)]
     for model in dict.fromkeys(c["model"] for c in cells):
         row = {c["topology"]: c for c in cells if c["model"] == model}
-        lines.append(f"| {model} | " + " | ".join(
-            f"{row[t]['gib']:.1f} GiB at {row[t]['per_chip']}/chip, max {row[t]['max_batch']}"
-            if t in row else "" for t in topologies) + " |")
+        gib = max((c["gib"] for c in row.values() if c["fits"]), default=None)
+        lines.append(f"| {model} | " + (f"{gib:.2f} GiB" if gib else "does not fit") + " | "
+                     + " | ".join(_largest(row[t]) if t in row else "" for t in topologies) + " |")
     return "\n".join(lines)
+
+
+def _chip(topology: str) -> str:
+    chip = tpu_compile.chip_of(topology)
+    return f"{chip.name} ({chip.hbm_bytes // tpu_compile.GiB} GiB)"
+
+
+def _largest(cell: dict) -> str:
+    if cell["fits"]:
+        return str(cell["max_batch"])
+    return f"{cell['max_batch']} ({cell['per_chip']} does not fit)"
 
 
 def run(models, topologies, effort: float, path=None) -> list:

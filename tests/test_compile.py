@@ -214,4 +214,14 @@ def test_tpu_table_resumes_from_its_json(tmp_path, monkeypatch):
     cells = tpu_table.run(["resnet18", "resnet34"], ["v5e:2x2", "v4:2x2x1"], -1.0, str(path))
     assert compiled == [("resnet18", "v4:2x2x1"), ("resnet34", "v5e:2x2"), ("resnet34", "v4:2x2x1")]
     assert len(cells) == len(json.loads(path.read_text())) == 4
-    assert "max 999" in tpu_table.table(cells)
+    rows = tpu_table.table(cells).splitlines()
+    assert rows[0].startswith("| net, bf16 | HBM a chip at 64 images | largest batch a chip, v5e")
+    assert rows[2:] == ["| resnet18 | 1.00 GiB | 999 | 999 |", "| resnet34 | 1.00 GiB | 999 | 999 |"]
+
+
+def test_tpu_table_says_where_the_papers_batch_does_not_fit():
+    from benchmarks import tpu_table
+    cells = [dict(model="vgg19", topology="v5e:2x2", per_chip=64, gib=float("nan"), fits=False,
+                  max_batch=40),
+             dict(model="vgg19", topology="v4:2x2x1", per_chip=64, gib=17.5, fits=True, max_batch=90)]
+    assert tpu_table.table(cells).splitlines()[2] == "| vgg19 | 17.50 GiB | 40 (64 does not fit) | 90 |"
