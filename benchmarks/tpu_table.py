@@ -47,7 +47,7 @@ def cell(model: str, topology: str, effort: float) -> dict:
 
 def table(cells) -> str:
     """Markdown: a row per net, its HBM a chip at the paper's batch (the largest over the chips,
-    which differ by under 1 %), then the largest batch each chip fits."""
+    whose compilers differ a little), then the largest batch each chip fits."""
     topologies = list(dict.fromkeys(c["topology"] for c in cells))
     per_chip = "/".join(str(b) for b in sorted({c["per_chip"] for c in cells}))
     lines = [f"| net, bf16 | HBM a chip at {per_chip} images | " + " | ".join(
