@@ -5,9 +5,13 @@ Each function saves `<stem>.png` and `<stem>.pdf`. Figures are made without pypl
 with the Agg backend on a machine without a display and leave a caller's backend alone.
 
     python -m resnet_jax.plots RUN[=LABEL] ... --out docs/figure6
+    python -m resnet_jax.plots LABEL.csv[=LABEL] ... --out docs/figure7
 
-draws Figure 6 from the `metrics.jsonl` of training workdirs (or those files themselves).
+draws Figure 6 from the `metrics.jsonl` of training workdirs (or those files themselves), or
+Figure 7 from the per-layer CSVs `resnet_jax.analyze` wrote: nets analysed apart (whose
+checkpoints may be gone) side by side.
 """
+import csv
 import json
 import os
 import sys
@@ -114,13 +118,37 @@ def read_curves(path: str) -> Curves:
     return Curves(*as_arrays(train), *as_arrays(test))
 
 
+def read_responses(path: str) -> List[float]:
+    """An analysis CSV (`resnet_jax.analyze --out`'s LABEL.csv) -> its std per layer, in depth
+    order."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise UserError(f"cannot read {path!r}: {e.strerror}") from None
+    if not rows or not {"layer_index", "std"} <= set(rows[0]):
+        raise UserError(f"{path} is not a per-layer CSV of resnet_jax.analyze (columns "
+                        "layer_index and std); name a LABEL.csv that analyze wrote")
+    try:
+        by_index = {int(r["layer_index"]): float(r["std"]) for r in rows}
+    except (TypeError, ValueError):
+        raise UserError(f"{path} has a row without a number in layer_index or std") from None
+    if sorted(by_index) != list(range(1, len(rows) + 1)):
+        raise UserError(f"{path}: layer_index is not 1..{len(rows)} once each")
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def _plain(label: str) -> bool:
+    return label.lower().startswith("plain")
+
+
 def figure6(stem: str, runs: Sequence[Tuple[str, Curves]]):
     """Training error (thin) and test error (bold) against iterations, one colour per run, in
     percent; plain nets (label starting 'plain') dashed, as the paper draws them."""
     fig = Figure(figsize=(7.2, 4.6))
     ax = fig.subplots()
     for i, (label, c) in enumerate(runs):
-        style = dict(color=f"C{i}", linestyle="--" if label.lower().startswith("plain") else "-")
+        style = dict(color=f"C{i}", linestyle="--" if _plain(label) else "-")
         ax.plot(c.train_steps, 100 * c.train_error, linewidth=0.7, alpha=0.8, **style)
         ax.plot(c.test_steps, 100 * c.test_error, linewidth=2.0, label=label, **style)
     ax.set(xlabel="iterations", ylabel="error (%)", ylim=(0, None),
@@ -133,13 +161,15 @@ def figure6(stem: str, runs: Sequence[Tuple[str, Curves]]):
 
 
 def main(argv: Sequence[str]) -> None:
-    """`RUN[=LABEL] ... --out STEM`: Figure 6 of those runs."""
-    usage = "usage: python -m resnet_jax.plots RUN[=LABEL] ... --out STEM (writes STEM.png, .pdf)"
+    """`RUN[=LABEL] ... --out STEM`: Figure 6 of those runs, or Figure 7 of analysis CSVs."""
+    usage = ("usage: python -m resnet_jax.plots RUN[=LABEL] ... --out STEM (writes STEM.png, "
+             ".pdf)")
     with exit_on_user_error():
         args = list(argv)
         if "-h" in args or "--help" in args:
-            print(usage + "\nRUN: a training workdir or its metrics.jsonl; LABEL defaults to "
-                  "RUN's name.")
+            print(usage + "\nRUN: a training workdir or its metrics.jsonl (Figure 6), or a "
+                  "per-layer CSV of resnet_jax.analyze (Figure 7); LABEL defaults to RUN's name; "
+                  "labels starting 'plain' draw dashed.")
             return
         out = None
         for i, arg in enumerate(args):
@@ -154,13 +184,20 @@ def main(argv: Sequence[str]) -> None:
         unknown = [a for a in args if a.startswith("-")]
         if unknown or not args or not out:
             raise UserError(f"{'unknown option ' + unknown[0] + '; ' if unknown else ''}{usage}")
-        runs = []
-        for spec in args:
-            path, _, label = spec.partition("=")
-            runs.append((label or os.path.basename(os.path.normpath(path)).replace(
-                ".metrics.jsonl", ""), read_curves(path)))
+        specs = [spec.partition("=")[::2] for spec in args]
+        csvs = [path.endswith(".csv") for path, _ in specs]
+        if any(csvs) and not all(csvs):
+            raise UserError("give either analysis CSVs (Figure 7) or training runs (Figure 6), "
+                            "not both")
+        name = lambda path: os.path.basename(os.path.normpath(path)).replace(
+            ".metrics.jsonl", "").removesuffix(".csv")
+        labelled = [(label or name(path), path) for path, label in specs]
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        figure6(out, runs)
+        if all(csvs):
+            figure7(out, [(label, read_responses(path), not _plain(label))
+                          for label, path in labelled])
+        else:
+            figure6(out, [(label, read_curves(path)) for label, path in labelled])
         print(f"wrote {out}.png and {out}.pdf")
 
 

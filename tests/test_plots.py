@@ -1,5 +1,7 @@
-"""Figure 6 from training metrics: the curves read back what the trainer logged, and the command
-writes the figure or names the problem in one line."""
+"""Figure 6 from training metrics and Figure 7 from analysis CSVs: the curves read back what the
+trainer and the analysis wrote, and the command writes the figure or names the problem in one
+line."""
+import csv
 import json
 import subprocess
 import sys
@@ -50,3 +52,48 @@ def test_command_writes_figure6_and_refuses_what_it_cannot_read(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"step": 1, "train_top1"')
     with pytest.raises(UserError, match="broken.jsonl:1 is not a JSON line"):
         plots.read_curves(str(tmp_path / "broken.jsonl"))
+
+
+def _responses(path, stds, order=None):
+    """An analysis CSV as resnet_jax.analyze writes it (its columns), rows in `order`."""
+    rows = [dict(layer_index=i + 1, layer=f"l{i}", stage="stage1", block=0, kernel="3x3x16x16",
+                 std=v, mean=0.0, count=10) for i, v in enumerate(stds)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([rows[i] for i in (order or range(len(rows)))])
+    return path
+
+
+def test_figure7_from_analysis_csvs_in_depth_order(tmp_path, monkeypatch):
+    """Nets analysed apart (the 8k runs' CSVs in docs/runs) drawn beside each other: each curve is
+    its CSV's std in layer order whatever the rows' order, plain nets dashed."""
+    a = _responses(tmp_path / "ResNet-20.csv", [0.9, 0.7, 0.5], order=[2, 0, 1])
+    b = _responses(tmp_path / "p.csv", [1.2, 1.0, 0.8])
+    assert plots.read_responses(str(a)) == [0.9, 0.7, 0.5]
+    drawn = []
+    monkeypatch.setattr(plots, "figure7", lambda stem, curves: drawn.append((stem, curves)))
+    plots.main([str(a), f"{b}=plain-20", "--out", str(tmp_path / "f7")])
+    assert drawn == [(str(tmp_path / "f7"), [("ResNet-20", [0.9, 0.7, 0.5], True),
+                                             ("plain-20", [1.2, 1.0, 0.8], False)])]
+    monkeypatch.undo()
+    plots.main([str(a), f"{b}=plain-20", "--out", str(tmp_path / "f7")])
+    assert (tmp_path / "f7.png").stat().st_size > 0 and (tmp_path / "f7.pdf").stat().st_size > 0
+
+
+def test_figure7_refuses_what_is_not_an_analysis_csv(tmp_path, capsys):
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match="not a per-layer CSV of resnet_jax.analyze"):
+        plots.read_responses(str(tmp_path / "other.csv"))
+    gap = _responses(tmp_path / "gap.csv", [1.0, 2.0])
+    gap.write_text(gap.read_text().replace("\n2,", "\n3,"))
+    with pytest.raises(UserError, match="layer_index is not 1..2 once each"):
+        plots.read_responses(str(gap))
+    with pytest.raises(UserError, match="cannot read"):
+        plots.read_responses(str(tmp_path / "missing.csv"))
+    _metrics(tmp_path / "metrics.jsonl", [{"step": 100, "val_top1": 0.3}])
+    with pytest.raises(SystemExit) as exit_:
+        plots.main([str(gap), str(tmp_path), "--out", str(tmp_path / "f")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "either analysis CSVs (Figure 7) or training runs" in err
