@@ -9,13 +9,14 @@ with the Agg backend on a machine without a display and leave a caller's backend
 
 draws Figure 6 from the `metrics.jsonl` of training workdirs (or those files themselves), or
 Figure 7 from the per-layer CSVs `resnet_jax.analyze` wrote: nets analysed apart (whose
-checkpoints may be gone) side by side.
+checkpoints may be gone) side by side; from its `--over_training` CSVs, the nets' response std
+over training side by side.
 """
 import csv
 import json
 import os
 import sys
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib import cm, colormaps, colors, ticker
@@ -85,6 +86,34 @@ def over_training(stem: str, label: str, curves: Dict[int, List[float]]):
     _save(fig, stem)
 
 
+def separation_over_training(stem: str, nets: Sequence[Tuple[str, Dict[int, List[float]]]]):
+    """nets: (label, step -> std per layer). Left: each net's mean std over its layers against
+    iterations; right: each net's std per layer at its first, middle and last saved steps (darker
+    later). Plain nets (label starting 'plain') dashed, as in Figure 7."""
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2)
+    for i, (label, curves) in enumerate(nets):
+        steps = sorted(curves)
+        style = dict(color=f"C{i}", linestyle="--" if _plain(label) else "-")
+        left.plot(steps, [np.mean(curves[s]) for s in steps], marker="o", markersize=3,
+                  label=label, **style)
+        shown = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
+        for k, s in enumerate(shown):
+            right.plot(np.arange(1, len(curves[s]) + 1), curves[s], linewidth=1.2,
+                       alpha=0.35 + 0.65 * (k + 1) / len(shown),
+                       label=f"{label}, {s}", **style)
+    left.set(xlabel="iterations", ylabel="mean std over layers",
+             title="response std over training")
+    right.set(xlabel="layer index (original)", ylabel="std", title="per layer, at three steps")
+    right.xaxis.set_major_locator(_layer_ticks())
+    for ax in (left, right):
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save(fig, stem)
+
+
 class Curves(NamedTuple):
     """One run's error curves: training error of each logged interval, test error of each
     evaluation, against iterations."""
@@ -118,9 +147,9 @@ def read_curves(path: str) -> Curves:
     return Curves(*as_arrays(train), *as_arrays(test))
 
 
-def read_responses(path: str) -> List[float]:
-    """An analysis CSV (`resnet_jax.analyze --out`'s LABEL.csv) -> its std per layer, in depth
-    order."""
+def read_responses(path: str) -> Dict[Optional[int], List[float]]:
+    """An analysis CSV of `resnet_jax.analyze --out` -> std per layer in depth order, keyed by
+    step: LABEL.csv has one curve (key None), LABEL_over_training.csv one per saved step."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -129,13 +158,22 @@ def read_responses(path: str) -> List[float]:
     if not rows or not {"layer_index", "std"} <= set(rows[0]):
         raise UserError(f"{path} is not a per-layer CSV of resnet_jax.analyze (columns "
                         "layer_index and std); name a LABEL.csv that analyze wrote")
+    curves: Dict[Optional[int], Dict[int, float]] = {}
     try:
-        by_index = {int(r["layer_index"]): float(r["std"]) for r in rows}
+        for r in rows:
+            step = int(r["step"]) if "step" in r else None
+            by_index = curves.setdefault(step, {})
+            index = int(r["layer_index"])
+            by_index[index] = float(r["std"]) if index not in by_index else float("nan")
     except (TypeError, ValueError):
-        raise UserError(f"{path} has a row without a number in layer_index or std") from None
-    if sorted(by_index) != list(range(1, len(rows) + 1)):
-        raise UserError(f"{path}: layer_index is not 1..{len(rows)} once each")
-    return [by_index[i] for i in sorted(by_index)]
+        raise UserError(f"{path} has a row without a number in step, layer_index or std") from None
+    layers = max(len(by_index) for by_index in curves.values())
+    for step, by_index in curves.items():
+        if sorted(by_index) != list(range(1, layers + 1)) or np.isnan(list(by_index.values())).any():
+            where = f"step {step} of {path}" if step is not None else path
+            raise UserError(f"{where} does not hold layer_index 1..{layers} once each; name a CSV "
+                            "that analyze wrote")
+    return {step: [by_index[i] for i in sorted(by_index)] for step, by_index in curves.items()}
 
 
 def _plain(label: str) -> bool:
@@ -168,7 +206,8 @@ def main(argv: Sequence[str]) -> None:
         args = list(argv)
         if "-h" in args or "--help" in args:
             print(usage + "\nRUN: a training workdir or its metrics.jsonl (Figure 6), or a "
-                  "per-layer CSV of resnet_jax.analyze (Figure 7); LABEL defaults to RUN's name; "
+                  "per-layer CSV of resnet_jax.analyze (Figure 7; an _over_training.csv: std over "
+                  "training); LABEL defaults to RUN's name; "
                   "labels starting 'plain' draw dashed.")
             return
         out = None
@@ -190,12 +229,18 @@ def main(argv: Sequence[str]) -> None:
             raise UserError("give either analysis CSVs (Figure 7) or training runs (Figure 6), "
                             "not both")
         name = lambda path: os.path.basename(os.path.normpath(path)).replace(
-            ".metrics.jsonl", "").removesuffix(".csv")
+            ".metrics.jsonl", "").removesuffix(".csv").removesuffix("_over_training")
         labelled = [(label or name(path), path) for path, label in specs]
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         if all(csvs):
-            figure7(out, [(label, read_responses(path), not _plain(label))
-                          for label, path in labelled])
+            curves = [(label, read_responses(path)) for label, path in labelled]
+            if all(None in c for _, c in curves):
+                figure7(out, [(label, c[None], not _plain(label)) for label, c in curves])
+            elif any(None in c for _, c in curves):
+                raise UserError("give either LABEL.csv files (Figure 7 at one step) or "
+                                "LABEL_over_training.csv files (over training), not both")
+            else:
+                separation_over_training(out, curves)
         else:
             figure6(out, [(label, read_curves(path)) for label, path in labelled])
         print(f"wrote {out}.png and {out}.pdf")

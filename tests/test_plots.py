@@ -54,10 +54,13 @@ def test_command_writes_figure6_and_refuses_what_it_cannot_read(tmp_path):
         plots.read_curves(str(tmp_path / "broken.jsonl"))
 
 
-def _responses(path, stds, order=None):
-    """An analysis CSV as resnet_jax.analyze writes it (its columns), rows in `order`."""
-    rows = [dict(layer_index=i + 1, layer=f"l{i}", stage="stage1", block=0, kernel="3x3x16x16",
-                 std=v, mean=0.0, count=10) for i, v in enumerate(stds)]
+def _responses(path, stds, order=None, step=None):
+    """An analysis CSV as resnet_jax.analyze writes it (its columns), rows in `order`; with
+    `step`, `stds` is step -> curve, as in an _over_training.csv."""
+    curves = stds if step else {None: stds}
+    rows = [dict(**({"step": s} if step else {}), layer_index=i + 1, layer=f"l{i}",
+                 stage="stage1", block=0, kernel="3x3x16x16", std=v, mean=0.0, count=10)
+            for s, curve in curves.items() for i, v in enumerate(curve)]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -70,7 +73,7 @@ def test_figure7_from_analysis_csvs_in_depth_order(tmp_path, monkeypatch):
     its CSV's std in layer order whatever the rows' order, plain nets dashed."""
     a = _responses(tmp_path / "ResNet-20.csv", [0.9, 0.7, 0.5], order=[2, 0, 1])
     b = _responses(tmp_path / "p.csv", [1.2, 1.0, 0.8])
-    assert plots.read_responses(str(a)) == [0.9, 0.7, 0.5]
+    assert plots.read_responses(str(a)) == {None: [0.9, 0.7, 0.5]}
     drawn = []
     monkeypatch.setattr(plots, "figure7", lambda stem, curves: drawn.append((stem, curves)))
     plots.main([str(a), f"{b}=plain-20", "--out", str(tmp_path / "f7")])
@@ -87,8 +90,12 @@ def test_figure7_refuses_what_is_not_an_analysis_csv(tmp_path, capsys):
         plots.read_responses(str(tmp_path / "other.csv"))
     gap = _responses(tmp_path / "gap.csv", [1.0, 2.0])
     gap.write_text(gap.read_text().replace("\n2,", "\n3,"))
-    with pytest.raises(UserError, match="layer_index is not 1..2 once each"):
+    with pytest.raises(UserError, match="gap.csv does not hold layer_index 1..2 once each"):
         plots.read_responses(str(gap))
+    twice = _responses(tmp_path / "twice.csv", [1.0, 2.0])
+    twice.write_text(twice.read_text().replace("\n2,", "\n1,"))
+    with pytest.raises(UserError, match="twice.csv does not hold layer_index 1..1 once each"):
+        plots.read_responses(str(twice))
     with pytest.raises(UserError, match="cannot read"):
         plots.read_responses(str(tmp_path / "missing.csv"))
     _metrics(tmp_path / "metrics.jsonl", [{"step": 100, "val_top1": 0.3}])
@@ -97,3 +104,26 @@ def test_figure7_refuses_what_is_not_an_analysis_csv(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "either analysis CSVs (Figure 7) or training runs" in err
+
+
+def test_nets_over_training_side_by_side(tmp_path, monkeypatch):
+    """analyze --over_training's CSVs of two nets -> one figure of both: each net's curves by
+    step, in layer order; a mix with single-step CSVs is refused."""
+    a = _responses(tmp_path / "ResNet-20_over_training.csv",
+                   {4000: [0.9, 0.8], 8000: [0.7, 0.6]}, order=[3, 1, 2, 0], step=True)
+    b = _responses(tmp_path / "plain-20_over_training.csv", {4000: [1.0, 1.1]}, step=True)
+    drawn = []
+    monkeypatch.setattr(plots, "separation_over_training",
+                        lambda stem, nets: drawn.append((stem, nets)))
+    plots.main([str(a), str(b), "--out", str(tmp_path / "f")])
+    assert drawn == [(str(tmp_path / "f"), [("ResNet-20", {4000: [0.9, 0.8], 8000: [0.7, 0.6]}),
+                                            ("plain-20", {4000: [1.0, 1.1]})])]
+    monkeypatch.undo()
+    plots.main([str(a), str(b), "--out", str(tmp_path / "f")])
+    assert (tmp_path / "f.png").stat().st_size > 0 and (tmp_path / "f.pdf").stat().st_size > 0
+    single = _responses(tmp_path / "ResNet-20.csv", [0.9, 0.7])
+    with pytest.raises(SystemExit):
+        plots.main([str(a), str(single), "--out", str(tmp_path / "g")])
+    short = _responses(tmp_path / "short_over_training.csv", {1: [1.0, 2.0], 2: [1.0]}, step=True)
+    with pytest.raises(UserError, match="step 2 of .* does not hold layer_index 1..2 once each"):
+        plots.read_responses(str(short))
