@@ -231,18 +231,21 @@ def main(argv: Sequence[str]) -> None:
         name = lambda path: os.path.basename(os.path.normpath(path)).replace(
             ".metrics.jsonl", "").removesuffix(".csv").removesuffix("_over_training")
         labelled = [(label or name(path), path) for path, label in specs]
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        if all(csvs):
+        if all(csvs):  # every input is read and checked before anything is written
             curves = [(label, read_responses(path)) for label, path in labelled]
             if all(None in c for _, c in curves):
-                figure7(out, [(label, c[None], not _plain(label)) for label, c in curves])
+                draw = lambda: figure7(out, [(label, c[None], not _plain(label))
+                                             for label, c in curves])
             elif any(None in c for _, c in curves):
                 raise UserError("give either LABEL.csv files (Figure 7 at one step) or "
                                 "LABEL_over_training.csv files (over training), not both")
             else:
-                separation_over_training(out, curves)
+                draw = lambda: separation_over_training(out, curves)
         else:
-            figure6(out, [(label, read_curves(path)) for label, path in labelled])
+            runs = [(label, read_curves(path)) for label, path in labelled]
+            draw = lambda: figure6(out, runs)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        draw()
         print(f"wrote {out}.png and {out}.pdf")
 
 

@@ -104,6 +104,9 @@ def test_figure7_refuses_what_is_not_an_analysis_csv(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "either analysis CSVs (Figure 7) or training runs" in err
+    with pytest.raises(SystemExit):
+        plots.main([str(gap), "--out", str(tmp_path / "nothing" / "f")])
+    assert not (tmp_path / "nothing").exists()  # bad input writes nothing, not even the folder
 
 
 def test_nets_over_training_side_by_side(tmp_path, monkeypatch):
