@@ -5,9 +5,11 @@ Each function saves `<stem>.png` and `<stem>.pdf`. Figures are made without pypl
 with the Agg backend on a machine without a display and leave a caller's backend alone.
 
     python -m resnet_jax.plots RUN[=LABEL] ... --out docs/figure6
+    python -m resnet_jax.plots --panel "64k" RUN ... --panel "8k" RUN ... --out docs/figure6
     python -m resnet_jax.plots LABEL.csv[=LABEL] ... --out docs/figure7
 
-draws Figure 6 from the `metrics.jsonl` of training workdirs (or those files themselves), or
+draws Figure 6 from the `metrics.jsonl` of training workdirs (or those files themselves), in one
+panel or side by side in several (runs of different schedules each on their own axis), or
 Figure 7 from the per-layer CSVs `resnet_jax.analyze` wrote: nets analysed apart (whose
 checkpoints may be gone) side by side; from its `--over_training` CSVs, the nets' response std
 over training side by side.
@@ -169,7 +171,8 @@ def read_responses(path: str) -> Dict[Optional[int], List[float]]:
         raise UserError(f"{path} has a row without a number in step, layer_index or std") from None
     layers = max(len(by_index) for by_index in curves.values())
     for step, by_index in curves.items():
-        if sorted(by_index) != list(range(1, layers + 1)) or np.isnan(list(by_index.values())).any():
+        values = list(by_index.values())
+        if sorted(by_index) != list(range(1, layers + 1)) or np.isnan(values).any():
             where = f"step {step} of {path}" if step is not None else path
             raise UserError(f"{where} does not hold layer_index 1..{layers} once each; name a CSV "
                             "that analyze wrote")
@@ -180,57 +183,79 @@ def _plain(label: str) -> bool:
     return label.lower().startswith("plain")
 
 
-def figure6(stem: str, runs: Sequence[Tuple[str, Curves]]):
-    """Training error (thin) and test error (bold) against iterations, one colour per run, in
-    percent; plain nets (label starting 'plain') dashed, as the paper draws them."""
-    fig = Figure(figsize=(7.2, 4.6))
-    ax = fig.subplots()
-    for i, (label, c) in enumerate(runs):
-        style = dict(color=f"C{i}", linestyle="--" if _plain(label) else "-")
-        ax.plot(c.train_steps, 100 * c.train_error, linewidth=0.7, alpha=0.8, **style)
-        ax.plot(c.test_steps, 100 * c.test_error, linewidth=2.0, label=label, **style)
-    ax.set(xlabel="iterations", ylabel="error (%)", ylim=(0, None),
-           title="training error (thin) and test error (bold)")
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+def figure6(stem: str, panels: Sequence[Tuple[Optional[str], Sequence[Tuple[str, Curves]]]]):
+    """Training error (thin) and test error (bold) against iterations, one colour per label, in
+    percent; plain nets (label starting 'plain') dashed, as the paper draws them. panels: (title,
+    runs), side by side with a shared error axis (schedules of different lengths each get their
+    own iterations axis)."""
+    fig = Figure(figsize=(7.2 if len(panels) == 1 else 5.2 * len(panels), 4.6))
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    colour = {}  # one per label, the same in every panel
+    for ax, (title, runs) in zip(axes, panels):
+        for label, c in runs:
+            colour.setdefault(label, f"C{len(colour) % 10}")
+            style = dict(color=colour[label], linestyle="--" if _plain(label) else "-")
+            ax.plot(c.train_steps, 100 * c.train_error, linewidth=0.7, alpha=0.8, **style)
+            ax.plot(c.test_steps, 100 * c.test_error, linewidth=2.0, label=label, **style)
+        ax.set(xlabel="iterations", title=title or "training error (thin) and test error (bold)")
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set(ylabel="error (%)", ylim=(0, None))
+    if len(panels) > 1:
+        fig.suptitle("training error (thin) and test error (bold)")
     fig.tight_layout()
     _save(fig, stem)
 
 
 def main(argv: Sequence[str]) -> None:
-    """`RUN[=LABEL] ... --out STEM`: Figure 6 of those runs, or Figure 7 of analysis CSVs."""
-    usage = ("usage: python -m resnet_jax.plots RUN[=LABEL] ... --out STEM (writes STEM.png, "
-             ".pdf)")
+    """`RUN[=LABEL] ... --out STEM`: Figure 6 of those runs (in panels, each started by
+    `--panel TITLE`), or Figure 7 of analysis CSVs."""
+    usage = ("usage: python -m resnet_jax.plots [--panel TITLE] RUN[=LABEL] ... [--panel TITLE "
+             "RUN[=LABEL] ...] --out STEM (writes STEM.png, .pdf)")
     with exit_on_user_error():
         args = list(argv)
         if "-h" in args or "--help" in args:
             print(usage + "\nRUN: a training workdir or its metrics.jsonl (Figure 6), or a "
                   "per-layer CSV of resnet_jax.analyze (Figure 7; an _over_training.csv: std over "
                   "training); LABEL defaults to RUN's name; "
-                  "labels starting 'plain' draw dashed.")
+                  "labels starting 'plain' draw dashed; each --panel TITLE starts a panel of "
+                  "Figure 6 (e.g. one per schedule).")
             return
-        out = None
-        for i, arg in enumerate(args):
-            if arg.startswith("--out="):
-                out = arg.split("=", 1)[1]
-                args[i:i + 1] = []
-                break
-            if arg == "--out" and i + 1 < len(args):
-                out = args[i + 1]
-                args[i:i + 2] = []
-                break
-        unknown = [a for a in args if a.startswith("-")]
-        if unknown or not args or not out:
-            raise UserError(f"{'unknown option ' + unknown[0] + '; ' if unknown else ''}{usage}")
-        specs = [spec.partition("=")[::2] for spec in args]
-        csvs = [path.endswith(".csv") for path, _ in specs]
+        out, panels = None, [(None, [])]  # (title, RUN specs); --panel TITLE starts another
+        while args:
+            arg = args.pop(0)
+            option, has_value, value = arg.partition("=")
+            if option in ("--out", "--panel"):
+                if not has_value:
+                    if not args:
+                        raise UserError(f"{option} needs a value; {usage}")
+                    value = args.pop(0)
+                if option == "--out":
+                    out = value
+                else:
+                    panels.append((value, []))
+            elif arg.startswith("-"):
+                raise UserError(f"unknown option {arg}; {usage}")
+            else:
+                panels[-1][1].append(arg)
+        if not panels[0][1]:
+            panels.pop(0)
+        if not panels or not out or not all(specs for _, specs in panels):
+            raise UserError(("every --panel needs a RUN after it; " if panels and out else "")
+                            + usage)
+        name = lambda path: os.path.basename(os.path.normpath(path)).replace(
+            ".metrics.jsonl", "").removesuffix(".csv").removesuffix("_over_training")
+        panels = [(title, [(label or name(path), path) for path, _, label in
+                           (spec.partition("=") for spec in specs)]) for title, specs in panels]
+        labelled = [run for _, runs in panels for run in runs]
+        csvs = [path.endswith(".csv") for _, path in labelled]
         if any(csvs) and not all(csvs):
             raise UserError("give either analysis CSVs (Figure 7) or training runs (Figure 6), "
                             "not both")
-        name = lambda path: os.path.basename(os.path.normpath(path)).replace(
-            ".metrics.jsonl", "").removesuffix(".csv").removesuffix("_over_training")
-        labelled = [(label or name(path), path) for path, label in specs]
+        if all(csvs) and any(title for title, _ in panels):
+            raise UserError("--panel is for training runs (Figure 6); analysis CSVs share "
+                            "one figure")
         if all(csvs):  # every input is read and checked before anything is written
             curves = [(label, read_responses(path)) for label, path in labelled]
             if all(None in c for _, c in curves):
@@ -242,8 +267,9 @@ def main(argv: Sequence[str]) -> None:
             else:
                 draw = lambda: separation_over_training(out, curves)
         else:
-            runs = [(label, read_curves(path)) for label, path in labelled]
-            draw = lambda: figure6(out, runs)
+            read = [(title, [(label, read_curves(path)) for label, path in runs])
+                    for title, runs in panels]
+            draw = lambda: figure6(out, read)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         draw()
         print(f"wrote {out}.png and {out}.pdf")

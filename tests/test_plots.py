@@ -130,3 +130,40 @@ def test_nets_over_training_side_by_side(tmp_path, monkeypatch):
     short = _responses(tmp_path / "short_over_training.csv", {1: [1.0, 2.0], 2: [1.0]}, step=True)
     with pytest.raises(UserError, match="step 2 of .* does not hold layer_index 1..2 once each"):
         plots.read_responses(str(short))
+
+
+def test_figure6_in_panels_one_per_schedule(tmp_path, monkeypatch, capsys):
+    """`--panel TITLE` starts a panel: runs of the 64k and the 8k schedule each on their own
+    iterations axis, the runs after each title in it; a title with no run, or panels of analysis
+    CSVs, are refused in one line."""
+    full = _metrics(tmp_path / "full.metrics.jsonl", [{"step": 64000, "val_top1": 0.9}])
+    short = _metrics(tmp_path / "short.metrics.jsonl", [{"step": 8000, "val_top1": 0.8}])
+    drawn = []
+    monkeypatch.setattr(plots, "figure6", lambda stem, panels: drawn.append((stem, panels)))
+    plots.main(["--panel", "64k", f"{full}=ResNet-20", "--panel=8k", f"{short}=ResNet-20",
+                str(full), "--out", str(tmp_path / "f6")])
+    (stem, panels), = drawn
+    assert stem == str(tmp_path / "f6")
+    assert [(title, [label for label, _ in runs]) for title, runs in panels] == [
+        ("64k", ["ResNet-20"]), ("8k", ["ResNet-20", "full"])]
+    assert panels[1][1][0][1].test_steps.tolist() == [8000]
+    drawn.clear()
+    plots.main([str(short), "--out", str(tmp_path / "f6")])  # no --panel: one untitled panel
+    assert [(title, len(runs)) for title, runs in drawn[0][1]] == [(None, 1)]
+    monkeypatch.undo()
+    plots.main(["--panel", "64k", str(full), "--panel", "8k", str(short), "--out",
+                str(tmp_path / "two")])
+    assert (tmp_path / "two.png").stat().st_size > 0 and (tmp_path / "two.pdf").stat().st_size > 0
+    capsys.readouterr()
+    csv_ = _responses(tmp_path / "ResNet-20.csv", [0.9, 0.7])
+    for argv, says in [(["--panel", "64k", "--panel", "8k", str(short)],
+                        "every --panel needs a RUN"),
+                       (["--panel", "a", str(csv_)], "--panel is for training runs"),
+                       ([str(short), "--panel"], "--panel needs a value")]:
+        with pytest.raises(SystemExit) as exit_:
+            plots.main(argv + ["--out", str(tmp_path / "bad")] if "needs a value" not in says
+                       else ["--out", str(tmp_path / "bad")] + argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    assert not list(tmp_path.glob("bad*"))
