@@ -208,6 +208,43 @@ def figure6(stem: str, panels: Sequence[Tuple[Optional[str], Sequence[Tuple[str,
     _save(fig, stem)
 
 
+def _labelled(spec: str) -> Tuple[str, str]:
+    """RUN[=LABEL] -> (label, path); the label defaults to RUN's name."""
+    path, _, label = spec.partition("=")
+    name = os.path.basename(os.path.normpath(path)).replace(".metrics.jsonl", "")
+    return label or name.removesuffix(".csv").removesuffix("_over_training"), path
+
+
+Panels = List[Tuple[Optional[str], List[Tuple[str, str]]]]  # [(title or None, [(label, path)])]
+
+
+def _parse(args: List[str], usage: str) -> Tuple[str, Panels]:
+    """The command line -> (out, panels); `--panel TITLE` starts a panel, RUNs before the first
+    `--panel` make an untitled one."""
+    out, panels = None, [(None, [])]
+    while args:
+        arg = args.pop(0)
+        option, has_value, value = arg.partition("=")
+        if option in ("--out", "--panel"):
+            if not has_value:
+                if not args:
+                    raise UserError(f"{option} needs a value; {usage}")
+                value = args.pop(0)
+            if option == "--out":
+                out = value
+            else:
+                panels.append((value, []))
+        elif arg.startswith("-"):
+            raise UserError(f"unknown option {arg}; {usage}")
+        else:
+            panels[-1][1].append(arg)
+    if not panels[0][1]:
+        panels.pop(0)
+    if not panels or not out or not all(specs for _, specs in panels):
+        raise UserError(("every --panel needs a RUN after it; " if panels and out else "") + usage)
+    return out, [(title, [_labelled(spec) for spec in specs]) for title, specs in panels]
+
+
 def main(argv: Sequence[str]) -> None:
     """`RUN[=LABEL] ... --out STEM`: Figure 6 of those runs (in panels, each started by
     `--panel TITLE`), or Figure 7 of analysis CSVs."""
@@ -222,32 +259,7 @@ def main(argv: Sequence[str]) -> None:
                   "labels starting 'plain' draw dashed; each --panel TITLE starts a panel of "
                   "Figure 6 (e.g. one per schedule).")
             return
-        out, panels = None, [(None, [])]  # (title, RUN specs); --panel TITLE starts another
-        while args:
-            arg = args.pop(0)
-            option, has_value, value = arg.partition("=")
-            if option in ("--out", "--panel"):
-                if not has_value:
-                    if not args:
-                        raise UserError(f"{option} needs a value; {usage}")
-                    value = args.pop(0)
-                if option == "--out":
-                    out = value
-                else:
-                    panels.append((value, []))
-            elif arg.startswith("-"):
-                raise UserError(f"unknown option {arg}; {usage}")
-            else:
-                panels[-1][1].append(arg)
-        if not panels[0][1]:
-            panels.pop(0)
-        if not panels or not out or not all(specs for _, specs in panels):
-            raise UserError(("every --panel needs a RUN after it; " if panels and out else "")
-                            + usage)
-        name = lambda path: os.path.basename(os.path.normpath(path)).replace(
-            ".metrics.jsonl", "").removesuffix(".csv").removesuffix("_over_training")
-        panels = [(title, [(label or name(path), path) for path, _, label in
-                           (spec.partition("=") for spec in specs)]) for title, specs in panels]
+        out, panels = _parse(args, usage)
         labelled = [run for _, runs in panels for run in runs]
         csvs = [path.endswith(".csv") for _, path in labelled]
         if any(csvs) and not all(csvs):
