@@ -40,6 +40,7 @@ from absl import app, flags
 
 import resnet_jax.kernels
 from resnet_jax import analyze, checkpoint, cli, parallel, train
+from resnet_jax import config as config_lib
 from resnet_jax.evaluate import make_eval_step
 from resnet_jax.errors import UserError, exit_on_user_error
 
@@ -414,7 +415,8 @@ FLAGS = flags.FLAGS
 def define_flags():
     from ml_collections import config_flags
     config_flags.DEFINE_config_file(
-        "config", None, "a config file and its argument, e.g. configs/imagenet.py:resnet50; "
+        "config", None, "a shipped config or a file and its argument, e.g. imagenet:resnet50 or "
+        "configs/imagenet.py:resnet50; "
         "override any key with --config.KEY=VALUE", lock_config=True)
     flags.DEFINE_string("topology", "v5e:2x2", f"{_FORMS}; chips: " + ", ".join(
         f"{c.name} ({c.hbm_bytes // GiB} GiB HBM)" for c in CHIPS.values()))
@@ -490,5 +492,5 @@ def run():
     compile_only()
     define_flags()
     with exit_on_user_error():
-        train.check_overrides(sys.argv[1:])
+        sys.argv[1:] = config_lib.command_line(sys.argv[1:])
     cli.absl_run(main, __name__)

@@ -1,16 +1,22 @@
 """The trainer's configuration as data: every key with its default and meaning, and one check.
 
 This module imports only ml_collections, so the files in configs/ (which start from
-`default_config()`) load without JAX, as flax's and big_vision's configs do.
+`default_config()`) load without JAX, as flax's and big_vision's configs do. A config is named
+`NAME:ARG` (a file the package ships, configs/NAME.py) or `PATH.py:ARG` (any file); every tool
+that takes --config reads it through `load_config` and `command_line`.
 
     from resnet_jax.config import default_config, validate
     c = default_config(); c.lr = -1
     validate(c)  # -> ["lr must be > 0, not -1"], every problem at once, before any data loads
 """
+import importlib.util
 import numbers
+import os
 from typing import Any, List, Sequence, Tuple
 
 import ml_collections
+
+from resnet_jax.errors import UserError
 
 # (key, default, meaning): the defaults are the paper's CIFAR-10 values (Sec. 4.2). `None` as a
 # default marks a key that only some configs add (the host pipeline's, configs/imagenet.py).
@@ -222,3 +228,97 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> List[st
         need(batch_size % group == 0,
              f"bn_group_size {group} does not divide batch_size {batch_size}")
     return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a config: a name the package ships, or a file
+
+EXAMPLE = "cifar10:resnet56"
+
+
+def configs_dir() -> str:
+    """The configs the package ships: resnet_jax/configs in an installed wheel (pyproject maps the
+    repository's configs/ there), the repository's configs/ beside the package in a checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    packaged = os.path.join(here, "configs")
+    return packaged if os.path.isdir(packaged) else os.path.join(os.path.dirname(here), "configs")
+
+
+def available_configs() -> List[str]:
+    """The names of the shipped configs (`cifar10`, `cpu`, `imagenet`)."""
+    folder = configs_dir()
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(n[:-3] for n in names if n.endswith(".py") and not n.startswith("_"))
+
+
+def _choices() -> str:
+    return (f"a shipped config NAME:ARG ({', '.join(available_configs())}; e.g. {EXAMPLE}) or a "
+            "file PATH.py:ARG")
+
+
+def config_file(spec: str) -> Tuple[str, str]:
+    """'cifar10:resnet56' or 'configs/cifar10.py:resnet56' -> (the file, 'resnet56'). A name is
+    a shipped config; so is a path `configs/NAME.py` that does not exist where the tool runs (the
+    repository's own commands, run where the package is installed)."""
+    name, _, arg = spec.partition(":")
+    if not name.endswith(".py") and "/" not in name and os.sep not in name:
+        path = os.path.join(configs_dir(), name + ".py")
+        if not os.path.isfile(path):
+            raise UserError(f"unknown config {name!r}; use {_choices()}")
+        return path, arg
+    if not os.path.isfile(name):
+        head, base = os.path.split(os.path.normpath(name))
+        shipped = os.path.join(configs_dir(), base)
+        if head != "configs" or not os.path.isfile(shipped):
+            raise UserError(f"config file {name!r} not found; use {_choices()}")
+        name = shipped
+    return name, arg
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """'cifar10:resnet56' (or 'configs/cifar10.py:resnet56') -> that file's
+    get_config('resnet56'), without overrides (tests, benchmarks, `command_line`'s check)."""
+    path, arg = config_file(spec)
+    module_spec = importlib.util.spec_from_file_location("_resnet_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"config file {path!r} has no get_config()")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+_HELP = {"--help", "-help", "-h", "--helpfull", "-helpfull", "--helpshort", "-helpshort", "-?"}
+_DESCRIBE = {"--describe", "-describe"}
+
+
+def command_line(argv: Sequence[str]) -> List[str]:
+    """A tool's arguments with --config's name replaced by its file, for ml_collections'
+    config_flags (which reads files only), after checking what config_flags meets with a
+    traceback: a missing or unknown config, an unknown --config.KEY (one line each)."""
+    argv, spec, overrides = list(argv), None, []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            spec, at = argv[i + 1], (i + 1, "")
+        elif arg.startswith(("--config=", "-config=")):
+            flag, spec = arg.split("=", 1)
+            at = (i, flag + "=")
+        elif arg.startswith(("--config.", "-config.")):
+            overrides.append(arg.split(".", 1)[1].split("=", 1)[0])
+    if spec is None:
+        if _HELP.intersection(argv) or any(a.split("=")[0] in _DESCRIBE for a in argv):
+            return argv
+        raise UserError(f"--config is required: {_choices()} (--help lists the flags, "
+                        "--describe the config keys)")
+    config = load_config(spec)
+    for key in overrides:
+        node = config
+        for i, part in enumerate(key.split(".")):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                where = ".".join(key.split(".")[:i]) or "the config"
+                raise UserError(f"unknown config key {key!r} ({part!r} is not in {where}; it has: "
+                                f"{', '.join(known)})")
+            node = node[part]
+    path, arg = config_file(spec)
+    argv[at[0]] = at[1] + (f"{path}:{arg}" if arg else path)
+    return argv

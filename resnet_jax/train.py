@@ -29,7 +29,6 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import logging
 import math
@@ -65,18 +64,8 @@ BEST_METRIC = "val_top1"
 log = logging.getLogger("resnet_jax.train")
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """'configs/cifar10.py:resnet56' -> that file's get_config('resnet56') (for tests and
-    benchmarks; the CLI uses ml_collections' config_flags, which also applies overrides)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path!r} not found; e.g. --config configs/cifar10.py:resnet56")
-    module_spec = importlib.util.spec_from_file_location("_resnet_jax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise UserError(f"config file {path!r} has no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
+# Kept here for the tests and benchmarks that load configs through the trainer.
+load_config = config_lib.load_config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -795,7 +784,8 @@ FLAGS = flags.FLAGS
 def _define_flags():
     from ml_collections import config_flags
     config_flags.DEFINE_config_file(
-        "config", None, "a config file and its argument, e.g. configs/cifar10.py:resnet56; "
+        "config", None, "a shipped config or a file and its argument, e.g. cifar10:resnet56 or "
+        "configs/cifar10.py:resnet56; "
         "override any key with --config.KEY=VALUE", lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events; a "
                         "workdir holding a checkpoint of the same model is resumed")
@@ -807,37 +797,6 @@ def _define_flags():
                       "was trained with another data set, batch size, schedule or optimizer")
     flags.DEFINE_bool("describe", False, "print every config key with its value in --config "
                       "(without --config: the defaults), its default and its meaning, then exit")
-
-
-_HELP = {"--help", "-help", "-h", "--helpfull", "-helpfull", "--helpshort", "-helpshort", "-?"}
-_DESCRIBE = {"--describe", "-describe"}
-
-
-def check_overrides(argv) -> None:
-    """config_flags meets an unknown --config.KEY with a traceback; name it in one line instead."""
-    spec, overrides = None, []
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-config") and i + 1 < len(argv):
-            spec = argv[i + 1]
-        elif arg.startswith(("--config=", "-config=")):
-            spec = arg.split("=", 1)[1]
-        elif arg.startswith(("--config.", "-config.")):
-            overrides.append(arg.split(".", 1)[1].split("=", 1)[0])
-    if spec is None:
-        if _HELP.intersection(argv) or any(a.split("=")[0] in _DESCRIBE for a in argv):
-            return
-        raise UserError("--config is required, e.g. --config configs/cifar10.py:resnet56 "
-                        "(--help lists the flags, --describe the config keys)")
-    config = load_config(spec)
-    for key in overrides:
-        node = config
-        for i, part in enumerate(key.split(".")):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                where = ".".join(key.split(".")[:i]) or "the config"
-                raise UserError(f"unknown config key {key!r} ({part!r} is not in {where}; it has: "
-                                f"{', '.join(known)})")
-            node = node[part]
 
 
 def main(argv):
@@ -868,7 +827,7 @@ def main(argv):
 def run():
     _define_flags()
     with exit_on_user_error():
-        check_overrides(sys.argv[1:])
+        sys.argv[1:] = config_lib.command_line(sys.argv[1:])
     cli.absl_run(main, __name__)
 
 

@@ -140,3 +140,41 @@ def test_console_scripts_start_like_python_m(script, tcmalloc):
     flag = {"train": "--workdir", "evaluate": "--checkpoint", "analyze": "--out",
             "summary": "--image_size", "convert": "--option", "compile": "--topology"}[script.rsplit("-", 1)[1]]
     assert flag in proc.stdout, proc.stdout[-2000:]
+
+
+def test_configs_are_addressed_by_name_or_file(tmp_path, monkeypatch):
+    by_name = config_lib.load_config("cifar10:resnet110")
+    assert by_name.model == "resnet110" and by_name.warmup_lr == 0.01
+    assert config_lib.load_config(f"{REPO}/configs/cifar10.py:resnet110") == by_name
+    assert config_lib.available_configs() == ["cifar10", "cpu", "imagenet"]
+    monkeypatch.chdir(tmp_path)  # the repository's own commands, run outside it
+    assert config_lib.load_config("configs/cpu.py:tiny").num_steps == 20
+    own = tmp_path / "mine.py"
+    own.write_text("from resnet_jax.config import default_config\n"
+                   "def get_config(arg):\n    c = default_config(); c.seed = int(arg); return c\n")
+    assert config_lib.load_config("mine.py:7").seed == 7
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope:resnet20", "unknown config 'nope'; use a shipped config NAME:ARG (cifar10, cpu, "
+                      "imagenet; e.g. cifar10:resnet56) or a file PATH.py:ARG"),
+    ("configs/nope.py:resnet20", "config file 'configs/nope.py' not found; use a shipped config"),
+    ("elsewhere/cpu.py:tiny", "config file 'elsewhere/cpu.py' not found"),
+])
+def test_unknown_configs_are_named(spec, message):
+    with pytest.raises(config_lib.UserError, match="^" + message.replace("(", r"\(")
+                       .replace(")", r"\)").replace(".", r"\.")):
+        config_lib.load_config(spec)
+
+
+def test_command_line_gives_config_flags_a_file():
+    argv = config_lib.command_line(["--config", "cpu:tiny", "--config.lr=0.5", "--workdir=W"])
+    assert argv == ["--config", f"{config_lib.configs_dir()}/cpu.py:tiny", "--config.lr=0.5",
+                    "--workdir=W"]
+    assert config_lib.command_line(["--config=imagenet:resnet50,steps"]) == [
+        f"--config={config_lib.configs_dir()}/imagenet.py:resnet50,steps"]
+    with pytest.raises(config_lib.UserError, match="--config is required: a shipped config "
+                       r"NAME:ARG \(cifar10, cpu, imagenet"):
+        config_lib.command_line(["--workdir=W"])
+    with pytest.raises(config_lib.UserError, match="unknown config key 'nope'"):
+        config_lib.command_line(["--config", "cpu:tiny", "--config.nope=1"])
