@@ -20,13 +20,13 @@ from typing import Any, Dict, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 import resnet_jax
 from resnet_jax.errors import UserError
 from resnet_jax.models import XLA, Kernels, layout
+from resnet_jax.models.inputs import Preprocessing
 
 ITEMS = ("model", "train", "metadata")
 
@@ -35,24 +35,8 @@ class DamagedCheckpoint(UserError):
     """A step whose files are missing, unreadable, or changed since they were written."""
 
 
-@dataclasses.dataclass
-class Normalization:
-    """Input preprocessing stored with the weights: x = (pixels / 255 - mean) / std, per channel
-    (shape [3]) or per pixel (shape [H, W, 3], the paper's per-pixel mean subtraction)."""
-
-    mean: Any
-    std: Any = 1.0
-
-    def to_json(self):
-        return dict(mean=np.asarray(self.mean).tolist(), std=np.asarray(self.std).tolist())
-
-    @classmethod
-    def from_json(cls, d):
-        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
-
-    def __call__(self, images_uint8):
-        x = jnp.asarray(images_uint8, jnp.float32) / 255.0
-        return (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+# Input preprocessing stored with the weights (mean, std and the image size trained on).
+Normalization = Preprocessing
 
 
 @dataclasses.dataclass
@@ -238,8 +222,10 @@ def _read_metadata(mngr, step) -> Dict:
     return meta
 
 
-def abstract_variables(model: nn.Module, image_size: int = 32):
-    """Shapes and dtypes of {'params', 'batch_stats'}, on one device, without computing anything."""
+def abstract_variables(model: nn.Module, image_size: Optional[int] = None):
+    """Shapes and dtypes of {'params', 'batch_stats'}, on one device, without computing anything;
+    by default at the size the model expects (32 where it takes any)."""
+    image_size = image_size or getattr(model, "input_size", None) or 32
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
@@ -301,8 +287,10 @@ def load_model(directory: str, step: Optional[int] = None,
     or converted weights."""
     step = latest_step(directory, step)
     meta = read_metadata(directory, step)
-    model = resnet_jax.create_model(meta["model"], kernels=kernels, **meta.get("model_options", {}))
-    target = abstract_variables(model, meta.get("image_size", 32))
+    image_size = meta.get("image_size", 32)  # what the net was trained on (converted: made for)
+    model = resnet_jax.create_model(meta["model"], kernels=kernels, input_size=image_size,
+                                    **meta.get("model_options", {}))
+    target = abstract_variables(model, image_size)
     # Compare shapes first: a mismatched restore fails deep inside orbax's async machinery and
     # leaves 'Event loop is closed' tracebacks on stderr at exit.
     stored = stored_shapes(directory, step)
@@ -322,8 +310,9 @@ def load_model(directory: str, step: Optional[int] = None,
             others = [s for s in mngr.all_steps() if s != step]
         hint = f"pass --step with one of {others}" if others else "no other step to use"
         raise DamagedCheckpoint(f"{e}; {hint}") from None
-    return LoadedModel(model, dict(restored["model"]), Normalization.from_json(meta["normalization"]),
-                       meta, step, str(directory))
+    return LoadedModel(model, dict(restored["model"]),
+                       Normalization.from_json(meta["normalization"], image_size), meta, step,
+                       str(directory))
 
 
 class _QuietOrbax(logging.Filter):

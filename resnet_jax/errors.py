@@ -15,12 +15,13 @@ class UserError(Exception):
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """Wrap a CLI's main: a UserError (or an unknown model) becomes `error: ...` per line and
+    """Wrap a CLI's main: a UserError (or an unknown model, a net called wrongly) becomes
+    `error: ...` per line and
     exit 2; Ctrl-C outside training (which saves and exits 0) becomes one line and exit 130."""
-    from resnet_jax.models.registry import UnknownModelError
+    from resnet_jax.models import ModelUsageError, UnknownModelError
     try:
         yield
-    except (UserError, UnknownModelError) as e:
+    except (UserError, UnknownModelError, ModelUsageError) as e:
         for line in str(e).splitlines() or [e.__class__.__name__]:
             print(f"error: {line}", file=sys.stderr, flush=True)
         if getattr(e, "exit_at_once", False):

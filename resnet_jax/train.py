@@ -121,7 +121,9 @@ def create_model(config, num_classes: int, kernels: Kernels = XLA):
     options["num_classes"] = num_classes
     model_options = dict(options)  # what the checkpoint's metadata records (JSON-able)
     options["dtype"] = jnp.dtype(config.compute_dtype)  # one of config.DTYPES (validate)
-    return resnet_jax.create_model(config.model, kernels=kernels, **options), model_options
+    # Any image size: the trainer takes its data's, which the checkpoint records (image_size).
+    return (resnet_jax.create_model(config.model, kernels=kernels, input_size=None, **options),
+            model_options)
 
 
 def _init_fn(config, model, image_size: int):

@@ -13,7 +13,7 @@ from resnet_jax.models import layers, layout
 
 
 def abstract_init(name, image_size=32, **options):
-    model = resnet_jax.create_model(name, **options)
+    model = resnet_jax.create_model(name, input_size=None, **options)  # any size: structure only
     return model, jax.eval_shape(model.init, jax.random.key(0),
                                  jnp.zeros((1, image_size, image_size, 3)))
 
@@ -293,3 +293,114 @@ def test_unstack_blocks_names_every_block_in_depth_order():
     assert flat["stage3"]["block199"]["bn2"]["scale"].shape == (64,)
     _, per_block = abstract_init("resnet20")
     assert layout.unstack_blocks(per_block) == per_block
+
+
+# ---------------------------------------------------------------------------------------------
+# One way to call every net, and misuse refused in one line
+
+
+# One net of each family in the quick tier; the deeper ones take seconds each to trace.
+QUICK = ("resnet20", "plain20", "resnet18", "plain18", "resnet1202", "vgg19")
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in resnet_jax.list_models()])
+def test_every_net_takes_the_same_calls(name):
+    """init, apply in eval and train mode, features and capture_responses, the same for every
+    net of the zoo (VGG included: no BN, dropout); traced abstractly at the smallest size."""
+    model = resnet_jax.create_model(name, input_size=None, num_classes=7)
+    key, x = jax.random.key(0), jnp.zeros((2, 32, 32, 3))
+    variables = jax.eval_shape(model.init, key, x)
+    rngs = {"dropout": key}
+    logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+    trained, updates = jax.eval_shape(functools.partial(
+        model.apply, train=True, mutable=["batch_stats"], rngs=rngs), variables, x)
+    assert logits.shape == trained.shape == (2, 7)
+    assert jax.tree.structure(dict(updates).get("batch_stats", {})) == jax.tree.structure(
+        dict(variables).get("batch_stats", {}))
+    features = jax.eval_shape(functools.partial(model.apply, features=True), variables, x)
+    assert features["pooled"].shape[0] == 2  # eval_shape sorts the keys
+    assert sorted(k for k in features if k != "pooled") == [f"stage{s}" for s in
+                                                           range(1, len(features))]
+    for train in (False, True):
+        captured = jax.eval_shape(functools.partial(
+            resnet_jax.capture_responses, model, train=train, rngs=rngs), variables, x)
+        assert len(captured) >= 16
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    model = resnet_jax.create_model("resnet20", widths=(2, 4, 4))
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, v: m.apply(v, jnp.ones((2, 32, 32, 3)), mutable=["batch_stats"]),
+     r"apply\(\.\.\., mutable=\['batch_stats'\]\) without train=True computes in eval mode and "
+     "leaves BN statistics unchanged; pass train=True"),
+    (lambda m, v: m.apply(v, jnp.ones((2, 32, 32, 3)), train=True),
+     r"train=True updates BN statistics: apply with mutable=\['batch_stats'\]"),
+    (lambda m, v: m.apply(v, np.zeros((2, 32, 32, 3), np.uint8)),
+     r"takes normalised float images, not uint8: x = resnet_jax.preprocessing\(name\)\(images\)"),
+    (lambda m, v: m.apply(v, np.zeros((2, 32, 32, 3), np.int8)), "not int8"),
+    (lambda m, v: m.apply(v, jnp.ones((2, 3, 32, 32))),
+     r"takes NHWC images \[N, H, W, 3\]; these \(2, 3, 32, 32\) look NCHW"),
+    (lambda m, v: m.apply(v, jnp.ones((2, 32, 32, 1))), "takes RGB images, 3 channels on the "
+     "last axis, not 1"),
+    (lambda m, v: m.apply(v, jnp.ones((32, 32, 3))), r"a single image: x\[None\]"),
+    (lambda m, v: jax.jit(m.apply)(v, jnp.ones((2, 224, 224, 3))),
+     r"expects 32x32 images, not 224x224: resize them, or create_model\(\.\.\., "
+     "input_size=None\\)"),
+])
+def test_misuse_is_refused_in_one_line(resnet20, call, message):
+    with pytest.raises(resnet_jax.ModelUsageError, match=message) as e:
+        call(*resnet20)
+    assert len(str(e.value).split("\n-----")[0].splitlines()) == 1
+
+
+def test_explicit_training_mode_updates_statistics(resnet20):
+    model, variables = resnet20
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates["batch_stats"],
+                           variables["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+
+
+def test_vgg_training_needs_a_dropout_key():
+    model = resnet_jax.create_model("vgg19", input_size=None, num_classes=3)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    with pytest.raises(resnet_jax.ModelUsageError, match=r"VGG trains with dropout: pass "
+                       r"rngs=\{'dropout': key\}"):
+        jax.eval_shape(functools.partial(model.apply, train=True, mutable=["batch_stats"]),
+                       variables, x)
+
+
+def test_create_model_names_options_and_sizes():
+    model = resnet_jax.create_model("resnet20", name="backbone")
+    assert model.name == "backbone" and model.input_size == 32
+    assert resnet_jax.create_model("resnet50").input_size is None  # fully convolutional
+    assert resnet_jax.create_model("vgg19").input_size == 224  # its dense layers fix the size
+    with pytest.raises(resnet_jax.UnknownModelError, match="'depth' is fixed by the model's name, "
+                       r"not an option of 'resnet20'.*; valid options: bn_epsilon, bn_momentum, "
+                       "dtype, num_classes, param_dtype, shortcut, widths, zero_init_last$"):
+        resnet_jax.create_model("resnet20", depth=56)
+    with pytest.raises(resnet_jax.UnknownModelError, match=r"unknown option 'widht' for model "
+                       r"'resnet20' \(did you mean 'widths'\?\); valid options: bn_epsilon,"):
+        resnet_jax.create_model("resnet20", widht=(1, 2, 3))
+
+
+def test_each_net_carries_its_preprocessing():
+    cifar, imagenet = resnet_jax.preprocessing("resnet20"), resnet_jax.preprocessing("resnet50")
+    assert (cifar.input_size, imagenet.input_size) == (32, 224)
+    assert resnet_jax.preprocessing("vgg19") == imagenet
+    x = cifar(np.full((1, 32, 32, 3), 255, np.uint8))
+    np.testing.assert_allclose(x[0, 0, 0], 1 - np.asarray(cifar.mean), rtol=1e-6)
+
+
+def test_list_models_takes_a_pattern():
+    assert resnet_jax.list_models("plain*") == ["plain18", "plain20", "plain32", "plain34",
+                                                "plain44", "plain56", "plain110", "plain1202"]
+    assert resnet_jax.list_models("vgg*") == ["vgg19"] and resnet_jax.list_models("x*") == []
+    assert len(resnet_jax.list_models()) == 20

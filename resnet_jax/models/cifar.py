@@ -23,14 +23,15 @@ class CifarResNet(layers.Network):
         return (self.depth - 2) // 6
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False):
         x, conv, norm = self.begin(x, train)
         x = conv(self.widths[0], (3, 3), name="conv1")(x)
         x = nn.relu(layers.Response(name="response1")(norm(name="bn1")(x)))
         block = functools.partial(layers.BasicBlock, conv=conv, norm=norm, residual=self.residual,
                                   shortcut=self.shortcut, zero_init_last=self.zero_init_last,
                                   kernels=self.kernels)
+        stages = {}
         for s, width in enumerate(self.widths):
-            x = layers.Stage(block, width, self.blocks_per_stage, 1 if s == 0 else 2,
-                             name=f"stage{s + 1}")(x)
-        return self.classify(layers.global_average_pool(x))
+            x = stages[f"stage{s + 1}"] = layers.Stage(
+                block, width, self.blocks_per_stage, 1 if s == 0 else 2, name=f"stage{s + 1}")(x)
+        return self.outputs(layers.global_average_pool(x), stages, features)

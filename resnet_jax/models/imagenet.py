@@ -25,7 +25,7 @@ class ImageNetResNet(layers.Network):
     zero_init_last: bool = False
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False):
         x, conv, norm = self.begin(x, train)
         x = conv(self.widths[0], (7, 7), 2, name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
@@ -34,7 +34,8 @@ class ImageNetResNet(layers.Network):
                       zero_init_last=self.zero_init_last, kernels=self.kernels)
         block = (functools.partial(layers.Bottleneck, stride_in_3x3=self.stride_in_3x3, **common)
                  if self.bottleneck else functools.partial(layers.BasicBlock, **common))
+        stages = {}
         for s, (width, num_blocks) in enumerate(zip(self.widths, self.stage_sizes)):
-            x = layers.Stage(block, width, num_blocks, 1 if s == 0 else 2,
-                             name=f"stage{s + 1}")(x)
-        return self.classify(layers.global_average_pool(x))
+            x = stages[f"stage{s + 1}"] = layers.Stage(block, width, num_blocks, 1 if s == 0 else 2,
+                                                       name=f"stage{s + 1}")(x)
+        return self.outputs(layers.global_average_pool(x), stages, features)

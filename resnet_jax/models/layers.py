@@ -8,7 +8,6 @@ import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
-import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -179,14 +178,43 @@ class Network(nn.Module):
     # How the layers are computed (models/compute.py): XLA's, portable, unless the caller passes
     # a faster set for the devices the program runs on (resnet_jax.kernels.for_devices).
     kernels: Kernels = _keyword(XLA)
+    # The side of the square images the net expects, checked on every call; None: any size
+    # (registry.create_model sets it from the net's preprocessing unless told otherwise).
+    input_size: Optional[int] = _keyword(None)
 
     def begin(self, x, train: bool):
-        """NHWC RGB images -> (images in the compute dtype, conv, norm) for this network."""
-        chex.assert_rank(x, 4)
-        chex.assert_axis_dimension(x, -1, 3)
+        """NHWC RGB images -> (images in the compute dtype, conv, norm) for this network, after
+        refusing, in one line each, what would otherwise run and give wrong numbers."""
+        check_input(x, self.input_size, type(self).__name__)
+        self.check_mode(train)
         conv, norm = make_conv_norm(train, self.dtype, self.param_dtype, self.bn_momentum,
                                     self.bn_epsilon, self.kernels)
         return jnp.asarray(x, self.dtype), conv, norm
+
+    def check_mode(self, train: bool):
+        """Training mode is explicit: BN statistics are updated exactly when `train=True` and
+        the `batch_stats` collection is mutable, and nothing else is accepted."""
+        if self.is_initializing():
+            return
+        stats = self.is_mutable_collection("batch_stats")
+        if stats and not train:
+            raise ModelUsageError(
+                "apply(..., mutable=['batch_stats']) without train=True computes in eval mode and "
+                "leaves BN statistics unchanged; pass train=True to train, or drop mutable")
+        if train and not stats and self.has_batch_norm():
+            raise ModelUsageError("train=True updates BN statistics: apply with "
+                                  "mutable=['batch_stats'] (or train=False to evaluate)")
+
+    def has_batch_norm(self) -> bool:
+        return True
+
+    def outputs(self, x, stages, features: bool):
+        """The end of every net: logits from the pooled features `x`, or with `features=True`
+        {'stage1': ..., 'pooled': x} (each stage's output, then the pooled features) for use as
+        a backbone, without the classifier."""
+        if features:
+            return {**stages, "pooled": x}
+        return self.classify(x)
 
     def dense(self, features: int, name: str):
         return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -194,6 +222,33 @@ class Network(nn.Module):
     def classify(self, x):
         """The classifier (`fc`); logits in float32 whatever the compute dtype."""
         return jnp.asarray(self.dense(self.num_classes, "fc")(x), jnp.float32)
+
+
+class ModelUsageError(ValueError):
+    """A network called in a way that would run and give wrong numbers; the message names the fix."""
+
+
+def check_input(x, input_size: Optional[int], net: str) -> None:
+    """Refuse images that are not a float NHWC RGB batch [N, S, S, 3] with S = `input_size`."""
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 4:
+        hint = "; a single image: x[None]" if len(shape) == 3 else ""
+        raise ModelUsageError(f"{net} takes a batch of NHWC images [N, H, W, 3], not shape "
+                              f"{shape}{hint}")
+    if shape[-1] != 3:
+        if shape[1] == 3:
+            raise ModelUsageError(f"{net} takes NHWC images [N, H, W, 3]; these {shape} look NCHW: "
+                                  "jnp.transpose(x, (0, 2, 3, 1))")
+        raise ModelUsageError(f"{net} takes RGB images, 3 channels on the last axis, not "
+                              f"{shape[-1]} (shape {shape})")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ModelUsageError(
+            f"{net} takes normalised float images, not {jnp.dtype(x.dtype).name}: "
+            "x = resnet_jax.preprocessing(name)(images) does (images / 255 - mean) / std")
+    if input_size is not None and shape[1:3] != (input_size, input_size):
+        raise ModelUsageError(
+            f"{net} expects {input_size}x{input_size} images, not {shape[1]}x{shape[2]}: resize "
+            "them, or create_model(..., input_size=None) to run it at any size")
 
 
 def make_conv_norm(train: bool, dtype, param_dtype, bn_momentum: float, bn_epsilon: float,

@@ -1,13 +1,15 @@
 """Names -> constructors: the one place that lists the networks of the zoo."""
 import dataclasses
 import difflib
+import fnmatch
 import functools
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import flax.linen as nn
 
 from resnet_jax.models import cifar, imagenet, vgg
 from resnet_jax.models.compute import XLA, Kernels
+from resnet_jax.models.inputs import CIFAR10_MEAN, IMAGENET_MEAN, Preprocessing
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 
@@ -29,16 +31,38 @@ def _registry() -> Dict[str, Callable[..., nn.Module]]:
 
 _MODELS = _registry()
 # Fields that are not options: fixed by the name, flax's own, or how rather than what to compute
-# (`kernels`, create_model's own argument: it never goes into a config or a checkpoint).
-_DERIVED = {"depth", "stage_sizes", "bottleneck", "residual", "parent", "name", "kernels"}
+# (`kernels`, `input_size`: create_model's own arguments, never in a config or a checkpoint's
+# model options).
+_DERIVED = {"depth", "stage_sizes", "bottleneck", "residual", "parent", "name", "kernels",
+            "input_size"}
+# The paper's input for each family: mean subtraction (Sec. 4.2 and 3.4) at the training size.
+_CIFAR = Preprocessing(mean=CIFAR10_MEAN, input_size=32)
+_IMAGENET = Preprocessing(mean=IMAGENET_MEAN, input_size=224)
+_DEFAULT = object()
 
 
 class UnknownModelError(ValueError):
     pass
 
 
-def list_models() -> List[str]:
-    return sorted(_MODELS, key=lambda n: (n.rstrip("0123456789"), int(n[len(n.rstrip("0123456789")):])))
+def _depth_order(name: str):
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem):])
+
+
+def list_models(pattern: str = "*") -> List[str]:
+    """The zoo's names matching the shell-style `pattern` ('resnet*', 'plain?0'), in order of
+    family and depth: CIFAR and ImageNet ResNets (`resnet20` ... `resnet1202`, `resnet18` ...
+    `resnet152`), their plain counterparts, and `vgg19`."""
+    return sorted(fnmatch.filter(_MODELS, pattern), key=_depth_order)
+
+
+def preprocessing(name: str) -> Preprocessing:
+    """The input `create_model(name)` expects by default: its image size, and the mean and std
+    of the paper's recipe (a trained net's own come with it from `resnet_jax.load`)."""
+    ctor = _lookup(name)
+    family = ctor.func if isinstance(ctor, functools.partial) else ctor
+    return _CIFAR if family is cifar.CifarResNet else _IMAGENET
 
 
 def model_options(name: str) -> List[str]:
@@ -55,19 +79,33 @@ def _lookup(name: str):
     return _MODELS[name]
 
 
-def create_model(name: str, *, kernels: Kernels = XLA, **options) -> nn.Module:
+def create_model(model_name: str, /, *, kernels: Kernels = XLA, input_size=_DEFAULT,
+                 name: Optional[str] = None, **options) -> nn.Module:
     """`create_model('resnet56', shortcut='B')` -> an unbound flax.linen.Module.
 
-    Call it as `model.apply(variables, images, train=...)` on NHWC images. `kernels` says how its
-    layers are computed (models/compute.py): XLA's by default, on any device; the parameters and
-    outputs do not depend on it."""
-    ctor = _lookup(name)
-    valid = model_options(name)
+    Call it as `model.apply(variables, images, train=...)` on float NHWC images normalised by
+    `preprocessing(model_name)`; `train=True` with `mutable=['batch_stats']` (and VGG's
+    `rngs={'dropout': key}`) trains, `features=True` returns each stage's output and the pooled
+    features instead of logits. Images of another size than the net's (32x32 for the CIFAR
+    nets, 224x224 for VGG) are refused unless `input_size` says otherwise (None: any size; the
+    ImageNet ResNets take any size by default). `kernels` says how its layers are computed
+    (models/compute.py): XLA's by default, on any device; the parameters and outputs do not
+    depend on it. `name` is flax's module name, for a net inside another module."""
+    ctor = _lookup(model_name)
+    valid = model_options(model_name)
     for key in options:
+        if key in _DERIVED:
+            raise UnknownModelError(f"{key!r} is fixed by the model's name, not an option of "
+                                    f"{model_name!r}: pick the net by name (list_models()); "
+                                    f"valid options: {', '.join(valid)}")
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5) or valid
-            raise UnknownModelError(
-                f"unknown option {key!r} for model {name!r}; valid options: {', '.join(close)}")
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UnknownModelError(f"unknown option {key!r} for model {model_name!r}{hint}; "
+                                    f"valid options: {', '.join(valid)}")
     if "shortcut" in options and options["shortcut"] not in ("A", "B", "C"):
         raise UnknownModelError(f"shortcut must be 'A', 'B' or 'C', not {options['shortcut']!r}")
-    return ctor(kernels=kernels, **options)
+    if input_size is _DEFAULT:
+        fixed = (ctor.func if isinstance(ctor, functools.partial) else ctor) is not imagenet.ImageNetResNet
+        input_size = preprocessing(model_name).input_size if fixed else None
+    return ctor(kernels=kernels, input_size=input_size, name=name, **options)

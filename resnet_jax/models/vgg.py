@@ -18,17 +18,24 @@ class VGG(layers.Network):
     batch_norm: bool = False
     dropout_rate: float = 0.5
 
+    def has_batch_norm(self) -> bool:
+        return self.batch_norm
+
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False):
         x, conv, norm = self.begin(x, train)
+        if train and self.dropout_rate and not self.is_initializing() and not self.has_rng("dropout"):
+            raise layers.ModelUsageError("VGG trains with dropout: pass rngs={'dropout': key} "
+                                         "with train=True")
+        stages = {}
         for s, (width, num_convs) in enumerate(self.stages):
             x = _VGGStage(width, num_convs, conv, norm, self.batch_norm, name=f"stage{s + 1}")(x)
-            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = stages[f"stage{s + 1}"] = nn.max_pool(x, (2, 2), (2, 2))
         x = x.reshape((x.shape[0], -1))
         for k in (1, 2):
             x = nn.relu(self.dense(4096, f"fc{k}")(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return self.classify(x)
+        return self.outputs(x, stages, features)
 
 
 class _VGGStage(nn.Module):
