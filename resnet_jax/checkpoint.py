@@ -281,6 +281,13 @@ def _guess_stored_model(stored, model: nn.Module, model_name: str, options: Dict
     return ""
 
 
+def model_for(name: str, options: Dict, image_size: int, kernels: Kernels = XLA) -> nn.Module:
+    """The zoo's net as trained on `image_size` images: a net of one input size (CIFAR's, VGG)
+    expects that size, a fully convolutional one (the ImageNet ResNets) takes any."""
+    model = resnet_jax.create_model(name, kernels=kernels, **options)
+    return model if model.input_size is None else model.clone(input_size=image_size)
+
+
 def load_model(directory: str, step: Optional[int] = None,
                kernels: Kernels = XLA) -> LoadedModel:
     """The model (computing with `kernels`), its variables and its normalisation from a workdir
@@ -288,8 +295,7 @@ def load_model(directory: str, step: Optional[int] = None,
     step = latest_step(directory, step)
     meta = read_metadata(directory, step)
     image_size = meta.get("image_size", 32)  # what the net was trained on (converted: made for)
-    model = resnet_jax.create_model(meta["model"], kernels=kernels, input_size=image_size,
-                                    **meta.get("model_options", {}))
+    model = model_for(meta["model"], meta.get("model_options", {}), image_size, kernels)
     target = abstract_variables(model, image_size)
     # Compare shapes first: a mismatched restore fails deep inside orbax's async machinery and
     # leaves 'Event loop is closed' tracebacks on stderr at exit.

@@ -117,6 +117,16 @@ def guess_models(state: Dict[str, np.ndarray], fmt: str) -> List[str]:
     return [f"resnet{d}" for d, s in STAGE_SIZES.items() if s == sizes and (d >= 50) == bottleneck]
 
 
+def infer_model(state: Dict[str, np.ndarray]) -> str:
+    """The zoo's net a state dict holds: the ResNet its keys describe (a plain CIFAR net has the
+    same weights as its ResNet under option A: name it with --model to get the plain one)."""
+    guess = guess_models(state, detect_format(state))
+    if not guess:
+        raise UserError("cannot tell which net this state dict holds; pass --model NAME (models: "
+                        f"{', '.join(resnet_jax.list_models())})")
+    return guess[0]
+
+
 def _torch_name(path: Tuple[str, ...], fmt: str) -> str:
     """('params', 'stage2', 'block4', 'shortcut', 'bn', 'scale') -> 'layer2.4.shortcut.1.weight'."""
     collection, *modules, leaf = path
@@ -206,17 +216,27 @@ def convert_state_dict(state: Dict[str, np.ndarray], model_name: str, options: O
     return variables, options, fmt
 
 
-def convert(source: str, model_name: str, out: str, options: Optional[Dict] = None) -> str:
-    """Read `source`, convert it for `model_name`, save it as a checkpoint at `out`."""
+def read_converted(source: str, model_name: Optional[str] = None, options: Optional[Dict] = None):
+    """-> (model name, variables, model options, format) of a state dict file, converted in
+    memory; the net inferred from its keys unless `model_name` says."""
+    state = read_state_dict(source)
+    model_name = model_name or infer_model(state)
+    variables, options, fmt = convert_state_dict(state, model_name, options, source)
+    return model_name, variables, options, fmt
+
+
+def convert(source: str, model_name: Optional[str], out: str,
+            options: Optional[Dict] = None) -> Tuple[str, str]:
+    """Read `source`, convert it for `model_name` (inferred from its keys if None), save it as a
+    checkpoint at `out` -> (out, the model's name)."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"output directory {out!r} is not empty; choose a new --out")
-    state = read_state_dict(source)
-    variables, options, fmt = convert_state_dict(state, model_name, options, source)
+    model_name, variables, options, fmt = read_converted(source, model_name, options)
     return checkpoint.save_model(
         out, variables, model_name=model_name, model_options=options,
         normalization=IMAGENET_NORMALIZATION,
         extra=dict(source=os.path.abspath(source), format=fmt,
-                   image_size=FORMATS[fmt]["image_size"]))
+                   image_size=FORMATS[fmt]["image_size"])), model_name
 
 
 def parse_options(pairs: List[str]) -> Dict:
@@ -238,7 +258,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     """Defined when the CLI runs, not on import: other modules' CLIs use some of the same names."""
-    flags.DEFINE_string("model", None, "the zoo's name of the net, e.g. resnet20 or resnet50")
+    flags.DEFINE_string("model", None, "the zoo's name of the net, e.g. resnet20 or resnet50 "
+                        "(default: the ResNet the keys describe)")
     flags.DEFINE_string("out", None, "checkpoint directory to create (must be new or empty)")
     flags.DEFINE_multi_string("option", [], "model option key=value (repeatable), e.g. shortcut=B")
 
@@ -247,13 +268,13 @@ def main(argv):
     with exit_on_user_error():
         if len(argv) != 2:
             raise UserError("name one state dict file: python -m resnet_jax.convert SOURCE "
-                            "--model NAME --out CKPT_DIR")
-        if not FLAGS.model or not FLAGS.out:
-            raise UserError(f"--model and --out are required (models: "
-                            f"{', '.join(resnet_jax.list_models())})")
+                            "--out CKPT_DIR [--model NAME]")
+        if not FLAGS.out:
+            raise UserError("--out is required: the checkpoint directory to create")
         checkpoint.quiet_orbax()
-        out = convert(argv[1], FLAGS.model, FLAGS.out, parse_options(FLAGS.option))
-        print(f"wrote {FLAGS.model} to {out}")
+        out, name = convert(argv[1], FLAGS.model, FLAGS.out, parse_options(FLAGS.option))
+        inferred = "" if FLAGS.model else " (inferred from its keys; --model NAME for another)"
+        print(f"wrote {name}{inferred} to {out}")
 
 
 def run():

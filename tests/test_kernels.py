@@ -195,7 +195,7 @@ def test_models_import_no_kernels_and_default_to_xla():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, XLA_FLAGS="")).stdout
     assert out.strip() == "[]"
-    model = resnet_jax.create_model("resnet20", widths=(4, 8, 8))
+    model = resnet_jax.create_model("resnet20", widths=(4, 8, 8), input_size=None)
     assert model.kernels is compute.XLA
     x = jnp.ones((2, 8, 8, 3))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
@@ -443,7 +443,7 @@ def test_onednn_set_builds_its_library_when_first_used(onednn, tmp_path):
     """A caller may hold `cpu.ONEDNN` without asking `for_devices` (which builds and registers
     the library): the first traced call registers it, instead of XLA failing to find a handler."""
     code = ("import jax, jax.numpy as jnp, resnet_jax; from resnet_jax.kernels import cpu; "
-            "m = resnet_jax.create_model('resnet20', widths=(4, 8, 8), kernels=cpu.ONEDNN); "
+            "m = resnet_jax.create_model('resnet20', widths=(4, 8, 8), input_size=None, kernels=cpu.ONEDNN); "
             "x = jnp.ones((2, 8, 8, 3)); v = jax.jit(m.init)(jax.random.key(0), x); "
             "print(jax.jit(m.apply)(v, x).shape)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

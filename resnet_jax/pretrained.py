@@ -1,0 +1,49 @@
+"""A trained net in Python: `resnet_jax.load(path)` -> model, variables and preprocessing.
+
+    trained = resnet_jax.load("runs/resnet20")          # a training workdir or a converted one
+    trained = resnet_jax.load("resnet20.th")            # a PyTorch state dict, converted in memory
+    logits = trained.model.apply(trained.variables, trained.normalization(uint8_images))
+
+Quiet: orbax's notes about directories opened read-only are dropped while it reads.
+"""
+import contextlib
+import logging
+import os
+from typing import Optional
+
+from resnet_jax import checkpoint
+from resnet_jax.models import XLA, Kernels
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """checkpoint._QuietOrbax on absl's logger for the duration, and no longer."""
+    logger, quiet = logging.getLogger("absl"), checkpoint._QuietOrbax()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def load(path: str, *, step: Optional[int] = None, model: Optional[str] = None,
+         kernels: Kernels = XLA) -> checkpoint.LoadedModel:
+    """The net at `path` as `LoadedModel(model, variables, normalization, metadata, step)`:
+    `normalization` is its `Preprocessing` (mean, std and the image size it was trained on).
+
+    `path`: a checkpoint directory (a training workdir, or `python -m resnet_jax.convert`'s
+    --out; its latest step unless `step`), or a PyTorch state dict file (.pt/.pth/.th/.npz of the
+    CIFAR reproduction or torchvision), whose net is inferred from its keys unless `model` names
+    it. Bad input raises `UserError` with a one-line message."""
+    if os.path.isfile(path):
+        from resnet_jax import convert
+        name, variables, options, fmt = convert.read_converted(path, model)
+        size = convert.FORMATS[fmt]["image_size"]
+        net = checkpoint.model_for(name, options, size, kernels)
+        normalization = checkpoint.Normalization(convert.IMAGENET_NORMALIZATION.mean,
+                                                 convert.IMAGENET_NORMALIZATION.std, size)
+        meta = dict(model=name, model_options=options, source=os.path.abspath(path), format=fmt,
+                    image_size=size, normalization=normalization.to_json())
+        return checkpoint.LoadedModel(net, variables, normalization, meta, 0, path)
+    with _quiet_orbax():
+        return checkpoint.load_model(path, step, kernels)
