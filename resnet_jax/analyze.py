@@ -323,7 +323,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} is a file; name a directory")
     meta = runs[0].loaded.metadata
-    image_size = meta.get("image_size", 32)
+    image_size = runs[0].loaded.normalization.input_size  # the net's own (metadata's image_size)
     if imagenet.is_imagenet_input(image_size):  # any image size; decoded batch by batch
         dataset = imagenet.open_split(data, split, data_dir)
     else:

@@ -12,6 +12,7 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
     from resnet_jax import cli
     cli.start("evaluate")
 
+import dataclasses
 import json
 import os
 import sys
@@ -64,9 +65,43 @@ def check_fits(loaded: checkpoint.LoadedModel, dataset: sources.Dataset):
                         f"{dataset.name} has {dataset.images.shape[1:3]} images")
 
 
-def stderr_progress(done: int, total: int, seconds: float):
-    print(f"evaluate: {done}/{total} images, {done / max(seconds, 1e-9):.0f} images/s",
-          file=sys.stderr, flush=True)
+def stderr_progress(done: int, total: int, rate: Optional[float]):
+    speed = f", {rate:.0f} images/s" if rate else ""
+    print(f"evaluate: {done}/{total} images{speed}", file=sys.stderr, flush=True)
+
+
+def _rate(clock, done: int) -> Optional[float]:
+    """Images a second since `clock` = (time, images done then), or None before any."""
+    if clock is None or done <= clock[1]:
+        return None
+    return (done - clock[1]) / max(time.perf_counter() - clock[0], 1e-9)
+
+
+class _Head:
+    """The first `count` examples of a random-access source."""
+
+    def __init__(self, source, count: int):
+        self.source, self.count = source, count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        return self.source[index % self.count]
+
+
+def first_images(data, count: Optional[int]):
+    """A Dataset or Split cut to its first `count` images (all of it for None); UserError
+    unless 0 < count <= its length."""
+    if count is None:
+        return data
+    if not 0 < count <= len(data):
+        raise UserError(f"--num_images must be in 1..{len(data)} for {data.name}, not {count}")
+    if isinstance(data, sources.Dataset):
+        return dataclasses.replace(data, images=data.images[:count], labels=data.labels[:count])
+    return dataclasses.replace(data, source=_Head(data.source, count))
 
 
 def make_eval_step(model, mesh, normalization: checkpoint.Normalization):
@@ -95,21 +130,25 @@ def evaluate_batches(eval_step, variables, batches, progress: Optional[Callable]
     mask) batches; NonFiniteOutput if any image gets a NaN or infinite logit or loss, since no
     accuracy is then right. Sums stay on device (the host queues the next batch while one runs,
     two at most: `parallel.InFlight`); the host waits otherwise only for `progress(done, total,
-    seconds)`, every `progress_every` batches, and at the end."""
-    totals, start, done, reported = None, time.perf_counter(), 0, True
+    images_per_second)`, every `progress_every` batches, and at the end. The rate counts from
+    the end of the first batch, so that its compile is not in it (None until then)."""
+    totals, done, reported, clock = None, 0, True, None
     in_flight = parallel.InFlight()
     for i, (images, labels, mask) in enumerate(batches):
         out = eval_step(variables, images, labels, mask)
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         in_flight.add(totals)
         done = min(done + len(labels), total) if total else done + len(labels)
+        if progress and i == 0:
+            jax.block_until_ready(totals)
+            clock = (time.perf_counter(), done)
         reported = bool(progress) and (i + 1) % progress_every == 0
         if reported:
             jax.block_until_ready(totals)
-            progress(done, total, time.perf_counter() - start)
+            progress(done, total, _rate(clock, done))
     totals = jax.device_get(totals)
     if progress and not reported:
-        progress(done, total, time.perf_counter() - start)
+        progress(done, total, _rate(clock, done))
     count = int(totals["count"])
     if int(totals["nonfinite"]):
         raise NonFiniteOutput(f"{int(totals['nonfinite'])} of {count} images got non-finite "
@@ -194,7 +233,8 @@ def define_flags():
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
     flags.DEFINE_string("data", "cifar10", "tfds name (cifar10), folder:PATH (ImageFolder "
                         "PATH/<split>/<class>/*) or synthetic[:N]")
-    flags.DEFINE_string("split", "test", "split to score, all of it")
+    flags.DEFINE_string("split", "test", "split to score, all of it unless --num_images")
+    flags.DEFINE_integer("num_images", None, "score only the split's first N images")
     flags.DEFINE_string("data_dir", None, "tfds data directory")
     flags.DEFINE_integer("batch_size", 500, "images per forward pass (the last batch is padded)")
     flags.DEFINE_string("json", None, "write the result here as JSON")
@@ -216,16 +256,17 @@ def main(argv):
         checkpoint.quiet_orbax()
         loaded = checkpoint.load_model(FLAGS.checkpoint, FLAGS.step,
                                        kernels.for_devices(jax.local_devices()))
-        image_size = loaded.metadata.get("image_size", 32)
+        image_size = loaded.normalization.input_size
         if imagenet.is_imagenet_input(image_size):
-            split = imagenet.open_split(FLAGS.data, FLAGS.split, FLAGS.data_dir)
+            split = first_images(imagenet.open_split(FLAGS.data, FLAGS.split, FLAGS.data_dir),
+                                 FLAGS.num_images)
             name = split.name
             result = evaluate_streamed(loaded, split, FLAGS.batch_size, FLAGS.ten_crop)
         else:
-            dataset = sources.load(FLAGS.data, FLAGS.split, data_dir=FLAGS.data_dir,
-                                   image_size=image_size,
-                                   num_classes=getattr(loaded.model, "num_classes", 10),
-                                   classes=model_classes(loaded))
+            dataset = first_images(sources.load(
+                FLAGS.data, FLAGS.split, data_dir=FLAGS.data_dir, image_size=image_size,
+                num_classes=getattr(loaded.model, "num_classes", 10),
+                classes=model_classes(loaded)), FLAGS.num_images)
             name = dataset.name
             result = evaluate(loaded, dataset, FLAGS.batch_size)
         result.update(checkpoint=os.path.abspath(FLAGS.checkpoint), step=loaded.step,

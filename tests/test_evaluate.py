@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -153,3 +154,36 @@ def test_classes_are_checked_before_any_batch_runs(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="other has classes that the model's list lacks: dog; "
                                         "lacks the model's classes cat"):
         evaluate.evaluate(loaded, other)
+
+
+def test_num_images_scores_the_first_images_only(tmp_path):
+    loaded = _small_checkpoint(tmp_path / "c")
+    data = sources.load("synthetic:24", "test")
+    some = evaluate.first_images(data, 10)
+    assert len(some) == 10 and (some.labels == data.labels[:10]).all()
+    assert evaluate.evaluate(loaded, some, batch_size=8, progress=None)["count"] == 10
+    assert evaluate.first_images(data, None) is data
+    with pytest.raises(UserError, match=r"--num_images must be in 1\.\.24 for synthetic:24:test, not 25"):
+        evaluate.first_images(data, 25)
+    head = evaluate._Head([{"i": i} for i in range(5)], 3)
+    assert len(head) == 3 and head[2] == {"i": 2} and head[-1] == {"i": 2}
+    with pytest.raises(IndexError):
+        head[3]
+
+
+def test_the_rate_leaves_out_the_first_batch_and_its_compile(monkeypatch):
+    """A clock that the first batch (its compile) moves by 100 s and every later one by 1 s: the
+    rate is the later batches' images over their seconds alone."""
+    clock = [0.0]
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: clock[0])
+
+    def step(variables, images, labels, mask):
+        clock[0] += 100.0 if clock[0] == 0 else 1.0
+        return {k: jnp.asarray(v) for k, v in dict(
+            top1=0, top5=0, loss_sum=0.0, count=int(mask.sum()), nonfinite=0).items()}
+
+    batches = [(None, np.zeros(8), np.ones(8, bool))] * 4
+    rates = []
+    evaluate.evaluate_batches(step, None, batches, lambda d, t, r: rates.append((d, r)), 32,
+                              progress_every=2)
+    assert rates == [(16, 8.0), (32, 8.0)]
