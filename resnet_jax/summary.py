@@ -1,8 +1,9 @@
 """Per-stage output size, weighted layers, parameters and multiply-adds of any network of the zoo:
 the paper's Table 1 and Fig. 3, computed from the modules rather than typed in.
 
-    python -m resnet_jax.summary vgg19 plain34 resnet34
-    python -m resnet_jax.summary resnet20 resnet56 --image-size 32 --json
+    python -m resnet_jax.summary vgg19 plain34 resnet34       # at 224x224, their input size
+    python -m resnet_jax.summary resnet20 resnet56 --json     # at 32x32, theirs
+    python -m resnet_jax.summary resnet50 --image_size 448
 """
 
 if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), before any import
@@ -12,7 +13,7 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
 import collections
 import dataclasses
 import json
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import flax.linen as nn
 import jax
@@ -43,12 +44,14 @@ def _stage_of(module: nn.Module) -> str:
     return "head" if top.startswith("fc") else "stem"
 
 
-def summarize(name: str, image_size: int = 224, **options) -> Dict:
-    """{'name', 'image_size', 'params', 'mult_adds', 'layers', 'stages': [...]} for one network.
+def summarize(name: str, image_size: Optional[int] = None, **options) -> Dict:
+    """{'name', 'image_size', 'params', 'mult_adds', 'layers', 'stages': [...]} for one network,
+    at `image_size` (default: the net's own input size, `resnet_jax.preprocessing(name)`).
 
     Multiply-adds count conv and dense layers for one image (the paper's "FLOPs"); layers count
     the weighted layers on the main path (not shortcut projections), as the paper's depths do."""
-    model = resnet_jax.create_model(name, **options)
+    image_size = image_size or resnet_jax.preprocessing(name).input_size
+    model = resnet_jax.create_model(name, input_size=None, **options)  # any size it is asked
     stages: Dict[str, StageSummary] = collections.OrderedDict()
     x = jnp.zeros((1, image_size, image_size, 3))
 
@@ -119,7 +122,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     # Defined when the CLI runs, not at import, so modules with same-named flags import together.
-    flags.DEFINE_integer("image_size", 224, "input height and width (32 for the CIFAR nets)")
+    flags.DEFINE_integer("image_size", None, "input height and width (default: each net's own, "
+                         "32 for the CIFAR nets, 224 for the ImageNet ones)")
     flags.DEFINE_bool("json", False, "print a JSON list instead of the table")
     flags.DEFINE_string("shortcut", None, "shortcut option A, B or C (default: each net's own)")
 

@@ -39,11 +39,18 @@ def test_stages_partition_the_totals():
     assert [r["layers"] for r in s["stages"]] == [1, 18, 18, 18, 1]
 
 
+def test_each_net_is_summarized_at_its_own_input_size():
+    assert summary.summarize("resnet20")["image_size"] == 32
+    assert round(summary.summarize("resnet20")["mult_adds"] / 1e9, 4) == 0.0406  # not 1.99G
+    assert summary.summarize("resnet18")["image_size"] == 224
+    assert summary.summarize("resnet20", 64)["image_size"] == 64  # an explicit size is taken
+
+
 def test_cli_json_and_table():
     out = subprocess.run([sys.executable, "-m", "resnet_jax.summary", "resnet20", "plain20",
-                          "--image_size", "32", "--json"], capture_output=True, text=True, check=True)
+                          "--json"], capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout)
-    assert [r["name"] for r in rows] == ["resnet20", "plain20"]
+    assert [r["name"] for r in rows] == ["resnet20", "plain20"] and rows[0]["image_size"] == 32
     assert rows[0]["params"] == rows[1]["params"] == 269_722
     assert rows[0]["mult_adds"] == summary.summarize("resnet20", 32)["mult_adds"]
     table = subprocess.run([sys.executable, "-m", "resnet_jax.summary", "vgg19", "plain34", "resnet34"],
