@@ -13,7 +13,7 @@ Usage: launch/tpu_vm.sh [OPTIONS] COMMAND [-- TRAINER FLAGS...]
 Commands:
   create    create the TPU VM (`gcloud compute tpus tpu-vm create`)
   install   copy this checkout (its committed files, via `git archive HEAD`) to every worker and
-            pip-install it with jax[tpu] there
+            pip-install it there with its tpu extra (jax[tpu], training, gs://)
   train     start `python3 -m resnet_jax.train --config CONFIG --workdir WORKDIR [TRAINER FLAGS]`
             on every worker in the background (log in ~/train.log, pid in ~/train.pid);
             refuses to start a second trainer beside a running one
@@ -163,7 +163,7 @@ do_install() {
   # On every worker: unpack beside the configs, install jax with libtpu, then the package.
   run "unpack it on every worker and install jax[tpu] and the package" \
     gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command \
-    'set -e; rm -rf ~/resnet_jax; mkdir -p ~/resnet_jax; tar -xzf ~/resnet_jax.tar.gz -C ~/resnet_jax; python3 -m pip install -q -U "jax[tpu]"; python3 -m pip install -q -e ~/resnet_jax'
+    'set -e; rm -rf ~/resnet_jax; mkdir -p ~/resnet_jax; tar -xzf ~/resnet_jax.tar.gz -C ~/resnet_jax; python3 -m pip install -q -U -e ~/resnet_jax"[tpu]"'
 }
 
 do_train() {

@@ -107,7 +107,7 @@ def test_tpu_dry_run_install_and_train_on_all_workers(no_gcloud_path):
     assert pack.startswith("git -C ") and pack.endswith(" HEAD")
     assert scp.startswith("gcloud compute tpus tpu-vm scp ") and "--worker=all" in scp
     assert install.startswith("gcloud compute tpus tpu-vm ssh r110 --zone=us-central2-b --worker=all")
-    assert 'pip install -q -U "jax[tpu]"' in install and "pip install -q -e ~/resnet_jax" in install
+    assert 'pip install -q -U -e ~/resnet_jax"[tpu]"' in install  # jax[tpu], train, gcs extras
     (train,) = tpu("-t", "v4-32", "-c", "configs/cifar10.py:resnet110", "-w", "gs://b/r110",
                    "train", "--", "--config.seed=3", path=no_gcloud_path)
     assert "--worker=all" in train
