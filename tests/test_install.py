@@ -86,3 +86,5 @@ def test_the_light_core_runs_a_model(wheel, tmp_path):
             "                   'ml_collections', 'simplejpeg') if importlib.util.find_spec(p)])\n")
     out = _run([bin_ / "python", "-c", code], cwd=tmp_path).stdout.splitlines()
     assert out == ["(2, 10) 19", "[]"], out
+    table = _run([bin_ / "resnet-jax-summary", "resnet20"], cwd=tmp_path).stdout
+    assert "0.0406G" in table, table
