@@ -6,7 +6,7 @@
     x = resnet_jax.preprocessing("resnet56")(uint8_images)       # (pixels / 255 - mean) / std
     logits = model.apply(variables, x, train=False)
     responses = resnet_jax.capture_responses(model, variables, x)
-    trained = resnet_jax.load("runs/resnet56")    # .model, .variables, .normalization (a Preprocessing)
+    trained = resnet_jax.load("runs/resnet56")  # .model, .variables, .normalization (Preprocessing)
 """
 import importlib
 

@@ -163,7 +163,8 @@ def test_num_images_scores_the_first_images_only(tmp_path):
     assert len(some) == 10 and (some.labels == data.labels[:10]).all()
     assert evaluate.evaluate(loaded, some, batch_size=8, progress=None)["count"] == 10
     assert evaluate.first_images(data, None) is data
-    with pytest.raises(UserError, match=r"--num_images must be in 1\.\.24 for synthetic:24:test, not 25"):
+    with pytest.raises(UserError, match=r"--num_images must be in 1\.\.24 for synthetic:24:test, "
+                       "not 25"):
         evaluate.first_images(data, 25)
     head = evaluate._Head([{"i": i} for i in range(5)], 3)
     assert len(head) == 3 and head[2] == {"i": 2} and head[-1] == {"i": 2}

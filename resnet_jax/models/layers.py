@@ -225,7 +225,8 @@ class Network(nn.Module):
 
 
 class ModelUsageError(ValueError):
-    """A network called in a way that would run and give wrong numbers; the message names the fix."""
+    """A network called in a way that would run and give wrong numbers; the message names the
+    fix."""
 
 
 def check_input(x, input_size: Optional[int], net: str) -> None:

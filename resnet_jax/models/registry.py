@@ -60,16 +60,18 @@ def list_models(pattern: str = "*") -> List[str]:
 def preprocessing(name: str) -> Preprocessing:
     """The input `create_model(name)` expects by default: its image size, and the mean and std
     of the paper's recipe (a trained net's own come with it from `resnet_jax.load`)."""
-    ctor = _lookup(name)
-    family = ctor.func if isinstance(ctor, functools.partial) else ctor
-    return _CIFAR if family is cifar.CifarResNet else _IMAGENET
+    return _CIFAR if _family(name) is cifar.CifarResNet else _IMAGENET
 
 
 def model_options(name: str) -> List[str]:
     """The keyword options `create_model(name, ...)` accepts."""
+    return sorted(f.name for f in dataclasses.fields(_family(name)) if f.name not in _DERIVED)
+
+
+def _family(name: str) -> type:
+    """The module class of a zoo name (CifarResNet, ImageNetResNet, VGG)."""
     ctor = _lookup(name)
-    return sorted(f.name for f in dataclasses.fields(ctor.func if isinstance(ctor, functools.partial) else ctor)
-                  if f.name not in _DERIVED)
+    return ctor.func if isinstance(ctor, functools.partial) else ctor
 
 
 def _lookup(name: str):
@@ -105,7 +107,7 @@ def create_model(model_name: str, /, *, kernels: Kernels = XLA, input_size=_DEFA
                                     f"valid options: {', '.join(valid)}")
     if "shortcut" in options and options["shortcut"] not in ("A", "B", "C"):
         raise UnknownModelError(f"shortcut must be 'A', 'B' or 'C', not {options['shortcut']!r}")
-    if input_size is _DEFAULT:
-        fixed = (ctor.func if isinstance(ctor, functools.partial) else ctor) is not imagenet.ImageNetResNet
-        input_size = preprocessing(model_name).input_size if fixed else None
+    if input_size is _DEFAULT:  # the ImageNet ResNets are fully convolutional
+        fully_convolutional = _family(model_name) is imagenet.ImageNetResNet
+        input_size = None if fully_convolutional else preprocessing(model_name).input_size
     return ctor(kernels=kernels, input_size=input_size, name=name, **options)

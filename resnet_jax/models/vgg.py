@@ -24,7 +24,8 @@ class VGG(layers.Network):
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
         x, conv, norm = self.begin(x, train)
-        if train and self.dropout_rate and not self.is_initializing() and not self.has_rng("dropout"):
+        needs_key = train and self.dropout_rate and not self.is_initializing()
+        if needs_key and not self.has_rng("dropout"):
             raise layers.ModelUsageError("VGG trains with dropout: pass rngs={'dropout': key} "
                                          "with train=True")
         stages = {}
