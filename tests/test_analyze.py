@@ -29,7 +29,7 @@ def _fan_in(shape):
 def _init(name, seed, options=OPTIONS):
     """Random He-scaled kernels and non-trivial BN (gamma, beta, running statistics), drawn in
     numpy from the model's shapes: nothing to compile."""
-    model = resnet_jax.create_model(name, **options)
+    model = resnet_jax.create_model(name, input_size=None, **options)  # 32x32 for every net
     rng = np.random.default_rng(seed)
     draw = dict(scale=lambda s: rng.uniform(0.3, 2.0, s), bias=lambda s: rng.normal(0, 0.7, s),
                 var=lambda s: rng.uniform(0.5, 3.0, s), mean=lambda s: rng.normal(0, 0.3, s),
