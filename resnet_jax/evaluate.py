@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from resnet_jax import checkpoint, cli, kernels, parallel
+from resnet_jax import checkpoint, cli, kernels, parallel, progress
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
 from resnet_jax.data.batching import nonfinite_rows, padded_batches, topk_correct
@@ -65,8 +65,7 @@ def check_fits(loaded: checkpoint.LoadedModel, dataset: sources.Dataset):
 
 
 def stderr_progress(done: int, total: int, seconds: float):
-    print(f"evaluate: {done}/{total} images, {done / max(seconds, 1e-9):.0f} images/s",
-          file=sys.stderr, flush=True)
+    print(f"evaluate: {progress.images_line(done, total, seconds)}", file=sys.stderr, flush=True)
 
 
 def make_eval_step(model, mesh, normalization: checkpoint.Normalization):
