@@ -365,7 +365,8 @@ def _json_normal(value):
 # Config keys a resumed run may change: they do not change what is trained. The model is
 # compared on its own (`check_model`): another model is refused whatever the flags.
 FREE_TO_CHANGE = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "keep_best",
-                  "eval_batch_size", "data.data_dir")
+                  "eval_batch_size", "data.data_dir", "responses_images", "responses_every",
+                  "profile_steps", "profile_every_process")
 MODEL_KEYS = ("model", "model_options")
 
 

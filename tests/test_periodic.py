@@ -61,6 +61,16 @@ def test_profile_steps_and_responses_keys_are_checked():
     assert not validate(tiny_config(profile_steps=(0, 1), responses_every=3))
 
 
+def test_a_run_started_without_the_periodic_keys_resumes_with_them_changed():
+    """Responses and profiles do not change training: a workdir saved before these keys existed
+    (or with other values) resumes without --allow_config_change."""
+    stored = json.loads(tiny_config().to_json_best_effort())
+    for key in ("responses_images", "responses_every", "profile_steps", "profile_every_process"):
+        del stored[key]
+    now = tiny_config(responses_images=7, profile_steps=(1, 2), lr=0.2)
+    assert train.config_changes(dict(config=stored), now) == ["lr 0.1 -> 0.2"]
+
+
 def test_responses_go_to_tensorboard_per_layer_and_as_a_histogram():
     class Recorder:
         def __init__(self):
