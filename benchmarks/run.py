@@ -12,6 +12,9 @@ call before each timed one, `interleaved_seconds` says why):
   timed in turns with eval, and the median of their ratios round by round;
 - input: images/s of the training input pipeline (`pipeline.input_throughput`), with its ratio
   to the train step;
+- responses: what logging Figure 7 while training (`periodic.ResponseProbe`, the config's
+  `responses_images` validation images at every evaluation) adds to a run at the paper's CIFAR
+  cadence, in percent: one probe call against `checkpoint_every` train steps, timed in turns;
 - compile: seconds to trace, lower and compile the train step (`--compile_models`);
 - memory: the compiled train step's XLA buffers (arguments, outputs and temporaries), MiB;
 - and `benchmarks/analysis_memory.py`'s rows (analysis peak memory and streaming).
@@ -45,7 +48,7 @@ from resnet_jax.preload import PRELOADED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("RESNET_JAX_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
-MODES = ("train", "eval", "analyze", "input", "compile", "memory", "analysis_memory")
+MODES = ("train", "eval", "analyze", "responses", "input", "compile", "memory", "analysis_memory")
 # The PyTorch reference's nets (torch_cifar.py): the paper's CIFAR ResNets and plain nets.
 TORCH_NETS = ("resnet", "plain")
 NORMALIZATION = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
@@ -184,6 +187,16 @@ class Net:
         moments_of, mask = fn(self.state.variables), np.ones(len(self.labels), bool)
         return lambda: moments_of(self.images, mask)
 
+    def responses_call(self) -> Callable[[], object]:
+        """The trainer's response probe over `responses_images` random images, as the loop calls
+        it at an evaluation (from the state's variables, host merge included)."""
+        import numpy as np
+        from resnet_jax import periodic
+        images = np.random.default_rng(1).integers(
+            0, 256, (self.config.responses_images, 32, 32, 3), dtype=np.uint8)
+        probe = periodic.ResponseProbe(self.model, self.normalization, images)
+        return lambda: probe(self.state.variables)
+
     def train_memory_mib(self) -> float:
         stats = self.train_step().memory_analysis()
         total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
@@ -308,7 +321,7 @@ def run(models: List[str], modes: List[str], compile_models: List[str], *, batch
         for row in analysis_memory.run():
             add(row)
     for name in models:
-        if not {"train", "eval", "analyze", "input", "memory"} & set(modes):
+        if not {"train", "eval", "analyze", "responses", "input", "memory"} & set(modes):
             break
         net = Net(name, batch)
         train_speed = None
@@ -334,6 +347,13 @@ def run(models: List[str], modes: List[str], compile_models: List[str], *, batch
                 add(make_row(name, "analyze", "response moments",
                              batch / statistics.median(times[1]), "images/s",
                              of_eval=round(_median_ratio(times[0], times[1]), 3)))
+        if "responses" in modes:
+            (steps, probes), _ = timed_with_pytorch([net.train_call(), net.responses_call()],
+                                                    None, 1, max(3, repeats // 3))
+            cadence, images = net.config.checkpoint_every, net.config.responses_images
+            share = statistics.median(probes) / (cadence * statistics.median(steps))
+            add(make_row(name, "responses", f"{images} images' responses / {cadence} steps",
+                         100 * share, "% of train"))
         if "input" in modes and name == models[0]:
             speed = input_images_per_s(batch)
             add(make_row("-", "input", "input pipeline (device-side augmentation)", speed,

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from resnet_jax import checkpoint, cli, kernels, parallel
+from resnet_jax import checkpoint, cli, kernels, parallel, progress
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
 from resnet_jax.data.batching import num_batches, padded_batches
@@ -146,9 +146,11 @@ def batch_moments_fn(model, normalization: Callable, settings: Settings) -> Call
     return for_variables
 
 
-def stream_moments(fn: Callable, variables, images: np.ndarray, settings: Settings) -> Dict:
+def stream_moments(fn: Callable, variables, images: np.ndarray, settings: Settings,
+                   progress: Optional[Callable[[int], None]] = None) -> Dict:
     """{layer: (count, mean, M2)} in float64 over all `images`, batch by batch, with `fn` from
-    `batch_moments_fn`; per channel, or over all channels (`settings.pool`)."""
+    `batch_moments_fn`; per channel, or over all channels (`settings.pool`). `progress(images
+    done by all processes)` after each batch."""
     if len(images) == 0:
         raise UserError("no images to analyse; check --num_images and the split")
     batch_size, devices = settings.batch_size, jax.local_device_count()
@@ -160,14 +162,17 @@ def stream_moments(fn: Callable, variables, images: np.ndarray, settings: Settin
         raise UserError(f"{len(images)} images make {batches} batches of {batch_size}, fewer than "
                         f"the {processes} processes that share them; lower --batch_size")
     total, pending = None, None
-    for batch, _, mask in padded_batches(images, np.zeros(len(images), np.int32), batch_size,
-                                         shard=(jax.process_index(), processes)):
+    for i, (batch, _, mask) in enumerate(padded_batches(
+            images, np.zeros(len(images), np.int32), batch_size,
+            shard=(jax.process_index(), processes))):
         if settings.batch_norm == "batch" and not mask.all():
             # Padding would join the batch statistics; run the remainder at its own size instead.
             batch, mask = batch[mask], mask[mask]
         current = moments_of(batch, mask)  # dispatched; the host merges the previous batch
         total = _merge_host(total, pending)
         pending = current
+        if progress:
+            progress(min(len(images), (i + 1) * processes * batch_size))
     return merge_processes(_merge_host(total, pending)).by_layer(settings.pool)
 
 
@@ -339,23 +344,39 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
     else:
         images = dataset.images[:num_images]
 
-    results, history = {}, {}
-    for run in runs:
-        fn = batch_moments_fn(run.loaded.model, run.loaded.normalization, settings)
-        for s in run.steps:
+    common = dict(data=dataset.name, num_images=len(images), bn=settings.batch_norm,
+                  pool=settings.pool, include_stem=settings.include_stem,
+                  batch_size=settings.batch_size)
+    work = [(run, s, dict(common, checkpoint=os.path.abspath(run.path), step=s,
+                          checksums=checkpoint.read_metadata(run.path, s).get("checksums")))
+            for run in runs for s in run.steps]
+    done = _finished(out, [(run.label, key) for run, _, key in work])
+    shown = progress.Checkpoints(len(work), len(images), enabled=parallel.is_main_process())
+    results, history, fns = {}, {}, {}
+    for (run, s, key), rows in zip(work, done):
+        if rows is not None:
+            shown.skip()
+            shown.say(f"analyze: {run.label} step {s} is in {out} already (an earlier run "
+                      "with the same arguments): skipped")
+        else:
+            shown.start(f"{run.label} step {s}")
+            if run.label not in fns:  # one per net, compiled once for all its checkpoints
+                fns[run.label] = batch_moments_fn(run.loaded.model, run.loaded.normalization,
+                                                  settings)
             loaded = (run.loaded if s == run.loaded.step else
                       checkpoint.load_model(run.path, s, run.loaded.model.kernels))
-            rows = layer_rows(stream_moments(fn, loaded.variables, images, settings),
+            rows = layer_rows(stream_moments(fns[run.label], loaded.variables, images, settings, shown),
                               loaded.variables["params"], settings)
             check_finite(rows, run.path, s)
-            history.setdefault(run.label, {})[s] = rows
+            shown.end()
+            if parallel.is_main_process():
+                progress.Kept(os.path.join(out, ".finished")).put(f"{run.label}/{s}", key, rows)
+        history.setdefault(run.label, {})[s] = rows
+    for run in runs:
         results[run.label] = history[run.label][run.loaded.step]
 
     summary = [summary_row(label, rows, results[baseline]) for label, rows in results.items()]
     table = format_table(summary, baseline)
-    common = dict(data=dataset.name, num_images=len(images), bn=settings.batch_norm,
-                  pool=settings.pool, include_stem=settings.include_stem,
-                  batch_size=settings.batch_size)
 
     if not parallel.is_main_process():  # every process has the results; process 0 writes
         return table
@@ -381,6 +402,20 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
         with open(os.path.join(tmp, "table.txt"), "w") as f:
             f.write(table + "\n")
     return table
+
+
+def _finished(out: str, keys: List[Tuple[str, Dict]]) -> List[Optional[List[Dict]]]:
+    """The rows of each (label, key) that an earlier run with the same key (checkpoint, its
+    checksums, data, settings) kept in `out`, else None; with several processes, only those
+    that every process found, so that all skip the same checkpoints."""
+    kept = progress.Kept(os.path.join(out, ".finished"))
+    found = [kept.get(f"{label}/{key['step']}", key) for label, key in keys]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        have = np.array([rows is not None for rows in found])
+        every = np.asarray(multihost_utils.process_allgather(have)).all(axis=0)
+        found = [rows if ok else None for rows, ok in zip(found, every)]
+    return found
 
 
 def _write_csv(path: str, rows: List[Dict]):

@@ -76,6 +76,12 @@ KEYS: Tuple[Tuple[str, Any, str], ...] = (
     ("checkpoint_every", 2000, "steps between evaluations and checkpoints"),
     ("keep_checkpoints", 3, "latest checkpoints kept"),
     ("keep_best", 1, "checkpoints with the best val top-1 also kept"),
+    ("responses_images", 1000, "Figure 7 while training: the per-layer response std and mean of "
+     "the first N validation images go to metrics.jsonl and TensorBoard (0: off)"),
+    ("responses_every", 0, "steps between those response statistics (0: at every evaluation)"),
+    ("profile_steps", (), "(first, last): a jax.profiler trace of the steps first..last-1 into "
+     "WORKDIR/tensorboard (() : none)"),
+    ("profile_every_process", False, "trace on every process, not only on process 0"),
 )
 MEANING = {key: meaning for key, _, meaning in KEYS}
 SOURCE_KINDS = "a tfds name such as cifar10, folder:PATH or synthetic[:N]"
@@ -186,7 +192,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> List[st
     batch_size = integer("batch_size", 1)
     eval_batch_size = integer("eval_batch_size", 1)
     for key in ("seed", "keep_best", "bn_group_size", "lr_plateau_patience", "data.holdout",
-                "data.pad"):
+                "data.pad", "responses_images", "responses_every"):
         integer(key, 0)
     number("lr", 0, open_low=True, text="> 0")
     number("lr_decay", 0, 1, open_low=True, text="in (0, 1]")
@@ -205,6 +211,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> List[st
     elif any(b < 1 for b in boundaries) or list(boundaries) != sorted(set(boundaries)):
         problems.append(f"lr_boundaries must be increasing steps >= 1, not {tuple(boundaries)}")
 
+    profile = _get(config, "profile_steps")
+    need(isinstance(profile, Sequence) and (len(profile) == 0 or (
+        len(profile) == 2 and all(_is_int(s) and s >= 0 for s in profile)
+        and profile[0] < profile[1])),
+        f"profile_steps must be () or (first, last) with 0 <= first < last, not {profile!r}")
     need(config.weight_decay_on in ("all", "kernels"),
          f"weight_decay_on must be 'all' or 'kernels', not {config.weight_decay_on!r}")
     need(config.compute_dtype in DTYPES,

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from resnet_jax import checkpoint, cli, kernels, parallel
+from resnet_jax import checkpoint, cli, kernels, parallel, progress
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
 from resnet_jax.data.batching import nonfinite_rows, padded_batches, topk_correct
@@ -66,8 +66,7 @@ def check_fits(loaded: checkpoint.LoadedModel, dataset: sources.Dataset):
 
 
 def stderr_progress(done: int, total: int, rate: Optional[float]):
-    speed = f", {rate:.0f} images/s" if rate else ""
-    print(f"evaluate: {done}/{total} images{speed}", file=sys.stderr, flush=True)
+    print(f"evaluate: {progress.images_line(done, total, rate)}", file=sys.stderr, flush=True)
 
 
 def _rate(clock, done: int) -> Optional[float]:

@@ -18,7 +18,7 @@ import csv
 import json
 import os
 import sys
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib import cm, colormaps, colors, ticker
@@ -126,27 +126,59 @@ class Curves(NamedTuple):
     test_error: np.ndarray
 
 
-def read_curves(path: str) -> Curves:
-    """A training workdir's `metrics.jsonl` (or that file) -> its `Curves`."""
+def read_metrics(path: str) -> Tuple[str, List[Dict]]:
+    """A training workdir's `metrics.jsonl` (or that file) -> (its path, its rows)."""
     metrics = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(metrics):
         raise UserError(f"{path!r} holds no metrics.jsonl; name a training workdir or its "
                         "metrics.jsonl")
-    train, test = {}, {}
+    rows = []
     with open(metrics) as f:
         for n, line in enumerate(f, 1):
             try:
-                row = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
                 raise UserError(f"{metrics}:{n} is not a JSON line; the file is damaged") from None
-            if "train_top1" in row:
-                train[row["step"]] = 1.0 - row["train_top1"]  # a resumed run logs a step again
-            if "val_top1" in row:
-                test[row["step"]] = 1.0 - row["val_top1"]
+    return metrics, rows
+
+
+def read_curves(path: str) -> Curves:
+    """A training workdir's `metrics.jsonl` (or that file) -> its `Curves`."""
+    metrics, rows = read_metrics(path)
+    train, test = {}, {}
+    for row in rows:  # a resumed run logs a step again: the later row counts
+        if "train_top1" in row:
+            train[row["step"]] = 1.0 - row["train_top1"]
+        if "val_top1" in row:
+            test[row["step"]] = 1.0 - row["val_top1"]
     if not train and not test:
         raise UserError(f"{metrics} has no train_top1 or val_top1 rows")
     as_arrays = lambda d: (np.asarray(sorted(d), float), np.asarray([d[k] for k in sorted(d)]))
     return Curves(*as_arrays(train), *as_arrays(test))
+
+
+def read_logged_responses(path: str, step: Optional[int] = None) -> Dict[int, List[float]]:
+    """The response std per layer that the trainer logged (config `responses_images`) in a
+    workdir's metrics.jsonl, keyed by step: every logged step, or `step` alone."""
+    metrics, rows = read_metrics(path)
+    logged = {r["step"]: [float(v) for v in r["response_std"]] for r in rows
+              if "response_std" in r}
+    if not logged:
+        raise UserError(f"{metrics} holds no response statistics; train with "
+                        "--config.responses_images=N (N > 0), or run resnet_jax.analyze on its "
+                        "checkpoints")
+    if step is None:
+        return logged
+    if step not in logged:
+        raise UserError(f"{metrics} logged responses at steps {_steps(logged)}, not at {step}; "
+                        "name one of those with --step")
+    return {step: logged[step]}
+
+
+def _steps(logged: Dict[int, List[float]]) -> str:
+    steps = sorted(logged)
+    return ", ".join(map(str, steps)) if len(steps) <= 8 else \
+        f"{', '.join(map(str, steps[:3]))}, ..., {', '.join(map(str, steps[-3:]))}"
 
 
 def read_responses(path: str) -> Dict[Optional[int], List[float]]:
@@ -208,6 +240,24 @@ def figure6(stem: str, panels: Sequence[Tuple[Optional[str], Sequence[Tuple[str,
     _save(fig, stem)
 
 
+def figure1(stem: str, runs: Sequence[Tuple[str, Curves]]):
+    """The paper's Figure 1: training error (left) and test error (right) against iterations, one
+    colour per run, in percent."""
+    fig = Figure(figsize=(10, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    for i, (label, c) in enumerate(runs):
+        axes[0].plot(c.train_steps, 100 * c.train_error, color=f"C{i}", linewidth=1.0, label=label)
+        axes[1].plot(c.test_steps, 100 * c.test_error, color=f"C{i}", linewidth=1.6, label=label)
+    for ax, title in zip(axes, ("training error", "test error")):
+        ax.set(xlabel="iterations", title=title)
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set(ylabel="error (%)", ylim=(0, None))
+    fig.tight_layout()
+    _save(fig, stem)
+
+
 def _labelled(spec: str) -> Tuple[str, str]:
     """RUN[=LABEL] -> (label, path); the label defaults to RUN's name."""
     path, _, label = spec.partition("=")
@@ -216,75 +266,117 @@ def _labelled(spec: str) -> Tuple[str, str]:
 
 
 Panels = List[Tuple[Optional[str], List[Tuple[str, str]]]]  # [(title or None, [(label, path)])]
+FIGURES = ("1", "6", "7", "responses")
 
 
-def _parse(args: List[str], usage: str) -> Tuple[str, Panels]:
-    """The command line -> (out, panels); `--panel TITLE` starts a panel, RUNs before the first
+class Command(NamedTuple):
+    out: str
+    panels: Panels
+    figure: Optional[str]  # one of FIGURES; None: by the kind of input (runs: 6, CSVs: 7)
+    step: Optional[int]
+
+
+def _parse(args: List[str], usage: str) -> Command:
+    """The command line -> Command; `--panel TITLE` starts a panel, RUNs before the first
     `--panel` make an untitled one."""
-    out, panels = None, [(None, [])]
+    values, panels = dict(), [(None, [])]
     while args:
         arg = args.pop(0)
         option, has_value, value = arg.partition("=")
-        if option in ("--out", "--panel"):
+        if option in ("--out", "--panel", "--figure", "--step"):
             if not has_value:
                 if not args:
                     raise UserError(f"{option} needs a value; {usage}")
                 value = args.pop(0)
-            if option == "--out":
-                out = value
-            else:
+            if option == "--panel":
                 panels.append((value, []))
+            else:
+                values[option] = value
         elif arg.startswith("-"):
             raise UserError(f"unknown option {arg}; {usage}")
         else:
             panels[-1][1].append(arg)
     if not panels[0][1]:
         panels.pop(0)
+    out = values.get("--out")
     if not panels or not out or not all(specs for _, specs in panels):
         raise UserError(("every --panel needs a RUN after it; " if panels and out else "") + usage)
-    return out, [(title, [_labelled(spec) for spec in specs]) for title, specs in panels]
+    figure, step = values.get("--figure"), values.get("--step")
+    if figure is not None and figure not in FIGURES:
+        raise UserError(f"--figure must be one of {', '.join(FIGURES)}, not {figure!r}")
+    if step is not None and not step.isdigit():
+        raise UserError(f"--step must be a step number, not {step!r}")
+    return Command(out, [(title, [_labelled(spec) for spec in specs]) for title, specs in panels],
+                   figure, None if step is None else int(step))
+
+
+def _from_csvs(c: Command, labelled) -> Callable[[], None]:
+    """Figure 7 (or the std over training) from analyze's CSVs, every one read first."""
+    if any(title for title, _ in c.panels):
+        raise UserError("--panel is for training runs (Figure 6); analysis CSVs share one figure")
+    if c.figure not in (None, "7", "responses") or c.step is not None:
+        raise UserError("analysis CSVs draw Figure 7 or the std over training; --step and "
+                        "--figure 1 or 6 are for training runs")
+    curves = [(label, read_responses(path)) for label, path in labelled]
+    if all(None in c for _, c in curves):
+        return lambda: figure7(c.out, [(label, c[None], not _plain(label)) for label, c in curves])
+    if any(None in c for _, c in curves):
+        raise UserError("give either LABEL.csv files (Figure 7 at one step) or "
+                        "LABEL_over_training.csv files (over training), not both")
+    return lambda: separation_over_training(c.out, curves)
+
+
+def _from_runs(c: Command, labelled) -> Callable[[], None]:
+    """Figures 1, 6, 7 or the std over training from training runs' metrics, every one read
+    first."""
+    figure = c.figure or "6"
+    if len(c.panels) > 1 or c.panels[0][0]:
+        if figure != "6":
+            raise UserError(f"--panel is for Figure 6; --figure {figure} draws one figure")
+    if c.step is not None and figure != "7":
+        raise UserError("--step picks the logged step of Figure 7 (--figure 7)")
+    if figure == "6":
+        read = [(title, [(label, read_curves(path)) for label, path in runs])
+                for title, runs in c.panels]
+        return lambda: figure6(c.out, read)
+    if figure == "1":
+        runs = [(label, read_curves(path)) for label, path in labelled]
+        return lambda: figure1(c.out, runs)
+    logged = [(label, read_logged_responses(path, c.step)) for label, path in labelled]
+    if figure == "responses":
+        return lambda: separation_over_training(c.out, logged)
+    at = lambda label, stds: label if c.step is not None else f"{label}, step {max(stds)}"
+    return lambda: figure7(c.out, [(at(label, stds), stds[max(stds)], not _plain(label))
+                                   for label, stds in logged])
 
 
 def main(argv: Sequence[str]) -> None:
     """`RUN[=LABEL] ... --out STEM`: Figure 6 of those runs (in panels, each started by
-    `--panel TITLE`), or Figure 7 of analysis CSVs."""
-    usage = ("usage: python -m resnet_jax.plots [--panel TITLE] RUN[=LABEL] ... [--panel TITLE "
-             "RUN[=LABEL] ...] --out STEM (writes STEM.png, .pdf)")
+    `--panel TITLE`), Figure 1, or Figure 7 from the runs' logged responses or analysis CSVs."""
+    usage = ("usage: python -m resnet_jax.plots [--figure 1|6|7|responses] [--step N] "
+             "[--panel TITLE] RUN[=LABEL] ... [--panel TITLE RUN[=LABEL] ...] --out STEM "
+             "(writes STEM.png, .pdf)")
     with exit_on_user_error():
         args = list(argv)
         if "-h" in args or "--help" in args:
-            print(usage + "\nRUN: a training workdir or its metrics.jsonl (Figure 6), or a "
-                  "per-layer CSV of resnet_jax.analyze (Figure 7; an _over_training.csv: std over "
-                  "training); LABEL defaults to RUN's name; "
-                  "labels starting 'plain' draw dashed; each --panel TITLE starts a panel of "
-                  "Figure 6 (e.g. one per schedule).")
+            print(usage + "\nRUN: a training workdir or its metrics.jsonl, or a per-layer CSV of "
+                  "resnet_jax.analyze (an _over_training.csv: std over training); LABEL defaults "
+                  "to RUN's name; labels starting 'plain' draw dashed.\n--figure 6 (runs' "
+                  "default): training and test error, each --panel TITLE a panel (e.g. one per "
+                  "schedule); 1: training error and test error side by side; 7 (CSVs' default): "
+                  "response std per layer, from the runs' logged responses at --step (default: "
+                  "the last logged); responses: each run's mean response std over training.")
             return
-        out, panels = _parse(args, usage)
-        labelled = [run for _, runs in panels for run in runs]
+        c = _parse(args, usage)
+        labelled = [run for _, runs in c.panels for run in runs]
         csvs = [path.endswith(".csv") for _, path in labelled]
         if any(csvs) and not all(csvs):
             raise UserError("give either analysis CSVs (Figure 7) or training runs (Figure 6), "
                             "not both")
-        if all(csvs) and any(title for title, _ in panels):
-            raise UserError("--panel is for training runs (Figure 6); analysis CSVs share "
-                            "one figure")
-        if all(csvs):  # every input is read and checked before anything is written
-            curves = [(label, read_responses(path)) for label, path in labelled]
-            if all(None in c for _, c in curves):
-                draw = lambda: figure7(out, [(label, c[None], not _plain(label))
-                                             for label, c in curves])
-            elif any(None in c for _, c in curves):
-                raise UserError("give either LABEL.csv files (Figure 7 at one step) or "
-                                "LABEL_over_training.csv files (over training), not both")
-            else:
-                draw = lambda: separation_over_training(out, curves)
-        else:
-            read = [(title, [(label, read_curves(path)) for label, path in runs])
-                    for title, runs in panels]
-            draw = lambda: figure6(out, read)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        draw = _from_csvs(c, labelled) if all(csvs) else _from_runs(c, labelled)
+        os.makedirs(os.path.dirname(os.path.abspath(c.out)), exist_ok=True)
         draw()
-        print(f"wrote {out}.png and {out}.pdf")
+        print(f"wrote {c.out}.png and {c.out}.pdf")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from absl import logging as absl_logging
 
 import resnet_jax
 import resnet_jax.kernels
-from resnet_jax import checkpoint, cli, parallel
+from resnet_jax import checkpoint, cli, parallel, periodic, progress
 from resnet_jax import config as config_lib
 from resnet_jax.data import pipeline, sources
 from resnet_jax.evaluate import NonFiniteOutput, evaluate_batches, make_eval_step
@@ -226,6 +226,7 @@ class Data:
     classes: Tuple[str, ...]  # the training split's, by name; the other splits are checked by it
     image_size: int
     description: str
+    val_images: Callable[[int], Any]  # n -> the first n validation images (uint8), for responses
 
 
 def load_splits(config) -> Tuple[sources.Dataset, sources.Dataset, Optional[sources.Dataset]]:
@@ -256,7 +257,8 @@ def make_data(config, mesh) -> Data:
         val=evals(val), test=evals(test) if test is not None else None,
         normalization=checkpoint.Normalization(sources.mean_image(train.images)),
         classes=train.classes, image_size=train.images.shape[1],
-        description=f"train {train.name} ({len(train)}), val {val.name} ({len(val)})")
+        description=f"train {train.name} ({len(train)}), val {val.name} ({len(val)})",
+        val_images=lambda n: val.images[:n])
 
 
 def _host_data(config, mesh) -> Data:
@@ -277,7 +279,8 @@ def _host_data(config, mesh) -> Data:
         normalization=checkpoint.Normalization(imagenet.mean_image(
             train.source, d.mean_images, threads=d.threads, **crop)),
         classes=train.classes, image_size=d.image_size,
-        description=f"train {train.name} ({len(train)}), val {val.name} ({len(val)})")
+        description=f"train {train.name} ({len(train)}), val {val.name} ({len(val)})",
+        val_images=lambda n: imagenet.DecodedCrops(val.source, count=n, threads=d.threads, **crop))
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, meta: Dict, metrics: Dict) -> int:
@@ -353,7 +356,8 @@ def _json_normal(value):
 # Config keys a resumed run may change: they do not change what is trained. The model is
 # compared on its own (`check_model`): another model is refused whatever the flags.
 FREE_TO_CHANGE = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "keep_best",
-                  "eval_batch_size", "data.data_dir")
+                  "eval_batch_size", "data.data_dir", "responses_images", "responses_every",
+                  "profile_steps", "profile_every_process")
 MODEL_KEYS = ("model", "model_options")
 
 
@@ -503,8 +507,7 @@ class MetricWriter:
         else:
             self.jsonl.write(line)
             self.jsonl.flush()
-        for name, value in scalars.items():
-            self.tb.add_scalar(name, value, step)
+        periodic.to_tensorboard(self.tb, step, scalars)
         self.tb.flush()
 
     def close(self):
@@ -553,13 +556,6 @@ class TrainingDiverged(UserError):
     pass
 
 
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -597,18 +593,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
                               best_metric=BEST_METRIC, keep_best=config.keep_best)
-    writer = preemption = None
+    writer = preemption = profiler = None
     try:
         steps = check_workdir(mngr, workdir, meta)
         writer = MetricWriter(workdir, main)
         preemption = Preemption()
-        result = _loop(config, workdir, mesh, model, meta, data, mngr, steps, writer, preemption)
+        profiler = periodic.Profiler(config.profile_steps, os.path.join(workdir, "tensorboard"),
+                                     config.profile_every_process)
+        result = _loop(config, workdir, mesh, model, meta, data, mngr, steps, writer, preemption,
+                       profiler)
     except BaseException:
         # quietly: a second error would hide the first
-        _close_all(data.train, preemption, writer, mngr, quietly=True)
+        _close_all(data.train, profiler, preemption, writer, mngr, quietly=True)
         raise
     with _writing(mngr, result["step"]):
-        _close_all(data.train, preemption, writer, mngr)
+        _close_all(data.train, profiler, preemption, writer, mngr)
     return result
 
 
@@ -624,7 +623,8 @@ def _close_all(*things, quietly: bool = False):
             thing.close()
 
 
-def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, preemption):
+def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, preemption,
+          profiler):
     main = parallel.is_main_process()
     image_size = data.image_size
     state, damaged = resume(mngr, steps, abstract_state(config, model, mesh, image_size))
@@ -637,6 +637,9 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
     source = data.train
     train_step = make_train_step(config, model, mesh, data.normalization)
     eval_step = make_eval_step(model, mesh, data.normalization)
+    probe = periodic.ResponseProbe(model, data.normalization,
+                                   data.val_images(config.responses_images)) \
+        if config.responses_images else None
 
     def run_eval(batches, split: str):
         try:
@@ -680,7 +683,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
             log.info("step %d/%d  loss %.4f  acc %.2f%%  lr %.4g  %.0f img/s  input wait %.0f "
                      "ms/step  ETA %s", step, config.num_steps, scalars["loss"],
                      100 * scalars["train_top1"], scalars["lr"], rate,
-                     1000 * scalars["input_wait"], _hms(eta))
+                     1000 * scalars["input_wait"], progress.hms(eta))
             if not warmup_logged and config.warmup_lr:
                 end = int(jax.device_get(state.warmup_end))
                 if end >= 0:
@@ -721,16 +724,22 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
         asked = time.perf_counter()
         images, labels = source.batch(step)
         input_wait += time.perf_counter() - asked
-        state, metrics = train_step(state, images, labels)
+        with profiler.step(step):
+            state, metrics = train_step(state, images, labels)
         pending.append(metrics)
         in_flight.add(metrics)
         step += 1
+        profiler.after(step, state)
         at_end = step == config.num_steps
         if itstime(step, config.checkpoint_every, config.num_steps):
             flush()
             evaluate_and_save()
         elif itstime(step, config.log_every, config.num_steps):
             flush()
+        if probe and itstime(step, config.responses_every or config.checkpoint_every,
+                             config.num_steps):
+            writer.write(step, probe(state.variables))
+            clock_reset()
         if not at_end and preemption.reached(step):
             flush()
             # not evaluated (preemption leaves seconds): ranks last for keep-best, kept as latest

@@ -271,3 +271,41 @@ def test_non_finite_responses_fail_naming_the_checkpoint(tmp_path):
                                         r"std nan \(19 of 19 layers not finite\); nothing written"):
         _analyze(tmp_path, [path])
     assert not (tmp_path / "out").exists()
+
+
+def test_progress_and_a_rerun_skips_the_checkpoints_already_done(checkpoints, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Killed after its first checkpoint, a rerun with the same arguments computes only the other
+    two and writes what one uninterrupted run writes; other arguments compute everything."""
+    run = [str(checkpoints / "run")]
+    _analyze(tmp_path / "whole", run, over_training=True)
+    whole = (tmp_path / "whole" / "out" / "ResNet-20_over_training.csv").read_text()
+    err = capsys.readouterr().err.splitlines()
+    ends = [line for line in err if "ETA 0:00:00; all: ETA" in line]  # each checkpoint's last
+    assert [line.split(":")[1].strip() for line in ends] == [
+        f"ResNet-20 step {s} ({i}/3)" for i, s in ((1, 0), (2, 50), (3, 100))]
+    assert ends[-1].endswith("all: ETA 0:00:00") and "24/24 images" in ends[-1]
+
+    computed, real = [], analyze.stream_moments
+
+    def killed_after_one(fn, variables, images, settings, progress=None):
+        if computed:
+            raise KeyboardInterrupt
+        computed.append(1)
+        return real(fn, variables, images, settings, progress)
+
+    monkeypatch.setattr(analyze, "stream_moments", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        _analyze(tmp_path, run, over_training=True)
+    assert not (tmp_path / "out" / "ResNet-20_over_training.csv").exists()
+    capsys.readouterr()
+
+    steps = []
+    monkeypatch.setattr(analyze, "stream_moments", lambda fn, variables, *a: (
+        steps.append(1), real(fn, variables, *a))[1])
+    _analyze(tmp_path, run, over_training=True)
+    assert len(steps) == 2
+    assert "analyze: ResNet-20 step 0 is in" in capsys.readouterr().err
+    assert (tmp_path / "out" / "ResNet-20_over_training.csv").read_text() == whole
+    _analyze(tmp_path, run, over_training=True, num_images=20)  # another key: all again
+    assert len(steps) == 5

@@ -74,10 +74,10 @@ def test_interleaved_calls_take_turns_after_warmup():
     assert [len(t) for t in times] == [3, 3] and all(t >= 0 for t in times[0] + times[1])
 
 
-def test_eval_and_analyze_rows(tmp_path):
+def test_eval_analyze_and_responses_rows(tmp_path):
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--models", "resnet20",
-                           "--modes", "eval,analyze", "--batch", "8", "--warmup", "1",
+                           "--modes", "eval,analyze,responses", "--batch", "8", "--warmup", "1",
                            "--repeats", "2", "--pytorch", "", "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
@@ -85,6 +85,8 @@ def test_eval_and_analyze_rows(tmp_path):
     rows = {row["mode"]: row for row in json.loads(out.read_text())}
     assert rows["eval"]["unit"] == rows["analyze"]["unit"] == "images/s"
     assert rows["eval"]["value"] > 0 and rows["analyze"]["of_eval"] > 0
+    assert rows["responses"]["unit"] == "% of train" and rows["responses"]["value"] > 0
+    assert rows["responses"]["metric"] == "1000 images' responses / 2000 steps"
 
 
 def test_analysis_memory_rows():

@@ -104,7 +104,7 @@ def test_cli_writes_json_and_keeps_stderr_clean(akamaster_dir, tmp_path):
     # progress only: no orbax chatter about the read-only directory, no warnings
     lines = proc.stderr.splitlines()
     assert lines and all(line.startswith("evaluate: ") for line in lines), proc.stderr
-    assert lines[-1].startswith("evaluate: 50/50 images")
+    assert lines[-1].startswith("evaluate: 50/50 images") and lines[-1].endswith("ETA 0:00:00")
 
 
 def test_cli_missing_checkpoint_is_one_line(tmp_path):
