@@ -32,6 +32,7 @@ from flax import traverse_util
 
 import resnet_jax
 from resnet_jax import checkpoint, cli
+from resnet_jax.data import sources
 from resnet_jax.errors import UserError, exit_on_user_error
 from resnet_jax.models import layout
 from resnet_jax.models.cifar import CifarResNet
@@ -206,17 +207,32 @@ def convert_state_dict(state: Dict[str, np.ndarray], model_name: str, options: O
     return variables, options, fmt
 
 
-def convert(source: str, model_name: str, out: str, options: Optional[Dict] = None) -> str:
-    """Read `source`, convert it for `model_name`, save it as a checkpoint at `out`."""
+def default_classes(fmt: str, num_classes: int) -> Optional[Tuple[str, ...]]:
+    """The class list a converted net's labels mean, by name: the CIFAR reproduction's 10-way
+    nets were trained on CIFAR-10 in its label order. Stored in the checkpoint, so evaluate
+    numbers a folder's classes by name instead of by sorted folder order."""
+    if fmt == "cifar" and num_classes == len(sources.CIFAR10_CLASSES):
+        return sources.CIFAR10_CLASSES
+    return None
+
+
+def convert(source: str, model_name: str, out: str, options: Optional[Dict] = None,
+            classes: Optional[List[str]] = None) -> str:
+    """Read `source`, convert it for `model_name`, save it as a checkpoint at `out` with its
+    class list (`classes`, else `default_classes`)."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"output directory {out!r} is not empty; choose a new --out")
     state = read_state_dict(source)
     variables, options, fmt = convert_state_dict(state, model_name, options, source)
-    return checkpoint.save_model(
-        out, variables, model_name=model_name, model_options=options,
-        normalization=IMAGENET_NORMALIZATION,
-        extra=dict(source=os.path.abspath(source), format=fmt,
-                   image_size=FORMATS[fmt]["image_size"]))
+    classes = tuple(classes) if classes else default_classes(fmt, options["num_classes"])
+    if classes is not None and len(classes) != options["num_classes"]:
+        raise UserError(f"--classes names {len(classes)} classes but {source!r} has "
+                        f"{options['num_classes']} outputs; name one class per output, in order")
+    extra = dict(source=os.path.abspath(source), format=fmt, image_size=FORMATS[fmt]["image_size"])
+    if classes is not None:
+        extra["classes"] = list(classes)
+    return checkpoint.save_model(out, variables, model_name=model_name, model_options=options,
+                                 normalization=IMAGENET_NORMALIZATION, extra=extra)
 
 
 def parse_options(pairs: List[str]) -> Dict:
@@ -241,6 +257,8 @@ def define_flags():
     flags.DEFINE_string("model", None, "the zoo's name of the net, e.g. resnet20 or resnet50")
     flags.DEFINE_string("out", None, "checkpoint directory to create (must be new or empty)")
     flags.DEFINE_multi_string("option", [], "model option key=value (repeatable), e.g. shortcut=B")
+    flags.DEFINE_list("classes", None, "the class names of the net's outputs, in order (default: "
+                      "CIFAR-10's for the 10-way CIFAR nets); evaluate matches folders by them")
 
 
 def main(argv):
@@ -252,7 +270,8 @@ def main(argv):
             raise UserError(f"--model and --out are required (models: "
                             f"{', '.join(resnet_jax.list_models())})")
         checkpoint.quiet_orbax()
-        out = convert(argv[1], FLAGS.model, FLAGS.out, parse_options(FLAGS.option))
+        out = convert(argv[1], FLAGS.model, FLAGS.out, parse_options(FLAGS.option),
+                      FLAGS.classes)
         print(f"wrote {FLAGS.model} to {out}")
 
 

@@ -222,6 +222,10 @@ def main(argv):
             name = split.name
             result = evaluate_streamed(loaded, split, FLAGS.batch_size, FLAGS.ten_crop)
         else:
+            if model_classes(loaded) is None and FLAGS.data.startswith("folder:"):
+                print("note: the checkpoint records no class list; labels follow the sorted "
+                      "names of the class folders (convert --classes records one)",
+                      file=sys.stderr, flush=True)
             dataset = sources.load(FLAGS.data, FLAGS.split, data_dir=FLAGS.data_dir,
                                    image_size=image_size,
                                    num_classes=getattr(loaded.model, "num_classes", 10),
