@@ -4,7 +4,7 @@
         --data folder:../shared/data/cifar10-jpeg --split test --out /tmp/fig7
 
 Each argument is a training workdir or a converted checkpoint, optionally `=LABEL` (default: the
-net's name, e.g. ResNet-20). A layer's response is its BN output before ReLU and the residual
+net's name, e.g. ResNet-20; a path that exists is never split at its `=`: `resnet_jax.runs`). A layer's response is its BN output before ReLU and the residual
 addition (`responses.capture_responses`); its std is accumulated batch by batch inside one jitted
 function per model, which returns per-layer moments and never the responses themselves, so memory
 does not grow with the number of images. Per-batch moments are merged on the host in float64
@@ -45,6 +45,7 @@ import numpy as np
 from absl import flags
 
 from resnet_jax import checkpoint, cli, kernels, parallel
+from resnet_jax import runs as runs_lib
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
 from resnet_jax.data.batching import num_batches, padded_batches
@@ -289,7 +290,7 @@ def open_runs(specs: Sequence[str], step: Optional[int], over_training: bool) ->
                         "`python -m resnet_jax.analyze /tmp/resnet20=ResNet-20 --out /tmp/fig7`")
     runs, seen = [], {}
     for spec in specs:
-        path, _, label = spec.rpartition("=") if "=" in spec else (spec, "", "")
+        path, label = runs_lib.split_label(spec)
         loaded = checkpoint.load_model(path, step, kernels.for_devices(jax.local_devices()))
         label = label or display_name(loaded.metadata["model"])
         if not _LABEL.match(label):
