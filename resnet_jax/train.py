@@ -297,7 +297,7 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, meta: Dict, metrics: Di
     if step not in mngr.all_steps():
         model = layout.to_checkpoint(state.variables)
         train = layout.to_checkpoint(state.train_item())
-        meta = checkpoint.with_checksums(meta, model=model, train=train)
+        meta = checkpoint.for_saving(mngr, step, meta, model=model, train=train)
         with _writing(mngr, step):
             mngr.save(step, metrics=metrics, args=ocp.args.Composite(
                 model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),

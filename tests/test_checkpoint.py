@@ -173,6 +173,50 @@ def test_damaged_metadata_is_one_line(tmp_path):
         checkpoint.load_model(str(tmp_path / "c"))
 
 
+@pytest.mark.parametrize("change", [
+    ("0.5, 0.5", "0.5, 0.6"),  # one character of the stored normalisation
+    ('"model_options"', '"model_options" '),  # harmless whitespace is not a change
+    ('"cat", "dog"', '"dog", "cat"')])  # two classes swapped
+def test_changed_metadata_is_damage_not_a_plausible_score(tmp_path, change):
+    """The metadata decides the numbers as much as the arrays: it is covered by its digest."""
+    model, variables = _variables("resnet20", widths=(4, 8, 16))
+    classes = ["airplane", "automobile", "bird", "cat", "dog", "deer", "frog", "horse", "ship",
+               "truck"]
+    checkpoint.save_model(str(tmp_path / "c"), variables, model_name="resnet20",
+                          model_options={"widths": (4, 8, 16)}, normalization=NORM, step=3,
+                          extra=dict(classes=classes))
+    path = tmp_path / "c" / "3" / "metadata" / "metadata"
+    text = path.read_text()
+    assert change[0] in text
+    path.write_text(text.replace(change[0], change[1], 1))
+    if change[0] == '"model_options"':
+        assert checkpoint.load_model(str(tmp_path / "c")).step == 3
+        return
+    with pytest.raises(checkpoint.DamagedCheckpoint,
+                       match="step 3 is damaged: its metadata .* changed since it was written"):
+        checkpoint.load_model(str(tmp_path / "c"))
+
+
+def test_nothing_non_finite_is_saved_and_a_saved_one_is_damage(tmp_path):
+    model, variables = _variables("resnet20", widths=(4, 8, 16))
+    variables["params"]["fc"]["bias"][3] = np.inf
+    with pytest.raises(checkpoint.NonFiniteState,
+                       match=r"step 2 is not saved: 1 arrays of the 'model' item hold NaN or Inf "
+                             r"\(first model\['params'\]\['fc'\]\['bias'\]\); the run diverged "
+                             "and no checkpoint was saved"):
+        checkpoint.save_model(str(tmp_path / "c"), variables, model_name="resnet20",
+                              model_options={"widths": (4, 8, 16)}, normalization=NORM, step=2)
+    # a step written with checksums by an older version that did not check: damaged, not resumed
+    meta = checkpoint.metadata("resnet20", {"widths": [4, 8, 16]}, NORM)
+    stored = layout.to_checkpoint(variables)
+    meta = dict(meta, checksums={"model": checkpoint.checksums(stored)})
+    with checkpoint.manager(str(tmp_path / "old"), async_save=False) as mngr:
+        mngr.save(2, args=ocp.args.Composite(model=ocp.args.StandardSave(stored),
+                                             metadata=ocp.args.JsonSave(meta)))
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="step 2 holds non-finite numbers"):
+        checkpoint.load_model(str(tmp_path / "old"))
+
+
 def test_a_file_is_not_called_missing(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="checkpoint '.*f' is a file; pass the directory"):
