@@ -79,3 +79,25 @@ def test_offline_tfds_says_so_at_once(monkeypatch, tmp_path):
     message = str(e.value)
     assert "\n" not in message and "cannot download it (no internet)" in message
     assert "--config.data.source=folder:PATH" in message
+
+
+def test_replaced_images_with_kept_mtimes_are_decoded_again(tmp_path):
+    """`cp -p`, `rsync -a` and `tar` keep modification times: the cache served the old pixels."""
+    import os
+    import numpy as np
+    from PIL import Image
+    source = _folder(tmp_path / "d", {"train/ant": 1, "train/bee": 1})
+    before = sources.load(source, "train")
+    path = tmp_path / "d" / "train" / "ant" / "0.jpg"
+    stat = path.stat()
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(path, "JPEG")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = sources.load(source, "train")
+    assert before.images[0].max() < 10 and after.images[0].min() > 245
+
+
+def test_a_broken_link_in_a_class_folder_is_one_line(tmp_path):
+    source = _folder(tmp_path / "d", {"train/ant": 1, "train/bee": 1})
+    (tmp_path / "d" / "train" / "bee" / "1.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(UserError, match=r"cannot read image '.*bee/1.jpg' \(No such file"):
+        sources.load(source, "train")

@@ -4,8 +4,8 @@
 CIFAR-sized splits are small (150 MB of uint8 for 50k images), so a source hands back the whole
 split as numpy arrays: training keeps it in device memory and augments there, and evaluation
 pads the last batch instead of dropping it. A decoded folder is cached as .npy beside nothing of
-the user's: under $RESNET_JAX_CACHE (default ~/.cache/resnet_jax), keyed by path, file count and
-modification times, so a changed folder is decoded again.
+the user's: under $RESNET_JAX_CACHE (default ~/.cache/resnet_jax), keyed by the files' names, classes and
+content hashes, so a changed folder is decoded again whatever its modification times say.
 """
 import dataclasses
 import hashlib
@@ -131,11 +131,23 @@ def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
 
 
 def _cache_path(split_dir: str, files) -> str:
-    h = hashlib.sha1(os.path.abspath(split_dir).encode())
+    """The cache file of a folder split, keyed by what decides its pixels and labels: each
+    file's class and content hash (never its modification time, which `cp -p`, `rsync -a`
+    and `tar` keep while replacing the bytes)."""
+    h = hashlib.sha256()
     for path, label in files:
-        h.update(f"{path}\0{label}\0{os.stat(path).st_mtime_ns}\n".encode())
+        h.update(f"{os.path.relpath(path, split_dir)}\0{label}\0{_file_digest(path)}\n".encode())
     root = os.environ.get("RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax"))
-    return os.path.join(root, f"folder-{h.hexdigest()[:16]}.npz")
+    return os.path.join(root, f"folder-{h.hexdigest()[:24]}.npz")
+
+
+def _file_digest(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()  # images: small files
+    except OSError as e:  # a broken link, a file removed meanwhile, no permission
+        raise UserError(f"cannot read image {path!r} ({e.strerror or e}); remove or replace "
+                        "it") from None
 
 
 def _decode(path: str) -> np.ndarray:
