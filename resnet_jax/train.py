@@ -53,6 +53,7 @@ from absl import logging as absl_logging
 import resnet_jax
 import resnet_jax.kernels
 from resnet_jax import checkpoint, cli, parallel
+from resnet_jax import workdir as workdir_lib
 from resnet_jax import config as config_lib
 from resnet_jax.data import pipeline, sources
 from resnet_jax.evaluate import NonFiniteOutput, evaluate_batches, make_eval_step
@@ -235,6 +236,7 @@ class Data:
     classes: Tuple[str, ...]  # the training split's, by name; the other splits are checked by it
     image_size: int
     description: str
+    fingerprint: Optional[Dict] = None  # sources.fingerprint of the training split, if in memory
 
 
 def load_splits(config) -> Tuple[sources.Dataset, sources.Dataset, Optional[sources.Dataset]]:
@@ -265,7 +267,8 @@ def make_data(config, mesh) -> Data:
         val=evals(val), test=evals(test) if test is not None else None,
         normalization=checkpoint.Normalization(sources.mean_image(train.images)),
         classes=train.classes, image_size=train.images.shape[1],
-        description=f"train {train.name} ({len(train)}), val {val.name} ({len(val)})")
+        description=f"train {train.name} ({len(train)}), val {val.name} ({len(val)})",
+        fingerprint=sources.fingerprint(train))
 
 
 def _host_data(config, mesh) -> Data:
@@ -382,6 +385,8 @@ def config_changes(stored: Dict, config: ml_collections.ConfigDict) -> List[str]
         return []
     before = _flatten(_json_normal(stored["config"]))
     now = _flatten(json.loads(config.to_json_best_effort()))
+    for side in (before, now):  # the same folder however named; its content: check_workdir
+        side["data.source"] = sources.identity(str(side.get("data.source", "")))
     return [f"{key} {before.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
             for key in sorted(set(before) | set(now))
             if key not in FREE_TO_CHANGE and key.split(".")[0] not in MODEL_KEYS
@@ -430,9 +435,10 @@ def check_config_unchanged(workdir: str, config, allow_change: bool = False) -> 
         log.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
 
 
-def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict) -> List[int]:
+def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict,
+                  allow_change: bool = False) -> List[int]:
     """The workdir's steps (empty for a fresh workdir); refuses another model's, or one trained
-    on other classes."""
+    on other classes or (unless `allow_change`) other images."""
     step, stored = newest_metadata(mngr, workdir)
     if step is None:
         return mngr.all_steps()
@@ -440,6 +446,8 @@ def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict) -> List
     if stored.get("classes") and stored["classes"] != meta["classes"]:
         sources.check_classes("the data of this run", meta["classes"], stored["classes"],
                               f"workdir {workdir!r} (step {step})'s")
+    if workdir_lib.check_data(workdir, step, stored, meta, allow_change):
+        log.warning("resuming %s on changed training data", workdir)
     return mngr.all_steps()
 
 
@@ -599,6 +607,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_free_space(workdir, checkpoint.abstract_variables(model, data.image_size))
     meta = checkpoint.metadata(config.model, model_options, data.normalization, extra=dict(
         image_size=data.image_size, dataset=config.data.source, classes=list(data.classes),
+        train_data=data.fingerprint,
         config=json.loads(config.to_json_best_effort())))
     if main:
         log.info("%s on %d devices (%d processes); %s", config.model, mesh.devices.size,
@@ -608,7 +617,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               best_metric=BEST_METRIC, keep_best=config.keep_best)
     writer = preemption = None
     try:
-        steps = check_workdir(mngr, workdir, meta)
+        steps = check_workdir(mngr, workdir, meta, allow_config_change)
         writer = MetricWriter(workdir, main)
         preemption = Preemption()
         result = _loop(config, workdir, mesh, model, meta, data, mngr, steps, writer, preemption)

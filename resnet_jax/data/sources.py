@@ -70,6 +70,26 @@ def load(source: str, split: str, *, data_dir: Optional[str] = None, image_size:
     return dataset
 
 
+def identity(source: str) -> str:
+    """`source` as a resumed run compares it: a folder by its resolved path, so a trailing
+    slash or a symlink to the same folder is the same source (the content is compared on its
+    own, `fingerprint`)."""
+    try:
+        kind, arg = parse_source(source)
+    except UserError:
+        return source
+    return f"folder:{os.path.realpath(arg)}" if kind == "folder" else source
+
+
+def fingerprint(dataset: Dataset) -> dict:
+    """{'images': N, 'sha256': ...} of the pixels, labels and class names: the data's identity
+    where it decides the numbers (the per-pixel mean and the training batches)."""
+    h = hashlib.sha256(np.ascontiguousarray(dataset.images).data)
+    h.update(np.ascontiguousarray(dataset.labels, np.int32).data)
+    h.update("\0".join(dataset.classes).encode())
+    return dict(images=len(dataset), sha256=h.hexdigest())
+
+
 def synthetic_classes(num_classes: int) -> Tuple[str, ...]:
     return tuple(f"class{i}" for i in range(num_classes))
 

@@ -1,0 +1,68 @@
+"""The workdir's guarantees: the data a resume continues on, and the lock."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from resnet_jax import checkpoint, train
+from resnet_jax.data import sources
+from resnet_jax.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path / "cache"))
+
+
+def _images(folder, count, start=0):
+    rng = np.random.default_rng(start)
+    for i in range(start, start + count):
+        cls = ("ant", "bee")[i % 2]
+        os.makedirs(folder / "train" / cls, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+            folder / "train" / cls / f"{i}.png")
+
+
+def _random_variables(model):
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
+                        checkpoint.abstract_variables(model))
+
+
+def _meta(config, dataset):
+    model, options = train.create_model(config, len(dataset.classes))
+    return checkpoint.metadata(config.model, options, checkpoint.Normalization(np.zeros(3)), extra=dict(
+        classes=list(dataset.classes), dataset=config.data.source,
+        train_data=sources.fingerprint(dataset),
+        config=json.loads(config.to_json_best_effort()))), model
+
+
+def test_resume_compares_the_data_by_content_not_by_the_source_string(tmp_path):
+    """A train/ folder that grew from 20 to 70 images was resumed silently (its per-pixel mean
+    changed too), while the same folder through a trailing slash or a symlink was refused."""
+    _images(tmp_path / "d", 20)
+    config = tiny_config(**{"data.source": f"folder:{tmp_path / 'd'}"})
+    meta, model = _meta(config, sources.load(config.data.source, "train"))
+    variables = _random_variables(model)
+    checkpoint.save_model(str(tmp_path / "w"), variables, model_name=meta["model"],
+                          model_options=meta["model_options"],
+                          normalization=checkpoint.Normalization(np.zeros(3)), step=4,
+                          extra={k: meta[k] for k in ("classes", "dataset", "train_data", "config")})
+    os.symlink(tmp_path / "d", tmp_path / "link")
+    for same in (f"folder:{tmp_path / 'd'}/", f"folder:{tmp_path / 'link'}"):
+        other = tiny_config(**{"data.source": same})
+        train.check_config_unchanged(str(tmp_path / "w"), other)
+        now, _ = _meta(other, sources.load(same, "train"))
+        with checkpoint.manager(str(tmp_path / "w"), read_only=True) as mngr:
+            assert train.check_workdir(mngr, str(tmp_path / "w"), now) == [4]
+    _images(tmp_path / "d", 50, start=20)
+    grown, _ = _meta(config, sources.load(config.data.source, "train"))
+    with checkpoint.manager(str(tmp_path / "w"), read_only=True) as mngr:
+        with pytest.raises(UserError, match=r"was trained on other data: its training split had 20 "
+                                            r"images, '.*' has 70 images; .*--allow_config_change"):
+            train.check_workdir(mngr, str(tmp_path / "w"), grown)
+        assert train.check_workdir(mngr, str(tmp_path / "w"), grown, allow_change=True) == [4]
