@@ -52,7 +52,7 @@ from absl import logging as absl_logging
 
 import resnet_jax
 import resnet_jax.kernels
-from resnet_jax import checkpoint, cli, parallel
+from resnet_jax import checkpoint, cli, lines, parallel
 from resnet_jax import workdir as workdir_lib
 from resnet_jax import config as config_lib
 from resnet_jax.data import pipeline, sources
@@ -484,8 +484,8 @@ def check_free_space(workdir: str, variables, copies: int = 3) -> None:
 
 
 class MetricWriter:
-    """metrics.jsonl and TensorBoard events in the workdir, from process 0 only. A resumed run
-    appends, so a step can appear twice; the later record is the one that the run continued from.
+    """metrics.jsonl (whole lines only: `lines.LineLog`) and TensorBoard events in the workdir,
+    from process 0 only. A resumed run appends, so a step can appear twice; the later record is the one that the run continued from.
     A remote workdir (gs://...) gets the JSONL rewritten whole at each write (object stores do not
     append; a run writes a few hundred lines)."""
 
@@ -499,7 +499,7 @@ class MetricWriter:
         self.remote = "://" in workdir
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lines = self.path.read_text() if self.remote and self.path.exists() else ""
-        self.jsonl = None if self.remote else open(self.path, "a")
+        self.jsonl = None if self.remote else lines.LineLog(self.path)
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: Dict[str, float]):
@@ -513,13 +513,12 @@ class MetricWriter:
                             "resume") from None
 
     def _write(self, step: int, scalars: Dict[str, float]):
-        line = json.dumps(dict(step=step, **scalars)) + "\n"
+        line = lines.dumps(dict(step=step, **scalars)) + "\n"
         if self.remote:
             self.lines += line
             self.path.write_text(self.lines)
         else:
-            self.jsonl.write(line)
-            self.jsonl.flush()
+            self.jsonl.append(line)
         for name, value in scalars.items():
             self.tb.add_scalar(name, value, step)
         self.tb.flush()
@@ -871,7 +870,7 @@ def main(argv):
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                     allow_config_change=FLAGS.allow_config_change)
         if parallel.is_main_process():
-            print(json.dumps(result), flush=True)
+            print(lines.dumps(result), flush=True)
 
 
 def run():
