@@ -597,6 +597,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_config(config, mesh.devices.size)
     create_model(config, num_classes=10)  # an unknown model or option fails before data loads
     prepare_workdir(workdir)
+    with workdir_lib.Lock(workdir, enabled=parallel.is_main_process()):
+        return _train(config, workdir, mesh, allow_config_change)
+
+
+def _train(config, workdir: str, mesh, allow_config_change: bool) -> Dict[str, Any]:
+    """train_and_evaluate's work, in a checked and locked workdir."""
     check_config_unchanged(workdir, config, allow_config_change)
     parallel.check_shared_directory(workdir)
     main = parallel.is_main_process()

@@ -1,6 +1,10 @@
 """The workdir's guarantees: the data a resume continues on, and the lock."""
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -8,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from resnet_jax import checkpoint, train
+from resnet_jax import checkpoint, parallel, train, workdir
 from resnet_jax.data import sources
 from resnet_jax.errors import UserError
 
@@ -66,3 +70,61 @@ def test_resume_compares_the_data_by_content_not_by_the_source_string(tmp_path):
                                             r"images, '.*' has 70 images; .*--allow_config_change"):
             train.check_workdir(mngr, str(tmp_path / "w"), grown)
         assert train.check_workdir(mngr, str(tmp_path / "w"), grown, allow_change=True) == [4]
+
+
+@pytest.fixture
+def fast_lock(monkeypatch):
+    monkeypatch.setattr(workdir.Lock, "SETTLE", 0.0)
+
+
+def _hold(path, **owner):
+    (path / workdir.Lock.NAME).write_text(json.dumps(owner))
+
+
+def test_a_live_trainer_keeps_a_second_out_naming_it(tmp_path, fast_lock, monkeypatch):
+    """Two trainers on one workdir both exited 0 with their metrics rows interleaved."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _hold(tmp_path, host=socket.gethostname(), pid=other.pid, started=time.time(),
+              heartbeat=time.time(), token="theirs")
+        with pytest.raises(workdir.WorkdirInUse, match=rf"in use by the trainer pid {other.pid} "
+                                                       rf"on host '{socket.gethostname()}'"):
+            workdir.Lock(str(tmp_path)).acquire()
+        # and before any data loads
+        monkeypatch.setattr(train, "make_data", lambda *a: pytest.fail("data loaded"))
+        with pytest.raises(workdir.WorkdirInUse):
+            train.train_and_evaluate(tiny_config(), str(tmp_path),
+                                     mesh=parallel.make_mesh(jax.devices()[:1]))
+    finally:
+        other.kill()
+        other.wait()
+    # its pid has exited: taken over at once, and released at the end
+    with workdir.Lock(str(tmp_path)) as lock:
+        held = json.loads((tmp_path / workdir.Lock.NAME).read_text())
+        assert held["pid"] == os.getpid() and held["token"] == lock.owner["token"]
+    assert not (tmp_path / workdir.Lock.NAME).exists()
+
+
+def test_a_lock_of_another_host_is_stale_only_once_its_heartbeat_stops(tmp_path, fast_lock):
+    now = time.time()
+    _hold(tmp_path, host="tpu-vm-7", pid=1234, started=now - 3600, heartbeat=now - 5, token="t")
+    with pytest.raises(workdir.WorkdirInUse, match="pid 1234 on host 'tpu-vm-7'"):
+        workdir.Lock(str(tmp_path)).acquire()
+    _hold(tmp_path, host="tpu-vm-7", pid=1234, started=now - 3600,
+          heartbeat=now - workdir.Lock.STALE - 1, token="t")
+    with workdir.Lock(str(tmp_path)):
+        pass
+    (tmp_path / workdir.Lock.NAME).write_text('{"host": "tpu')  # garbled, and old
+    os.utime(tmp_path / workdir.Lock.NAME, (now - 1000, now - 1000))
+    with workdir.Lock(str(tmp_path)):
+        pass
+
+
+def test_the_heartbeat_renews_the_lock(tmp_path, fast_lock, monkeypatch):
+    monkeypatch.setattr(workdir.Lock, "HEARTBEAT", 0.05)
+    with workdir.Lock(str(tmp_path)):
+        first = json.loads((tmp_path / workdir.Lock.NAME).read_text())["heartbeat"]
+        deadline = time.time() + 30
+        while json.loads((tmp_path / workdir.Lock.NAME).read_text())["heartbeat"] == first:
+            assert time.time() < deadline, "no heartbeat"
+            time.sleep(0.05)
