@@ -78,17 +78,21 @@ def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: O
             item_handlers: Optional[Dict[str, Any]] = None) -> ocp.CheckpointManager:
     """The one CheckpointManager construction of the package. `item_handlers` (name -> handler)
     replaces the lazily registered items, for reading item metadata before any restore."""
-    policy = None
+    policy = best_fn = None
     if best_metric and keep_best:
+        # best_fn makes orbax write each step's metrics to disk: without them, the steps of an
+        # earlier run read back metric-less, and BestN would keep them all for ever. Steps
+        # without metrics (written before this) count for LatestN only.
+        best_fn = lambda m: m[best_metric]  # noqa: E731
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(max_to_keep or 1),
-            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric], reverse=False,
-                                          n=keep_best)])
+            ocp.checkpoint_managers.BestN(get_metric_fn=best_fn, reverse=False, n=keep_best,
+                                          keep_checkpoints_without_metrics=False)])
         max_to_keep = None  # the policy decides
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, read_only=read_only, create=not read_only,
         save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
-        preservation_policy=policy)
+        preservation_policy=policy, best_fn=best_fn, best_mode="max")
     if item_handlers is not None:
         return ocp.CheckpointManager(_path(directory), options=options,
                                      item_handlers=item_handlers)

@@ -217,6 +217,23 @@ def test_nothing_non_finite_is_saved_and_a_saved_one_is_damage(tmp_path):
         checkpoint.load_model(str(tmp_path / "old"))
 
 
+def test_keep_checkpoints_prunes_the_steps_of_an_earlier_run(tmp_path):
+    """After a resume, the steps saved before it were kept for ever (a run killed ten times
+    kept 11 steps with keep_checkpoints=3): orbax read them back without their metrics."""
+    def run(steps, metric):
+        with checkpoint.manager(str(tmp_path), max_to_keep=2, best_metric="val_top1",
+                                keep_best=1, async_save=False) as mngr:
+            for step in steps:
+                mngr.save(step, metrics={"val_top1": metric[step]}, args=ocp.args.Composite(
+                    model=ocp.args.StandardSave({"w": np.ones(3)}),
+                    metadata=ocp.args.JsonSave({"model": "resnet20"})))
+            return mngr.all_steps()
+
+    assert run([1, 2], {1: 0.9, 2: 0.2}) == [1, 2]
+    # 1 is the best, 5 and 6 the latest; 2 and 3 go though saved before this run
+    assert run([3, 4, 5, 6], {3: 0.3, 4: 0.1, 5: -1.0, 6: 0.2}) == [1, 5, 6]
+
+
 def test_a_file_is_not_called_missing(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="checkpoint '.*f' is a file; pass the directory"):
