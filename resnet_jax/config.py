@@ -7,6 +7,7 @@ This module imports only ml_collections, so the files in configs/ (which start f
     c = default_config(); c.lr = -1
     validate(c)  # -> ["lr must be > 0, not -1"], every problem at once, before any data loads
 """
+import math
 import numbers
 from typing import Any, List, Sequence, Tuple
 
@@ -151,7 +152,8 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    """A finite real: inf and nan pass every comparison that could tell, and diverge at once."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> List[str]:

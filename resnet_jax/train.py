@@ -723,7 +723,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
         state = plateau(config, state, 1.0 - val["top1"], mesh)
         scalars = {f"val_{k}": v for k, v in val.items()}
         writer.write(step, scalars)
-        result.update(scalars)
+        result.update(scalars, val_step=step)  # a preempted run's result is of a later step
         if main:
             log.info("step %d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f", step,
                      100 * val["top1"], 100 * val["top5"], val["loss"])
@@ -767,7 +767,8 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
 
     if "val_top1" not in result:  # a finished workdir run again: report, do not retrain
         if step in mngr.all_steps():
-            result.update({f"val_{k}": v for k, v in run_eval(data.val, "validation").items()})
+            result.update({f"val_{k}": v for k, v in run_eval(data.val, "validation").items()},
+                          val_step=step)
         else:
             evaluate_and_save()
     if data.test is not None:

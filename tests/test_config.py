@@ -61,6 +61,8 @@ def test_the_recipes_validate():
     (dict(num_steps=-5), "num_steps must be an integer >= 1, not -5"),
     (dict(batch_size=0), "batch_size must be an integer >= 1, not 0"),
     (dict(lr=-0.1), "lr must be > 0, not -0.1"),
+    (dict(lr=float("inf")), "lr must be > 0, not inf"),  # diverged at once, saved NaN
+    (dict(weight_decay=float("nan")), "weight_decay must be >= 0, not nan"),
     (dict(lr_boundaries=(15, 10)), "lr_boundaries must be increasing steps >= 1, not (15, 10)"),
     (dict(lr_boundaries=(0, 10)), "lr_boundaries must be increasing steps >= 1, not (0, 10)"),
     (dict(lr_boundaries=(10, 10)), "lr_boundaries must be increasing steps >= 1, not (10, 10)"),

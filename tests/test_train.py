@@ -370,19 +370,21 @@ def test_sigkill_at_three_moments_then_resume_gives_the_uninterrupted_params(env
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_sigterm_and_ctrl_c_leave_a_complete_checkpoint(env, tmp_path, sig):
     """A preemption notice (SIGTERM) and Ctrl-C (SIGINT) both save the step reached and exit 0."""
-    proc = start(tmp_path, *RUN[:1], "--config.checkpoint_every=100", "--config.log_every=1", env=env)
+    proc = start(tmp_path, *RUN[:1], "--config.checkpoint_every=2", "--config.log_every=1", env=env)
     wait_for(proc, r"step 3/12 ")
     proc.send_signal(sig)
     rc, out = finish(proc)
     assert rc == 0 and "Traceback" not in out, out[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["preempted"] and 3 <= result["step"] < 12
+    # its validation numbers are those of an earlier step, and say so
+    assert result["val_step"] == result["step"] - result["step"] % 2
     assert f"{signal.Signals(sig).name}: saved step {result['step']}" in out
     c = train.load_config(TINY)
     model, _ = train.create_model(c, 10)
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
-        assert mngr.all_steps() == [result["step"]]
+        assert result["step"] in mngr.all_steps()
         state = train.restore(mngr, result["step"], target)
     assert int(state.step) == result["step"]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
