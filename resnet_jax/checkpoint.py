@@ -357,10 +357,21 @@ def _guess_stored_model(stored, model: nn.Module, model_name: str, options: Dict
 
 
 def load_model(directory: str, step: Optional[int] = None,
-               kernels: Kernels = XLA) -> LoadedModel:
+               kernels: Kernels = XLA, attempts: int = 3) -> LoadedModel:
     """The model (computing with `kernels`), its variables and its normalisation from a workdir
-    or converted weights."""
-    step = latest_step(directory, step)
+    or converted weights: `step`, or the latest. A latest step that a live trainer prunes while
+    it is read is not damage: the newest step is read instead."""
+    for attempt in range(attempts):
+        chosen = latest_step(directory, step)
+        try:
+            return _load_step(directory, chosen, kernels)
+        except UserError:  # DamagedCheckpoint, or "no step N" from a read after the listing
+            pruned = step is None and not (_path(directory) / str(chosen)).exists()
+            if not pruned or attempt == attempts - 1:
+                raise
+
+
+def _load_step(directory: str, step: int, kernels: Kernels) -> LoadedModel:
     meta = read_metadata(directory, step)
     model = resnet_jax.create_model(meta["model"], kernels=kernels, **meta.get("model_options", {}))
     target = abstract_variables(model, meta.get("image_size", 32))

@@ -234,6 +234,29 @@ def test_keep_checkpoints_prunes_the_steps_of_an_earlier_run(tmp_path):
     assert run([3, 4, 5, 6], {3: 0.3, 4: 0.1, 5: -1.0, 6: 0.2}) == [1, 5, 6]
 
 
+def test_a_step_pruned_by_a_live_trainer_while_read_is_not_damage(tmp_path, monkeypatch):
+    """evaluate on a workdir still training said "step 40 is damaged ... Directory does not
+    exist" when the trainer pruned step 40 meanwhile; it reads the newest step instead."""
+    model, variables = _variables("resnet20", widths=(4, 8, 16))
+    for step in (2, 3):
+        checkpoint.save_model(str(tmp_path / f"s{step}"), variables, model_name="resnet20",
+                              model_options={"widths": (4, 8, 16)}, normalization=NORM, step=step)
+    directory = tmp_path / "s2"
+    read = checkpoint.read_metadata
+
+    def trainer_moves_on(*args, **kwargs):  # saves step 3 and prunes step 2 meanwhile
+        if (directory / "2").exists():
+            (tmp_path / "s3" / "3").rename(directory / "3")
+            import shutil
+            shutil.rmtree(directory / "2")
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "read_metadata", trainer_moves_on)
+    assert checkpoint.load_model(str(directory)).step == 3
+    with pytest.raises(UserError, match="no step 2"):  # an explicit step is not replaced
+        checkpoint.load_model(str(directory), 2)
+
+
 def test_a_file_is_not_called_missing(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="checkpoint '.*f' is a file; pass the directory"):
