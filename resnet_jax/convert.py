@@ -1,7 +1,7 @@
 """PyTorch ResNet state dicts -> checkpoints of this package.
 
     python -m resnet_jax.convert ../shared/data/pretrained/akamaster-cifar10/resnet20.npz \
-        --model resnet20 --out /tmp/resnet20
+        --model resnet20 --out /tmp/resnet20 --data folder:../shared/data/cifar10-jpeg
     python -m resnet_jax.convert resnet50.pth --model resnet50 --out /tmp/resnet50
 
 Two key namings are recognised from the keys themselves:
@@ -216,10 +216,38 @@ def default_classes(fmt: str, num_classes: int) -> Optional[Tuple[str, ...]]:
     return None
 
 
+CHECK_IMAGES = 500  # enough to tell a working net (tens of %) from chance (1 / classes)
+
+
+def check_on_data(variables, model_name: str, options: Dict, classes, data: str,
+                  split: str = "test", source: str = "state dict", count: int = CHECK_IMAGES) -> Dict:
+    """evaluate's result for the converted net on `count` images drawn at random from `data`'s
+    `split`. Shapes cannot tell a residual net from a plain one, nor a transposed kernel: a
+    net at chance level (under twice 1 / classes) is a UserError, so nothing is written."""
+    from resnet_jax import evaluate
+    dataset = sources.load(data, split, classes=classes, num_classes=options["num_classes"])
+    pick = np.sort(np.random.default_rng(0).permutation(len(dataset))[:count])
+    subset = sources.Dataset(dataset.images[pick], dataset.labels[pick], dataset.classes,
+                             f"{len(pick)} images of {dataset.name}")
+    model = resnet_jax.create_model(model_name, **options)
+    loaded = checkpoint.LoadedModel(model, variables, IMAGENET_NORMALIZATION,
+                                    dict(classes=list(classes) if classes else None), 0, source)
+    result = evaluate.evaluate(loaded, subset, batch_size=100, progress=None)
+    chance = 1 / options["num_classes"]
+    if result["top1"] < 2 * chance:
+        raise UserError(f"{source} converted as {model_name} scores {100 * result['top1']:.1f} % "
+                        f"top-1 on {subset.name}, chance level ({100 * chance:.0f} %): the weights "
+                        "are not this net's (plain vs residual, another layout?); nothing written")
+    return dict(result, name=subset.name)
+
+
 def convert(source: str, model_name: str, out: str, options: Optional[Dict] = None,
-            classes: Optional[List[str]] = None) -> str:
+            classes: Optional[List[str]] = None, data: Optional[str] = None,
+            split: str = "test") -> Optional[Dict]:
     """Read `source`, convert it for `model_name`, save it as a checkpoint at `out` with its
-    class list (`classes`, else `default_classes`)."""
+    class list (`classes`, else `default_classes`). With `data` (a 32x32 source), the net is
+    first scored on a few hundred of its images (`check_on_data`: refused at chance level);
+    returns that result, or None: unchecked."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"output directory {out!r} is not empty; choose a new --out")
     state = read_state_dict(source)
@@ -231,8 +259,15 @@ def convert(source: str, model_name: str, out: str, options: Optional[Dict] = No
     extra = dict(source=os.path.abspath(source), format=fmt, image_size=FORMATS[fmt]["image_size"])
     if classes is not None:
         extra["classes"] = list(classes)
-    return checkpoint.save_model(out, variables, model_name=model_name, model_options=options,
-                                 normalization=IMAGENET_NORMALIZATION, extra=extra)
+    checked = None
+    if data is not None:
+        if FORMATS[fmt]["image_size"] != 32:
+            raise UserError("--data scores the 32x32 CIFAR nets; check an ImageNet net with "
+                            "resnet_jax.evaluate after converting it")
+        checked = check_on_data(variables, model_name, options, classes, data, split, source)
+    checkpoint.save_model(out, variables, model_name=model_name, model_options=options,
+                          normalization=IMAGENET_NORMALIZATION, extra=extra)
+    return checked
 
 
 def parse_options(pairs: List[str]) -> Dict:
@@ -259,6 +294,9 @@ def define_flags():
     flags.DEFINE_multi_string("option", [], "model option key=value (repeatable), e.g. shortcut=B")
     flags.DEFINE_list("classes", None, "the class names of the net's outputs, in order (default: "
                       "CIFAR-10's for the 10-way CIFAR nets); evaluate matches folders by them")
+    flags.DEFINE_string("data", None, "score the converted net on a few hundred images of this "
+                        "source (folder:PATH, cifar10) before writing it; refused at chance level")
+    flags.DEFINE_string("split", "test", "the split of --data to score on")
 
 
 def main(argv):
@@ -270,9 +308,14 @@ def main(argv):
             raise UserError(f"--model and --out are required (models: "
                             f"{', '.join(resnet_jax.list_models())})")
         checkpoint.quiet_orbax()
-        out = convert(argv[1], FLAGS.model, FLAGS.out, parse_options(FLAGS.option),
-                      FLAGS.classes)
-        print(f"wrote {FLAGS.model} to {out}")
+        checked = convert(argv[1], FLAGS.model, FLAGS.out, parse_options(FLAGS.option),
+                          FLAGS.classes, FLAGS.data, FLAGS.split)
+        print(f"wrote {FLAGS.model} to {FLAGS.out}")
+        if checked is None:
+            print("unchecked: the shapes fit, which a net of other weights can too; pass --data "
+                  f"folder:PATH to score it on {CHECK_IMAGES} images first")
+        else:
+            print(f"checked: top-1 {100 * checked['top1']:.1f} % on {checked['name']}")
 
 
 def run():

@@ -244,6 +244,7 @@ def test_cli_converts_and_refuses_a_used_out(akamaster_dir, tmp_path):
     rc, stdout, stderr = _cli(akamaster_dir / "resnet20.npz", "--model", "resnet20", "--out", out)
     assert rc == 0, stderr
     assert "wrote resnet20" in stdout and stderr == ""
+    assert "unchecked: " in stdout and "--data" in stdout
     rc, _, stderr = _cli(akamaster_dir / "resnet20.npz", "--model", "resnet20", "--out", out)
     assert rc == 2 and stderr.strip() == f"error: output directory {str(out)!r} is not empty; choose a new --out"
 
@@ -296,3 +297,21 @@ def test_converted_cifar_net_records_cifar10_classes_and_refuses_other_names(aka
     with pytest.raises(UserError, match="--classes names 2 classes but"):
         convert.convert(str(akamaster_dir / "resnet20.npz"), "resnet20", str(tmp_path / "c2"),
                         classes=["a", "b"])
+
+
+@pytest.mark.slow
+def test_with_data_a_net_at_chance_level_is_refused_and_a_working_one_scored(
+        akamaster_dir, cifar_jpeg, tmp_path):
+    """ResNet-20's weights fit plain-20's shapes exactly (the shortcuts carry none): converted
+    as plain20 it scored 10.00 % with exit 0."""
+    data = f"folder:{cifar_jpeg}"
+    with pytest.raises(UserError, match=r"converted as plain20 scores \d+\.\d % top-1 on 500 "
+                                        r"images of .*, chance level \(10 %\).*nothing written"):
+        convert.convert(str(akamaster_dir / "resnet20.npz"), "plain20", str(tmp_path / "p"),
+                        data=data)
+    assert not (tmp_path / "p").exists()
+    checked = convert.convert(str(akamaster_dir / "resnet20.npz"), "resnet20",
+                              str(tmp_path / "r"), data=data)
+    assert checked["count"] == 500 and checked["top1"] > 0.6
+    assert convert.convert(str(akamaster_dir / "resnet20.npz"), "resnet20",
+                           str(tmp_path / "u")) is None  # unchecked, and the CLI says so
