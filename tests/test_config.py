@@ -142,3 +142,17 @@ def test_console_scripts_start_like_python_m(script, tcmalloc):
     flag = {"train": "--workdir", "evaluate": "--checkpoint", "analyze": "--out",
             "summary": "--image_size", "convert": "--option", "compile": "--topology"}[script.rsplit("-", 1)[1]]
     assert flag in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["resnet_jax.train", "--config", TINY, "--workdir", "/nonexistent/w", "--config.lr=abc"],
+     "error: flag --config.lr=abc: could not convert string to float: 'abc' (--help lists"),
+    (["resnet_jax.train", "--config", TINY, "--workdirr", "/nonexistent/w"],
+     "error: Unknown command line flag 'workdirr'. Did you mean: workdir? (--help lists"),
+    (["resnet_jax.evaluate", "--batch_size=abc"], "error: flag --batch_size=abc: invalid literal"),
+])
+def test_a_bad_flag_is_the_documented_error_line_and_exit_2(args, message):
+    """absl printed `FATAL Flags parsing error` and exited 1."""
+    proc = _run("-m", *args, env=dict(JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
