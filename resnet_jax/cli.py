@@ -6,6 +6,7 @@ This module imports nothing heavy: the restart happens before JAX is imported an
 nothing.
 """
 import importlib
+import os
 import sys
 
 from resnet_jax import preload
@@ -52,7 +53,11 @@ def absl_run(main, module: str) -> None:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     main_module = sys.modules["__main__"]
     main_module.__doc__ = sys.modules[module].__doc__
-    app.run(main, flags_parser=_parse_flags)
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for exit's flush
+        sys.exit(0)
 
 
 def _parse_flags(argv):

@@ -248,7 +248,9 @@ def convert(source: str, model_name: str, out: str, options: Optional[Dict] = No
     class list (`classes`, else `default_classes`). With `data` (a 32x32 source), the net is
     first scored on a few hundred of its images (`check_on_data`: refused at chance level);
     returns that result, or None: unchecked."""
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out!r} is a file; name a new directory")
+    if os.path.exists(out) and os.listdir(out):
         raise UserError(f"output directory {out!r} is not empty; choose a new --out")
     state = read_state_dict(source)
     variables, options, fmt = convert_state_dict(state, model_name, options, source)

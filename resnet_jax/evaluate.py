@@ -169,6 +169,21 @@ def evaluate_streamed(loaded: checkpoint.LoadedModel, split: imagenet.Split, bat
     return dict(result, seconds=round(time.perf_counter() - start, 3))
 
 
+def check_output_file(path: str, flag: str = "--json") -> None:
+    """Before any work: `path` can be written as a file (not a directory, not under a file, in
+    a writable folder), so a result is never computed and then lost."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a directory; name a file, e.g. "
+                        f"{os.path.join(path, 'result.json')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path!r} lies under the file {folder!r}; name a path in a folder")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path!r}: cannot write in {folder!r}; choose a writable folder")
+
+
 def write_json(path: str, obj) -> None:
     """Write `obj` as JSON so that a reader never sees half a file (temp file + rename)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -211,6 +226,8 @@ def main(argv):
                             "resnet_jax.convert")
         if FLAGS.batch_size < 1:
             raise UserError(f"--batch_size must be positive, not {FLAGS.batch_size}")
+        if FLAGS.json:
+            check_output_file(FLAGS.json)
         cpu.use_cpu_cores()
         parallel.initialize_distributed()  # on every host of a pod slice (ImageNet-style data)
         checkpoint.quiet_orbax()

@@ -150,9 +150,25 @@ def test_console_scripts_start_like_python_m(script, tcmalloc):
     (["resnet_jax.train", "--config", TINY, "--workdirr", "/nonexistent/w"],
      "error: Unknown command line flag 'workdirr'. Did you mean: workdir? (--help lists"),
     (["resnet_jax.evaluate", "--batch_size=abc"], "error: flag --batch_size=abc: invalid literal"),
+    (["resnet_jax.summary", "resnet20", "--image_size", "-5"],
+     "error: flag --image_size=-5: -5 is not a positive integer"),
+    (["resnet_jax.summary", "resnet20", "--image_size", "0"],
+     "error: flag --image_size=0: 0 is not a positive integer"),
+    (["resnet_jax.compile", "--config", TINY, "--batch_size", "-4"],
+     "error: flag --batch_size=-4: -4 is not a positive integer"),
 ])
 def test_a_bad_flag_is_the_documented_error_line_and_exit_2(args, message):
     """absl printed `FATAL Flags parsing error` and exited 1."""
     proc = _run("-m", *args, env=dict(JAX_PLATFORMS="cpu"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback():
+    """`train --describe | head` ended in a BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_jax.train", "--describe"], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before it writes anything: its first write meets a closed pipe
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and stderr == "", stderr[-2000:]

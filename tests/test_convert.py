@@ -315,3 +315,9 @@ def test_with_data_a_net_at_chance_level_is_refused_and_a_working_one_scored(
     assert checked["count"] == 500 and checked["top1"] > 0.6
     assert convert.convert(str(akamaster_dir / "resnet20.npz"), "resnet20",
                            str(tmp_path / "u")) is None  # unchecked, and the CLI says so
+
+
+def test_out_naming_a_file_says_so(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match=r"--out '.*f' is a file; name a new directory"):
+        convert.convert(str(tmp_path / "none.npz"), "resnet20", str(tmp_path / "f"))

@@ -153,3 +153,13 @@ def test_classes_are_checked_before_any_batch_runs(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="other has classes that the model's list lacks: dog; "
                                         "lacks the model's classes cat"):
         evaluate.evaluate(loaded, other)
+
+
+def test_an_unwritable_json_path_is_refused_before_any_scoring(tmp_path):
+    """`--json DIR` or a path under a file gave a traceback after scoring: the result lost."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"--json '.*' is a directory; name a file"):
+        evaluate.check_output_file(str(tmp_path))
+    with pytest.raises(UserError, match=r"lies under the file '.*file'"):
+        evaluate.check_output_file(str(tmp_path / "file" / "sub" / "r.json"))
+    evaluate.check_output_file(str(tmp_path / "new" / "r.json"))  # created when written

@@ -101,3 +101,17 @@ def test_a_broken_link_in_a_class_folder_is_one_line(tmp_path):
     (tmp_path / "d" / "train" / "bee" / "1.jpg").symlink_to(tmp_path / "gone.jpg")
     with pytest.raises(UserError, match=r"cannot read image '.*bee/1.jpg' \(No such file"):
         sources.load(source, "train")
+
+
+def test_class_names_compare_in_one_unicode_form_and_every_pil_format_counts(tmp_path):
+    """`café` decomposed on disk (NFD) against `café` composed (NFC) was reported as
+    "lacks: café ... classes café"; .gif/.webp/.tif images were skipped without a word."""
+    import unicodedata
+    import numpy as np
+    from PIL import Image
+    nfd = unicodedata.normalize("NFD", "café")
+    source = _folder(tmp_path / "d", {f"train/{nfd}": 1, "train/bar": 1})
+    for suffix in ("gif", "webp", "tif"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "d" / "train" / "bar" / f"x.{suffix}")
+    data = sources.load(source, "train", classes=("bar", unicodedata.normalize("NFC", "café")))
+    assert sorted(data.labels.tolist()) == [0, 0, 0, 0, 1]

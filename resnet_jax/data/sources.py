@@ -10,6 +10,7 @@ content hashes, so a changed folder is decoded again whatever its modification t
 import dataclasses
 import hashlib
 import os
+import unicodedata
 import zlib
 from typing import Any, Optional, Sequence, Tuple
 
@@ -20,7 +21,7 @@ from resnet_jax.errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +97,9 @@ def synthetic_classes(num_classes: int) -> Tuple[str, ...]:
 
 def check_classes(name: str, have: Sequence[str], want: Sequence[str],
                   whose: str = "the model's") -> None:
-    """One line naming the classes that `have` (a split's) lacks or adds against `want`."""
-    have, want = tuple(have), tuple(want)
+    """One line naming the classes that `have` (a split's) lacks or adds against `want`. Names
+    compare in Unicode's NFC form: a file system may hand back `café` decomposed (NFD)."""
+    have, want = tuple(map(nfc, have)), tuple(map(nfc, want))
     if have == want:
         return
     extra = [c for c in have if c not in want]
@@ -111,6 +113,10 @@ def check_classes(name: str, have: Sequence[str], want: Sequence[str],
     raise UserError(f"{name} {'; '.join(parts)} ({whose} {len(want)} classes: "
                     f"{', '.join(want[:10])}{'...' if len(want) > 10 else ''}); use data with "
                     "the same class folders")
+
+
+def nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 def _synthetic(split, count, image_size, num_classes) -> Dataset:
@@ -135,8 +141,9 @@ def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
         raise UserError(f"split {split!r} not found in {root!r} (it has: {', '.join(have) or 'nothing'})")
     folders = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if classes is not None:
-        check_classes(f"folder {split_dir!r}", folders, sorted(classes), whose)
-    label = {c: i for i, c in enumerate(folders if classes is None else classes)}
+        check_classes(f"folder {split_dir!r}", sorted(map(nfc, folders)),
+                      sorted(map(nfc, classes)), whose)
+    label = {nfc(c): i for i, c in enumerate(folders if classes is None else classes)}
     per_class = {c: [f for f in sorted(os.listdir(os.path.join(split_dir, c)))
                      if f.lower().endswith(IMAGE_SUFFIXES)] for c in folders}
     if not any(per_class.values()):
@@ -146,7 +153,7 @@ def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
         raise UserError(f"no images in class folder {os.path.join(split_dir, empty[0])!r}"
                         f"{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}; add "
                         "images or remove the folder")
-    files = [(os.path.join(split_dir, c, f), label[c]) for c in folders for f in per_class[c]]
+    files = [(os.path.join(split_dir, c, f), label[nfc(c)]) for c in folders for f in per_class[c]]
     return tuple(folders if classes is None else classes), files
 
 
