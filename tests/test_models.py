@@ -293,3 +293,13 @@ def test_unstack_blocks_names_every_block_in_depth_order():
     assert flat["stage3"]["block199"]["bn2"]["scale"].shape == (64,)
     _, per_block = abstract_init("resnet20")
     assert layout.unstack_blocks(per_block) == per_block
+
+
+@pytest.mark.parametrize("widths", [(), (0, 8, 16), (-4, 8, 16), "abc", (4, 8), (4, 8, 16, 32),
+                                    (4.0, 8, 16)])
+def test_widths_are_one_positive_integer_per_stage(widths):
+    """They failed after the data loaded (IndexError, ZeroDivisionError, TypeError), or trained
+    a two- or four-stage net under the name resnet20."""
+    with pytest.raises(resnet_jax.UnknownModelError, match=r"widths must be 3 positive integers"):
+        resnet_jax.create_model("resnet20", widths=widths)
+    assert resnet_jax.create_model("resnet20", widths=[4, 8, 16]).widths == [4, 8, 16]

@@ -70,4 +70,16 @@ def create_model(name: str, *, kernels: Kernels = XLA, **options) -> nn.Module:
                 f"unknown option {key!r} for model {name!r}; valid options: {', '.join(close)}")
     if "shortcut" in options and options["shortcut"] not in ("A", "B", "C"):
         raise UnknownModelError(f"shortcut must be 'A', 'B' or 'C', not {options['shortcut']!r}")
+    if "widths" in options:
+        _check_widths(options["widths"], len(ctor(kernels=kernels).widths))
     return ctor(kernels=kernels, **options)
+
+
+def _check_widths(widths, stages: int) -> None:
+    """One channel count per stage, each a positive integer: anything else failed deep inside
+    the net (IndexError, ZeroDivisionError) or trained another net under the same name."""
+    ok = isinstance(widths, (tuple, list)) and len(widths) == stages and all(
+        isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
+    if not ok:
+        raise UnknownModelError(f"widths must be {stages} positive integers, one per stage, not "
+                                f"{widths!r}")
