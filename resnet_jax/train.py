@@ -52,7 +52,7 @@ from absl import logging as absl_logging
 
 import resnet_jax
 import resnet_jax.kernels
-from resnet_jax import checkpoint, cli, lines, parallel
+from resnet_jax import checkpoint, cli, errors, lines, parallel
 from resnet_jax import workdir as workdir_lib
 from resnet_jax import config as config_lib
 from resnet_jax.data import pipeline, sources
@@ -597,7 +597,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_config(config, mesh.devices.size)
     create_model(config, num_classes=10)  # an unknown model or option fails before data loads
     prepare_workdir(workdir)
-    with workdir_lib.Lock(workdir, enabled=parallel.is_main_process()):
+    with workdir_lib.Lock(workdir, enabled=parallel.is_main_process()), \
+            errors.stop_on_sigterm(enabled=jax.process_count() == 1):  # several: Preemption
         return _train(config, workdir, mesh, allow_config_change)
 
 

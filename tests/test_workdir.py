@@ -128,3 +128,25 @@ def test_the_heartbeat_renews_the_lock(tmp_path, fast_lock, monkeypatch):
         while json.loads((tmp_path / workdir.Lock.NAME).read_text())["heartbeat"] == first:
             assert time.time() < deadline, "no heartbeat"
             time.sleep(0.05)
+
+
+def test_sigterm_before_the_first_step_is_one_line_and_frees_the_workdir(tmp_path, fast_lock,
+                                                                        monkeypatch, capsys):
+    """SIGTERM during data loading killed the process with libtpu's stack dump (rc 143)."""
+    import signal
+    from resnet_jax import errors
+
+    def preempted(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("SIGTERM did not stop the data loading")
+    monkeypatch.setattr(train, "make_data", preempted)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        with errors.exit_on_user_error():
+            train.train_and_evaluate(tiny_config(), str(tmp_path),
+                                     mesh=parallel.make_mesh(jax.devices()[:1]))
+    assert e.value.code == 0
+    assert capsys.readouterr().err == ("SIGTERM before the first step: nothing to save; rerun the "
+                                       "same command to start\n")
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not (tmp_path / workdir.Lock.NAME).exists()
