@@ -103,7 +103,8 @@ def detect_format(state: Dict[str, np.ndarray]) -> str:
 
 
 def guess_models(state: Dict[str, np.ndarray], fmt: str) -> List[str]:
-    """The zoo's names whose layout the keys describe (for error messages)."""
+    """The zoo's nets (with the options the keys need) whose layout the keys describe, as
+    `--model` arguments, for error messages: 'resnet20 --option shortcut=B', 'resnet20', ..."""
     blocks = {}
     for key in state:
         m = re.match(r"layer(\d+)\.(\d+)\.", key)
@@ -113,7 +114,12 @@ def guess_models(state: Dict[str, np.ndarray], fmt: str) -> List[str]:
     if fmt == "cifar":
         if len(sizes) != 3 or len(set(sizes)) != 1:
             return []
-        return [f"resnet{6 * sizes[0] + 2}", f"plain{6 * sizes[0] + 2}"]
+        depth = 6 * sizes[0] + 2
+        projected = {k.split(".shortcut.")[0] for k in state if ".shortcut." in k}
+        if projected:  # plain nets have no shortcut; B projects where the shape changes, C always
+            shortcut = "C" if len(projected) == 3 * sizes[0] else "B"
+            return [f"resnet{depth} --option shortcut={shortcut}"]
+        return [f"resnet{depth}", f"plain{depth}"]  # option A has no weights: the keys cannot tell
     bottleneck = any(".conv3." in k for k in state)
     return [f"resnet{d}" for d, s in STAGE_SIZES.items() if s == sizes and (d >= 50) == bottleneck]
 
@@ -194,11 +200,15 @@ def convert_state_dict(state: Dict[str, np.ndarray], model_name: str, options: O
     used = {_torch_name(path, fmt) for path in target}
     unexpected = sorted(set(state) - used)
     if missing or mismatched or unexpected:
-        guess = [g for g in guess_models(state, fmt) if g != model_name]
+        shortcut = options.get("shortcut", "A")
+        asked = model_name + (f" --option shortcut={shortcut}" if shortcut != "A" else "")
+        guess = [g for g in guess_models(state, fmt) if g != asked]
         problems = [f"{n} {what} ({_listing(keys)})" for n, what, keys in (
             (len(missing), "missing keys", sorted(missing)), (len(mismatched), "keys of another shape", mismatched),
             (len(unexpected), "unexpected keys", unexpected)) if n]
         hint = f"; the keys look like {' or '.join(guess)}: pass --model {guess[0]}" if guess else ""
+        if len(guess) > 1:
+            hint += " (residual and plain nets have the same keys; --data tells them apart)"
         raise UserError(f"{source} ({fmt} naming) does not fit {model_name}: "
                         f"{'; '.join(problems)}{hint}")
     # Per-block names -> the model's layout: stacked where the model scans (ResNet-1202).

@@ -7,9 +7,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
+import resnet_jax
 from resnet_jax import checkpoint, convert
 from resnet_jax.errors import UserError
+from resnet_jax.models import layout
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -321,3 +325,16 @@ def test_out_naming_a_file_says_so(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match=r"--out '.*f' is a file; name a new directory"):
         convert.convert(str(tmp_path / "none.npz"), "resnet20", str(tmp_path / "f"))
+
+
+def test_model_hints_agree_whichever_wrong_model_was_given():
+    """A ResNet-20 with projection shortcuts was hinted plain20 -> resnet20 -> plain20."""
+    model = resnet_jax.create_model("resnet20", shortcut="B")
+    target = traverse_util.flatten_dict(layout.unstack_blocks(checkpoint.abstract_variables(model)))
+    state = {convert._torch_name(path, "cifar"): np.zeros(convert._torch_shape(leaf.shape), np.float32)
+             for path, leaf in target.items()}
+    for wrong in ("plain20", "resnet20"):
+        with pytest.raises(UserError, match=r"pass --model resnet20 --option shortcut=B$"):
+            convert.convert_state_dict(state, wrong)
+    variables, options, _ = convert.convert_state_dict(state, "resnet20", {"shortcut": "B"})
+    assert options["shortcut"] == "B"
