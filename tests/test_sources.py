@@ -115,3 +115,28 @@ def test_class_names_compare_in_one_unicode_form_and_every_pil_format_counts(tmp
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "d" / "train" / "bar" / f"x.{suffix}")
     data = sources.load(source, "train", classes=("bar", unicodedata.normalize("NFC", "café")))
     assert sorted(data.labels.tolist()) == [0, 0, 0, 0, 1]
+
+
+def test_a_jpeg_with_overwritten_bytes_is_named_not_decoded_silently(tmp_path, caplog):
+    import io
+    import numpy as np
+    from PIL import Image
+    from resnet_jax.data import jpeg
+    rng = np.random.default_rng(0)
+    smooth = np.linspace(0, 255, 96 * 96 * 3).reshape(96, 96, 3).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(smooth).save(buf, "JPEG", quality=95)
+    good = buf.getvalue()
+    bad = bytearray(good)
+    middle = len(bad) // 2
+    bad[middle:middle + 200] = rng.integers(0, 256, 200, dtype=np.uint8).tobytes()
+    assert jpeg.damage(good) is None and jpeg.damage(bytes(bad))
+    source = _folder(tmp_path / "d", {"train/ant": 1, "train/bee": 1})
+    (tmp_path / "d" / "train" / "ant" / "0.jpg").write_bytes(good)
+    (tmp_path / "d" / "train" / "bee" / "0.jpg").write_bytes(bytes(bad))
+    sources.load(source, "train")
+    assert not any("ant/0.jpg" in r.getMessage() for r in caplog.records)
+    assert any("bee/0.jpg is damaged (libjpeg: " in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    jpeg.decode(bytes(bad), name="x.jpg")
+    assert any("x.jpg is damaged" in r.getMessage() for r in caplog.records)

@@ -179,7 +179,12 @@ def _file_digest(path: str) -> str:
 
 def _decode(path: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
+    from resnet_jax.data import jpeg
     try:
+        with open(path, "rb") as f:
+            complaint = jpeg.damage(f.read())
+        if complaint:
+            jpeg.warn_damaged(path, complaint)
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:
