@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib import cm, colormaps, colors, ticker
 from matplotlib.figure import Figure
 
-from resnet_jax import runs
+from resnet_jax.runs import split_label
 from resnet_jax.errors import UserError, exit_on_user_error
 
 DPI = 110
@@ -211,7 +211,7 @@ def figure6(stem: str, panels: Sequence[Tuple[Optional[str], Sequence[Tuple[str,
 
 def _labelled(spec: str) -> Tuple[str, str]:
     """RUN[=LABEL] -> (label, path); the label defaults to RUN's name."""
-    path, label = runs.split_label(spec)
+    path, label = split_label(spec)
     name = os.path.basename(os.path.normpath(path)).replace(".metrics.jsonl", "")
     return label or name.removesuffix(".csv").removesuffix("_over_training"), path
 

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -451,38 +450,6 @@ def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict,
     return mngr.all_steps()
 
 
-def prepare_workdir(workdir: str) -> None:
-    """A local workdir is created and must take a file: one line now instead of a traceback
-    after data loading and compilation."""
-    if "://" in workdir:
-        return
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"--workdir {workdir!r} is a file; name a directory")
-    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("x")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write in --workdir {workdir!r} ({e.strerror or e}); choose a "
-                        "writable directory") from None
-
-
-def check_free_space(workdir: str, variables, copies: int = 3) -> None:
-    """A checkpoint holds the weights, the momentum buffer and about a MiB of metadata: refuse
-    to start without room for `copies` of that (orbax writes the next before it removes the
-    oldest). A disk that fills later fails the save in one line (`_writing`)."""
-    if "://" in workdir:
-        return
-    arrays = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(variables))
-    need = copies * (2 * arrays + 2**20)
-    free = shutil.disk_usage(workdir).free
-    if free < need:
-        raise UserError(f"--workdir {workdir!r} has {free / 2**20:.0f} MiB free; checkpoints need "
-                        f"about {need / 2**20:.0f} MiB; free space or choose another workdir")
-
-
 class MetricWriter:
     """metrics.jsonl (whole lines only: `lines.LineLog`) and TensorBoard events in the workdir,
     from process 0 only. A resumed run appends, so a step can appear twice; the later record is the one that the run continued from.
@@ -596,7 +563,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mesh = mesh or parallel.make_mesh()
     check_config(config, mesh.devices.size)
     create_model(config, num_classes=10)  # an unknown model or option fails before data loads
-    prepare_workdir(workdir)
+    workdir_lib.prepare(workdir)
     with workdir_lib.Lock(workdir, enabled=parallel.is_main_process()), \
             errors.stop_on_sigterm(enabled=jax.process_count() == 1):  # several: Preemption
         return _train(config, workdir, mesh, allow_config_change)
@@ -610,7 +577,7 @@ def _train(config, workdir: str, mesh, allow_config_change: bool) -> Dict[str, A
     data = make_data(config, mesh)
     model, model_options = create_model(config, len(data.classes),
                                         resnet_jax.kernels.for_devices(mesh.devices.flat))
-    check_free_space(workdir, checkpoint.abstract_variables(model, data.image_size))
+    workdir_lib.check_free_space(workdir, checkpoint.abstract_variables(model, data.image_size))
     meta = checkpoint.metadata(config.model, model_options, data.normalization, extra=dict(
         image_size=data.image_size, dataset=config.data.source, classes=list(data.classes),
         train_data=data.fingerprint,

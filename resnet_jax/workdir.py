@@ -7,12 +7,16 @@ slash or a symlink to the same folder is the same data; a folder that grew is no
 """
 import json
 import logging
+import math
 import os
+import shutil
 import socket
 import threading
 import time
 import uuid
 from typing import Dict, Optional
+
+import jax
 
 from resnet_jax.errors import UserError
 
@@ -34,6 +38,38 @@ def check_data(workdir: str, step: int, stored: Dict, meta: Dict, allow_change: 
                         f"has {count}; restore the data, choose another --workdir, or pass "
                         "--allow_config_change to resume on these")
     return True
+
+
+def prepare(workdir: str) -> None:
+    """A local workdir is created and must take a file: one line now instead of a traceback
+    after data loading and compilation."""
+    if "://" in workdir:
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir!r} is a file; name a directory")
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write in --workdir {workdir!r} ({e.strerror or e}); choose a "
+                        "writable directory") from None
+
+
+def check_free_space(workdir: str, variables, copies: int = 3) -> None:
+    """A checkpoint holds the weights, the momentum buffer and about a MiB of metadata: refuse
+    to start without room for `copies` of that (orbax writes the next before it removes the
+    oldest). A disk that fills later fails the save in one line (`_writing`)."""
+    if "://" in workdir:
+        return
+    arrays = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(variables))
+    need = copies * (2 * arrays + 2**20)
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        raise UserError(f"--workdir {workdir!r} has {free / 2**20:.0f} MiB free; checkpoints need "
+                        f"about {need / 2**20:.0f} MiB; free space or choose another workdir")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import pytest
 
 from conftest import tiny_config
 from resnet_jax import checkpoint, parallel, train
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -272,6 +273,7 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     sys.path.insert(0, "tests")
     from conftest import differences_by_kind
     from resnet_jax import checkpoint, parallel, train
+from resnet_jax import workdir as workdir_lib
     from resnet_jax.data import pipeline, sources
     assert jax.device_count() == 8
     c = train.load_config({TINY!r})
@@ -593,7 +595,7 @@ def test_config_problems_come_before_any_data(tmp_path, monkeypatch):
 def test_unwritable_workdirs_are_one_line_before_training(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"--workdir '.*file' is a file; name a directory"):
-        train.prepare_workdir(str(tmp_path / "file"))
+        workdir_lib.prepare(str(tmp_path / "file"))
     real_open = open
 
     def read_only(path, *args, **kwargs):
@@ -603,14 +605,14 @@ def test_unwritable_workdirs_are_one_line_before_training(tmp_path, monkeypatch)
 
     monkeypatch.setattr("builtins.open", read_only)
     with pytest.raises(UserError, match=r"cannot write in --workdir '.*ro' \(Read-only file system\)"):
-        train.prepare_workdir(str(tmp_path / "ro"))
+        workdir_lib.prepare(str(tmp_path / "ro"))
     monkeypatch.setattr("builtins.open", real_open)
     model, _ = train.create_model(train.load_config(TINY), 10)
     variables = checkpoint.abstract_variables(model)
-    train.check_free_space(str(tmp_path), variables)
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: type("U", (), {"free": 2**19})())
+    workdir_lib.check_free_space(str(tmp_path), variables)
+    monkeypatch.setattr(workdir_lib.shutil, "disk_usage", lambda p: type("U", (), {"free": 2**19})())
     with pytest.raises(UserError, match=r"has 0 MiB free; checkpoints need about 3 MiB"):
-        train.check_free_space(str(tmp_path), variables)
+        workdir_lib.check_free_space(str(tmp_path), variables)
 
 
 def test_a_failed_save_is_one_line_that_exits_at_once():
