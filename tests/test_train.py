@@ -393,6 +393,25 @@ def test_sigterm_and_ctrl_c_leave_a_complete_checkpoint(env, tmp_path, sig):
 
 
 @pytest.mark.slow
+def test_a_second_trainer_on_a_live_workdir_is_refused_naming_the_first(env, tmp_path):
+    """A job launched twice: both exited 0, their metrics rows interleaved."""
+    first = start(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=100000",
+                  "--config.log_every=1", env=env)
+    try:
+        wait_for(first, r"step 1/")
+        rc, out = finish(start(tmp_path, *RUN, env=env))
+        assert rc == 2, out[-3000:]
+        [line] = [ln for ln in out.splitlines() if ln.startswith("error:")]
+        assert f"is in use by the trainer pid {first.pid} on host" in line, line
+        assert "resnet20 on" not in out  # refused before any data loaded
+    finally:
+        first.send_signal(signal.SIGTERM)
+        rc, out = finish(first)
+    assert rc == 0 and "SIGTERM: saved step" in out, out[-3000:]
+    assert not (tmp_path / workdir_lib.Lock.NAME).exists()
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninterrupted):
     # A good checkpoint at step 12 whose learning-rate factor makes the next steps blow up.
     c = train.load_config(TINY)
