@@ -29,7 +29,6 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
 import csv
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -44,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from resnet_jax import checkpoint, cli, kernels, parallel
+from resnet_jax import checkpoint, cli, kernels, lines, parallel
 from resnet_jax import runs as runs_lib
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
@@ -369,7 +368,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
                         model_options=run.loaded.metadata.get("model_options", {}), **common,
                         summary=next(s for s in summary if s["label"] == run.label), layers=rows)
             with open(os.path.join(tmp, f"{run.label}.json"), "w") as f:
-                json.dump(meta, f, indent=1)
+                f.write(lines.dumps(meta, indent=1))  # standard JSON: no NaN/Infinity
             if over_training:
                 steps = history[run.label]
                 _write_csv(os.path.join(tmp, f"{run.label}_over_training.csv"),

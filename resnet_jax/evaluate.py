@@ -12,7 +12,6 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
     from resnet_jax import cli
     cli.start("evaluate")
 
-import json
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from resnet_jax import checkpoint, cli, kernels, parallel
+from resnet_jax import checkpoint, cli, kernels, lines, parallel
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
 from resnet_jax.data.batching import nonfinite_rows, padded_batches, topk_correct
@@ -191,7 +190,7 @@ def write_json(path: str, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+            f.write(lines.dumps(obj, indent=1))
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -163,3 +163,10 @@ def test_an_unwritable_json_path_is_refused_before_any_scoring(tmp_path):
     with pytest.raises(UserError, match=r"lies under the file '.*file'"):
         evaluate.check_output_file(str(tmp_path / "file" / "sub" / "r.json"))
     evaluate.check_output_file(str(tmp_path / "new" / "r.json"))  # created when written
+
+
+def test_written_json_is_standard_json(tmp_path):
+    evaluate.write_json(str(tmp_path / "r.json"), {"loss": float("nan"), "top1": float("inf")})
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": None, "top1": None}
