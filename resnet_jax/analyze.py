@@ -4,9 +4,10 @@
         --data folder:../shared/data/cifar10-jpeg --split test --out /tmp/fig7
 
 Each argument is a training workdir or a converted checkpoint, optionally `=LABEL` (default: the
-net's name, e.g. ResNet-20; a path that exists is never split at its `=`: `resnet_jax.runs`). A layer's response is its BN output before ReLU and the residual
-addition (`responses.capture_responses`); its std is accumulated batch by batch inside one jitted
-function per model, which returns per-layer moments and never the responses themselves, so memory
+net's name, e.g. ResNet-20; a path that exists is never split at its `=`: `resnet_jax.runs`).
+A layer's response is its BN output before ReLU and the residual addition
+(`responses.capture_responses`); its std is accumulated batch by batch inside one jitted function
+per model, which returns per-layer moments and never the responses themselves, so memory
 does not grow with the number of images. Per-batch moments are merged on the host in float64
 (Chan et al.), one batch behind the device so the host never stalls it. Started on every host of
 a pod slice (as evaluate and the trainer are), each process analyses every n-th batch on its own

@@ -230,7 +230,8 @@ CHECK_IMAGES = 500  # enough to tell a working net (tens of %) from chance (1 / 
 
 
 def check_on_data(variables, model_name: str, options: Dict, classes, data: str,
-                  split: str = "test", source: str = "state dict", count: int = CHECK_IMAGES) -> Dict:
+                  split: str = "test", source: str = "state dict",
+                  count: int = CHECK_IMAGES) -> Dict:
     """evaluate's result for the converted net on `count` images drawn at random from `data`'s
     `split`. Shapes cannot tell a residual net from a plain one, nor a transposed kernel: a
     net at chance level (under twice 1 / classes) is a UserError, so nothing is written."""

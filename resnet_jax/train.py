@@ -452,9 +452,9 @@ def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict,
 
 class MetricWriter:
     """metrics.jsonl (whole lines only: `lines.LineLog`) and TensorBoard events in the workdir,
-    from process 0 only. A resumed run appends, so a step can appear twice; the later record is the one that the run continued from.
-    A remote workdir (gs://...) gets the JSONL rewritten whole at each write (object stores do not
-    append; a run writes a few hundred lines)."""
+    from process 0 only. A resumed run appends, so a step can appear twice; the later record is
+    the one that the run continued from. A remote workdir (gs://...) gets the JSONL rewritten
+    whole at each write (object stores do not append; a run writes a few hundred lines)."""
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
@@ -565,7 +565,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     create_model(config, num_classes=10)  # an unknown model or option fails before data loads
     workdir_lib.prepare(workdir)
     with workdir_lib.Lock(workdir, enabled=parallel.is_main_process()), \
-            errors.stop_on_sigterm(enabled=jax.process_count() == 1):  # several: Preemption
+            errors.stop_on_sigterm(enabled=jax.process_count() == 1):  # else JAX's sync point
         return _train(config, workdir, mesh, allow_config_change)
 
 

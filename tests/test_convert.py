@@ -286,7 +286,8 @@ def _png_folder(root, split, classes, per_class=2):
     return root
 
 
-def test_converted_cifar_net_records_cifar10_classes_and_refuses_other_names(akamaster_dir, tmp_path):
+def test_converted_cifar_net_records_cifar10_classes_and_refuses_other_names(akamaster_dir,
+                                                                            tmp_path):
     """PyTorch's tutorial names (plane, car, ...) sort in another order than CIFAR-10's: the
     converted net's labels would silently follow that order (28 % instead of 80 %)."""
     from resnet_jax import evaluate
@@ -331,7 +332,7 @@ def test_model_hints_agree_whichever_wrong_model_was_given():
     """A ResNet-20 with projection shortcuts was hinted plain20 -> resnet20 -> plain20."""
     model = resnet_jax.create_model("resnet20", shortcut="B")
     target = traverse_util.flatten_dict(layout.unstack_blocks(checkpoint.abstract_variables(model)))
-    state = {convert._torch_name(path, "cifar"): np.zeros(convert._torch_shape(leaf.shape), np.float32)
+    state = {convert._torch_name(path, "cifar"): np.zeros(convert._torch_shape(leaf.shape))
              for path, leaf in target.items()}
     for wrong in ("plain20", "resnet20"):
         with pytest.raises(UserError, match=r"pass --model resnet20 --option shortcut=B$"):

@@ -112,7 +112,8 @@ def test_class_names_compare_in_one_unicode_form_and_every_pil_format_counts(tmp
     nfd = unicodedata.normalize("NFD", "café")
     source = _folder(tmp_path / "d", {f"train/{nfd}": 1, "train/bar": 1})
     for suffix in ("gif", "webp", "tif"):
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "d" / "train" / "bar" / f"x.{suffix}")
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(
+            tmp_path / "d" / "train" / "bar" / f"x.{suffix}")
     data = sources.load(source, "train", classes=("bar", unicodedata.normalize("NFC", "café")))
     assert sorted(data.labels.tolist()) == [0, 0, 0, 0, 1]
 

@@ -273,7 +273,6 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     sys.path.insert(0, "tests")
     from conftest import differences_by_kind
     from resnet_jax import checkpoint, parallel, train
-from resnet_jax import workdir as workdir_lib
     from resnet_jax.data import pipeline, sources
     assert jax.device_count() == 8
     c = train.load_config({TINY!r})
@@ -629,7 +628,8 @@ def test_unwritable_workdirs_are_one_line_before_training(tmp_path, monkeypatch)
     model, _ = train.create_model(train.load_config(TINY), 10)
     variables = checkpoint.abstract_variables(model)
     workdir_lib.check_free_space(str(tmp_path), variables)
-    monkeypatch.setattr(workdir_lib.shutil, "disk_usage", lambda p: type("U", (), {"free": 2**19})())
+    monkeypatch.setattr(workdir_lib.shutil, "disk_usage",
+                        lambda p: type("U", (), {"free": 2**19})())
     with pytest.raises(UserError, match=r"has 0 MiB free; checkpoints need about 3 MiB"):
         workdir_lib.check_free_space(str(tmp_path), variables)
 

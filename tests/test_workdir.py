@@ -39,7 +39,8 @@ def _random_variables(model):
 
 def _meta(config, dataset):
     model, options = train.create_model(config, len(dataset.classes))
-    return checkpoint.metadata(config.model, options, checkpoint.Normalization(np.zeros(3)), extra=dict(
+    norm = checkpoint.Normalization(np.zeros(3))
+    return checkpoint.metadata(config.model, options, norm, extra=dict(
         classes=list(dataset.classes), dataset=config.data.source,
         train_data=sources.fingerprint(dataset),
         config=json.loads(config.to_json_best_effort()))), model
@@ -55,7 +56,8 @@ def test_resume_compares_the_data_by_content_not_by_the_source_string(tmp_path):
     checkpoint.save_model(str(tmp_path / "w"), variables, model_name=meta["model"],
                           model_options=meta["model_options"],
                           normalization=checkpoint.Normalization(np.zeros(3)), step=4,
-                          extra={k: meta[k] for k in ("classes", "dataset", "train_data", "config")})
+                          extra={k: meta[k] for k in ("classes", "dataset", "train_data",
+                                                      "config")})
     os.symlink(tmp_path / "d", tmp_path / "link")
     for same in (f"folder:{tmp_path / 'd'}/", f"folder:{tmp_path / 'link'}"):
         other = tiny_config(**{"data.source": same})

@@ -4,8 +4,9 @@
 CIFAR-sized splits are small (150 MB of uint8 for 50k images), so a source hands back the whole
 split as numpy arrays: training keeps it in device memory and augments there, and evaluation
 pads the last batch instead of dropping it. A decoded folder is cached as .npy beside nothing of
-the user's: under $RESNET_JAX_CACHE (default ~/.cache/resnet_jax), keyed by the files' names, classes and
-content hashes, so a changed folder is decoded again whatever its modification times say.
+the user's: under $RESNET_JAX_CACHE (default ~/.cache/resnet_jax), keyed by the files' names,
+classes and content hashes, so a changed folder is decoded again whatever its modification times
+say.
 """
 import dataclasses
 import hashlib
