@@ -170,3 +170,21 @@ def test_written_json_is_standard_json(tmp_path):
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"loss": None, "top1": None}
+
+
+@pytest.mark.slow
+def test_cli_says_when_a_folder_is_numbered_by_sorted_names(tmp_path, monkeypatch):
+    """A checkpoint without a class list can only number a folder's classes in sorted order:
+    the user is told, since other names (plane, car, ...) would sort differently."""
+    from PIL import Image
+    monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path / "cache"))
+    _small_checkpoint(tmp_path / "c")
+    for i, name in enumerate("abcdefghij"):
+        (tmp_path / "d" / "test" / name).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 20 * i, np.uint8)).save(
+            tmp_path / "d" / "test" / name / "0.png")
+    proc = _cli("--checkpoint", tmp_path / "c", "--data", f"folder:{tmp_path / 'd'}",
+                "--batch_size", 10)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("note: the checkpoint records no class list; labels follow the "
+                                  "sorted names of the class folders"), proc.stderr
