@@ -4,9 +4,10 @@
         --data folder:../shared/data/cifar10-jpeg --split test --out /tmp/fig7
 
 Each argument is a training workdir or a converted checkpoint, optionally `=LABEL` (default: the
-net's name, e.g. ResNet-20). A layer's response is its BN output before ReLU and the residual
-addition (`responses.capture_responses`); its std is accumulated batch by batch inside one jitted
-function per model, which returns per-layer moments and never the responses themselves, so memory
+net's name, e.g. ResNet-20; a path that exists is never split at its `=`: `resnet_jax.runs`).
+A layer's response is its BN output before ReLU and the residual addition
+(`responses.capture_responses`); its std is accumulated batch by batch inside one jitted function
+per model, which returns per-layer moments and never the responses themselves, so memory
 does not grow with the number of images. Per-batch moments are merged on the host in float64
 (Chan et al.), one batch behind the device so the host never stalls it. Started on every host of
 a pod slice (as evaluate and the trainer are), each process analyses every n-th batch on its own
@@ -29,7 +30,6 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
 import csv
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from resnet_jax import checkpoint, cli, kernels, parallel, progress
+from resnet_jax import checkpoint, cli, kernels, lines, parallel, progress
+from resnet_jax import runs as runs_lib
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
 from resnet_jax.data.batching import num_batches, padded_batches
@@ -294,7 +295,7 @@ def open_runs(specs: Sequence[str], step: Optional[int], over_training: bool) ->
                         "`python -m resnet_jax.analyze /tmp/resnet20=ResNet-20 --out /tmp/fig7`")
     runs, seen = [], {}
     for spec in specs:
-        path, _, label = spec.rpartition("=") if "=" in spec else (spec, "", "")
+        path, label = runs_lib.split_label(spec)
         loaded = checkpoint.load_model(path, step, kernels.for_devices(jax.local_devices()))
         label = label or display_name(loaded.metadata["model"])
         if not _LABEL.match(label):
@@ -389,7 +390,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
                         model_options=run.loaded.metadata.get("model_options", {}), **common,
                         summary=next(s for s in summary if s["label"] == run.label), layers=rows)
             with open(os.path.join(tmp, f"{run.label}.json"), "w") as f:
-                json.dump(meta, f, indent=1)
+                f.write(lines.dumps(meta, indent=1))  # standard JSON: no NaN/Infinity
             if over_training:
                 steps = history[run.label]
                 _write_csv(os.path.join(tmp, f"{run.label}_over_training.csv"),

@@ -13,6 +13,8 @@ layout the model holds: `save_model` and `train.save` stack, `restore_checked` r
 layout and hands back the model's. Checksums and `stored_shapes` are those of the stored layout.
 """
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from typing import Any, Dict, Optional, Tuple
@@ -60,17 +62,21 @@ def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: O
             item_handlers: Optional[Dict[str, Any]] = None) -> ocp.CheckpointManager:
     """The one CheckpointManager construction of the package. `item_handlers` (name -> handler)
     replaces the lazily registered items, for reading item metadata before any restore."""
-    policy = None
+    policy = best_fn = None
     if best_metric and keep_best:
+        # best_fn makes orbax write each step's metrics to disk: without them, the steps of an
+        # earlier run read back metric-less, and BestN would keep them all for ever. Steps
+        # without metrics (written before this) count for LatestN only.
+        best_fn = lambda m: m[best_metric]  # noqa: E731
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(max_to_keep or 1),
-            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric], reverse=False,
-                                          n=keep_best)])
+            ocp.checkpoint_managers.BestN(get_metric_fn=best_fn, reverse=False, n=keep_best,
+                                          keep_checkpoints_without_metrics=False)])
         max_to_keep = None  # the policy decides
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, read_only=read_only, create=not read_only,
         save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
-        preservation_policy=policy)
+        preservation_policy=policy, best_fn=best_fn, best_mode="max")
     if item_handlers is not None:
         return ocp.CheckpointManager(_path(directory), options=options,
                                      item_handlers=item_handlers)
@@ -88,7 +94,7 @@ def save_model(directory: str, variables, *, model_name: str, model_options: Dic
     with manager(directory, async_save=False) as mngr:
         mngr.save(step, args=ocp.args.Composite(
             model=ocp.args.StandardSave(model),
-            metadata=ocp.args.JsonSave(with_checksums(meta, model=model))))
+            metadata=ocp.args.JsonSave(for_saving(mngr, step, meta, model=model))))
     return directory
 
 
@@ -117,14 +123,64 @@ def _hashes(arrays):
     return [one(x) for x in arrays]
 
 
+class NonFiniteState(UserError):
+    """Arrays about to be saved hold NaN or Inf: a diverged run, never written to disk."""
+
+
+def nonfinite(tree) -> list:
+    """Paths (keystr) of the inexact arrays of `tree` holding a NaN or Inf; one jitted pass."""
+    leaves = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    bad = jax.device_get(_all_finite([x for _, x in leaves]))
+    return [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, bad) if not ok]
+
+
+@jax.jit
+def _all_finite(arrays):
+    return [jnp.isfinite(x).all() for x in arrays]
+
+
 def with_checksums(meta: Dict, **items) -> Dict:
-    """`meta` plus the checksums of the items saved beside it, for `verify` at restore."""
-    return dict(meta, checksums={name: checksums(tree) for name, tree in items.items()})
+    """`meta` plus the checksums of the items saved beside it and a digest of the whole (checked
+    by `read_metadata` and `verify`); NonFiniteState if any item holds a NaN or Inf: no path may
+    save a diverged state."""
+    for name, tree in items.items():
+        bad = nonfinite(tree)
+        if bad:
+            raise NonFiniteState(f"{len(bad)} arrays of the {name!r} item hold NaN or Inf "
+                                 f"(first {name}{bad[0]})")
+    meta = dict(meta, checksums={name: checksums(tree) for name, tree in items.items()})
+    meta.pop(DIGEST, None)
+    return dict(meta, **{DIGEST: _digest(meta)})
+
+
+DIGEST = "metadata_sha256"
+
+
+def for_saving(mngr: ocp.CheckpointManager, step: int, meta: Dict, **items) -> Dict:
+    """`with_checksums` for a save of `step` by `mngr`; a non-finite state is refused naming the
+    step and the newest step kept instead (the one way a state reaches a save)."""
+    try:
+        return with_checksums(meta, **items)
+    except NonFiniteState as e:
+        kept = max(mngr.all_steps(), default=None)
+        kept = ("no checkpoint was saved" if kept is None
+                else f"the newest checkpoint (step {kept}) is kept")
+        raise NonFiniteState(f"step {step} is not saved: {e}; the run diverged and {kept} in "
+                             f"{str(mngr.directory)!r}; lower --config.lr") from None
+
+
+def _digest(meta: Dict) -> str:
+    """sha256 of `meta` (without its digest) as canonical JSON: covers the normalisation, the
+    class list, the config and the arrays' checksums, so one changed character is caught."""
+    body = {k: v for k, v in meta.items() if k != DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def verify(directory: str, step: int, meta: Dict, **items) -> None:
-    """DamagedCheckpoint unless the restored `items` hash as they did when saved; a checkpoint
-    written without checksums is at least checked to hold only finite numbers."""
+    """The one definition of an intact step, with `read_metadata`'s digest check of `meta`:
+    DamagedCheckpoint unless the restored `items` hash as they did when saved and hold only
+    finite numbers (a checkpoint written without checksums is checked for the latter only)."""
     stored = meta.get("checksums") or {}
     for name, tree in items.items():
         if name in stored:
@@ -134,13 +190,11 @@ def verify(directory: str, step: int, meta: Dict, **items) -> None:
                 raise DamagedCheckpoint(f"checkpoint {directory!r} step {step} is damaged: "
                                         f"{len(bad)} arrays of its {name!r} item differ from what "
                                         f"was saved (first {bad[0]})")
-        else:
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-                if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
-                    raise DamagedCheckpoint(
-                        f"checkpoint {directory!r} step {step} holds non-finite numbers in "
-                        f"{name}{jax.tree_util.keystr(path)}: damaged, or saved from a diverged "
-                        "run")
+        bad = nonfinite(tree)
+        if bad:
+            raise DamagedCheckpoint(
+                f"checkpoint {directory!r} step {step} holds non-finite numbers in "
+                f"{name}{bad[0]}: damaged, or saved from a diverged run")
 
 
 def restore_checked(mngr: ocp.CheckpointManager, directory: str, step: int, meta: Dict,
@@ -203,16 +257,23 @@ def latest_step(directory: str, step: Optional[int] = None) -> int:
 
 
 def read_metadata(directory: str, step: Optional[int] = None, mngr=None) -> Dict:
-    """The step's metadata item (the latest step's by default); DamagedCheckpoint if unreadable."""
+    """The step's metadata item (the latest step's by default); DamagedCheckpoint if unreadable
+    or changed since it was written (its digest; steps saved before digests have none)."""
     step = latest_step(directory, step) if step is None or mngr is None else step
     try:
         if mngr is not None:
-            return _read_metadata(mngr, step)
-        with manager(directory, read_only=True) as mngr:
-            return _read_metadata(mngr, step)
+            meta = _read_metadata(mngr, step)
+        else:
+            with manager(directory, read_only=True) as mngr:
+                meta = _read_metadata(mngr, step)
     except Exception as e:
         raise DamagedCheckpoint(f"checkpoint {directory!r} step {step} is damaged: its metadata "
                                 f"cannot be read ({first_line(e)})") from None
+    if DIGEST in meta and meta[DIGEST] != _digest(meta):
+        raise DamagedCheckpoint(f"checkpoint {directory!r} step {step} is damaged: its metadata "
+                                "(normalisation, classes, config or checksums) changed since it "
+                                "was written")
+    return meta
 
 
 def _read_metadata(mngr, step) -> Dict:
@@ -289,10 +350,21 @@ def model_for(name: str, options: Dict, image_size: int, kernels: Kernels = XLA)
 
 
 def load_model(directory: str, step: Optional[int] = None,
-               kernels: Kernels = XLA) -> LoadedModel:
+               kernels: Kernels = XLA, attempts: int = 3) -> LoadedModel:
     """The model (computing with `kernels`), its variables and its normalisation from a workdir
-    or converted weights."""
-    step = latest_step(directory, step)
+    or converted weights: `step`, or the latest. A latest step that a live trainer prunes while
+    it is read is not damage: the newest step is read instead."""
+    for attempt in range(attempts):
+        chosen = latest_step(directory, step)
+        try:
+            return _load_step(directory, chosen, kernels)
+        except UserError:  # DamagedCheckpoint, or "no step N" from a read after the listing
+            pruned = step is None and not (_path(directory) / str(chosen)).exists()
+            if not pruned or attempt == attempts - 1:
+                raise
+
+
+def _load_step(directory: str, step: int, kernels: Kernels) -> LoadedModel:
     meta = read_metadata(directory, step)
     image_size = meta.get("image_size", 32)  # what the net was trained on (converted: made for)
     model = model_for(meta["model"], meta.get("model_options", {}), image_size, kernels)

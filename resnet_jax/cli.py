@@ -6,6 +6,7 @@ This module imports nothing heavy: the restart happens before JAX is imported an
 nothing.
 """
 import importlib
+import os
 import sys
 
 from resnet_jax import preload
@@ -52,4 +53,21 @@ def absl_run(main, module: str) -> None:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     main_module = sys.modules["__main__"]
     main_module.__doc__ = sys.modules[module].__doc__
-    app.run(main)
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for exit's flush
+        sys.exit(0)
+
+
+def _parse_flags(argv):
+    """absl's parsing, but a bad flag (misspelled, or a value of the wrong type) is the house's
+    `error:` line and exit 2, not absl's `FATAL Flags parsing error` and exit 1."""
+    from absl import flags
+    from resnet_jax.errors import UserError, exit_on_user_error
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        with exit_on_user_error():
+            message = " ".join(str(e).split()).replace(" ?", "?")
+            raise UserError(f"{message} (--help lists the flags)") from None

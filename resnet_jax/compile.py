@@ -420,7 +420,8 @@ def define_flags():
         "override any key with --config.KEY=VALUE", lock_config=True)
     flags.DEFINE_string("topology", "v5e:2x2", f"{_FORMS}; chips: " + ", ".join(
         f"{c.name} ({c.hbm_bytes // GiB} GiB HBM)" for c in CHIPS.values()))
-    flags.DEFINE_integer("batch_size", None, "global batch (default: the config's batch_size)")
+    flags.DEFINE_integer("batch_size", None, "global batch (default: the config's batch_size)",
+                         lower_bound=1)
     flags.DEFINE_list("programs", list(PROGRAMS), f"which steps: any of {', '.join(PROGRAMS)}")
     flags.DEFINE_bool("max_batch", False, "also search the largest per-chip train batch that fits")
     flags.DEFINE_integer("image_size", None, "image side (default: the config's, 32 for CIFAR)")

@@ -10,6 +10,7 @@ that takes --config reads it through `load_config` and `command_line`.
     validate(c)  # -> ["lr must be > 0, not -1"], every problem at once, before any data loads
 """
 import importlib.util
+import math
 import numbers
 import os
 from typing import Any, List, Sequence, Tuple
@@ -163,7 +164,8 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    """A finite real: inf and nan pass every comparison that could tell, and diverge at once."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> List[str]:

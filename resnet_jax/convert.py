@@ -1,7 +1,7 @@
 """PyTorch ResNet state dicts -> checkpoints of this package.
 
     python -m resnet_jax.convert ../shared/data/pretrained/akamaster-cifar10/resnet20.npz \
-        --model resnet20 --out /tmp/resnet20
+        --model resnet20 --out /tmp/resnet20 --data folder:../shared/data/cifar10-jpeg
     python -m resnet_jax.convert resnet50.pth --model resnet50 --out /tmp/resnet50
 
 Two key namings are recognised from the keys themselves:
@@ -24,7 +24,7 @@ import os
 import re
 import zipfile
 import zlib
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 from absl import flags
@@ -32,6 +32,7 @@ from flax import traverse_util
 
 import resnet_jax
 from resnet_jax import checkpoint, cli
+from resnet_jax.data import sources
 from resnet_jax.errors import UserError, exit_on_user_error
 from resnet_jax.models import layout
 from resnet_jax.models.cifar import CifarResNet
@@ -102,7 +103,8 @@ def detect_format(state: Dict[str, np.ndarray]) -> str:
 
 
 def guess_models(state: Dict[str, np.ndarray], fmt: str) -> List[str]:
-    """The zoo's names whose layout the keys describe (for error messages)."""
+    """The zoo's nets (with the options the keys need) whose layout the keys describe, as
+    `--model` arguments, for error messages: 'resnet20 --option shortcut=B', 'resnet20', ..."""
     blocks = {}
     for key in state:
         m = re.match(r"layer(\d+)\.(\d+)\.", key)
@@ -112,7 +114,12 @@ def guess_models(state: Dict[str, np.ndarray], fmt: str) -> List[str]:
     if fmt == "cifar":
         if len(sizes) != 3 or len(set(sizes)) != 1:
             return []
-        return [f"resnet{6 * sizes[0] + 2}", f"plain{6 * sizes[0] + 2}"]
+        depth = 6 * sizes[0] + 2
+        projected = {k.split(".shortcut.")[0] for k in state if ".shortcut." in k}
+        if projected:  # plain nets have no shortcut; B projects where the shape changes, C always
+            shortcut = "C" if len(projected) == 3 * sizes[0] else "B"
+            return [f"resnet{depth} --option shortcut={shortcut}"]
+        return [f"resnet{depth}", f"plain{depth}"]  # option A has no weights: the keys cannot tell
     bottleneck = any(".conv3." in k for k in state)
     return [f"resnet{d}" for d, s in STAGE_SIZES.items() if s == sizes and (d >= 50) == bottleneck]
 
@@ -203,11 +210,15 @@ def convert_state_dict(state: Dict[str, np.ndarray], model_name: str, options: O
     used = {_torch_name(path, fmt) for path in target}
     unexpected = sorted(set(state) - used)
     if missing or mismatched or unexpected:
-        guess = [g for g in guess_models(state, fmt) if g != model_name]
+        shortcut = options.get("shortcut", "A")
+        asked = model_name + (f" --option shortcut={shortcut}" if shortcut != "A" else "")
+        guess = [g for g in guess_models(state, fmt) if g != asked]
         problems = [f"{n} {what} ({_listing(keys)})" for n, what, keys in (
             (len(missing), "missing keys", sorted(missing)), (len(mismatched), "keys of another shape", mismatched),
             (len(unexpected), "unexpected keys", unexpected)) if n]
         hint = f"; the keys look like {' or '.join(guess)}: pass --model {guess[0]}" if guess else ""
+        if len(guess) > 1:
+            hint += " (residual and plain nets have the same keys; --data tells them apart)"
         raise UserError(f"{source} ({fmt} naming) does not fit {model_name}: "
                         f"{'; '.join(problems)}{hint}")
     # Per-block names -> the model's layout: stacked where the model scans (ResNet-1202).
@@ -225,18 +236,75 @@ def read_converted(source: str, model_name: Optional[str] = None, options: Optio
     return model_name, variables, options, fmt
 
 
-def convert(source: str, model_name: Optional[str], out: str,
-            options: Optional[Dict] = None) -> Tuple[str, str]:
+def default_classes(fmt: str, num_classes: int) -> Optional[Tuple[str, ...]]:
+    """The class list a converted net's labels mean, by name: the CIFAR reproduction's 10-way
+    nets were trained on CIFAR-10 in its label order. Stored in the checkpoint, so evaluate
+    numbers a folder's classes by name instead of by sorted folder order."""
+    if fmt == "cifar" and num_classes == len(sources.CIFAR10_CLASSES):
+        return sources.CIFAR10_CLASSES
+    return None
+
+
+CHECK_IMAGES = 500  # enough to tell a working net (tens of %) from chance (1 / classes)
+
+
+def check_on_data(variables, model_name: str, options: Dict, classes, data: str,
+                  split: str = "test", source: str = "state dict",
+                  count: int = CHECK_IMAGES) -> Dict:
+    """evaluate's result for the converted net on `count` images drawn at random from `data`'s
+    `split`. Shapes cannot tell a residual net from a plain one, nor a transposed kernel: a
+    net at chance level (under twice 1 / classes) is a UserError, so nothing is written."""
+    from resnet_jax import evaluate
+    dataset = sources.load(data, split, classes=classes, num_classes=options["num_classes"])
+    pick = np.sort(np.random.default_rng(0).permutation(len(dataset))[:count])
+    subset = sources.Dataset(dataset.images[pick], dataset.labels[pick], dataset.classes,
+                             f"{len(pick)} images of {dataset.name}")
+    model = resnet_jax.create_model(model_name, **options)
+    loaded = checkpoint.LoadedModel(model, variables, IMAGENET_NORMALIZATION,
+                                    dict(classes=list(classes) if classes else None), 0, source)
+    result = evaluate.evaluate(loaded, subset, batch_size=100, progress=None)
+    chance = 1 / options["num_classes"]
+    if result["top1"] < 2 * chance:
+        raise UserError(f"{source} converted as {model_name} scores {100 * result['top1']:.1f} % "
+                        f"top-1 on {subset.name}, chance level ({100 * chance:.0f} %): the weights "
+                        "are not this net's (plain vs residual, another layout?); nothing written")
+    return dict(result, name=subset.name)
+
+
+class Converted(NamedTuple):
+    out: str
+    model: str  # the net's name, given or inferred from the keys
+    checked: Optional[Dict]  # evaluate's result on a few hundred images of --data; None: unchecked
+
+
+def convert(source: str, model_name: Optional[str], out: str, options: Optional[Dict] = None,
+            classes: Optional[List[str]] = None, data: Optional[str] = None,
+            split: str = "test") -> Converted:
     """Read `source`, convert it for `model_name` (inferred from its keys if None), save it as a
-    checkpoint at `out` -> (out, the model's name)."""
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    checkpoint at `out` with its class list (`classes`, else `default_classes`). With `data` (a
+    32x32 source), the net is first scored on a few hundred of its images (`check_on_data`:
+    refused at chance level)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out!r} is a file; name a new directory")
+    if os.path.exists(out) and os.listdir(out):
         raise UserError(f"output directory {out!r} is not empty; choose a new --out")
     model_name, variables, options, fmt = read_converted(source, model_name, options)
-    return checkpoint.save_model(
-        out, variables, model_name=model_name, model_options=options,
-        normalization=IMAGENET_NORMALIZATION,
-        extra=dict(source=os.path.abspath(source), format=fmt,
-                   image_size=FORMATS[fmt]["image_size"])), model_name
+    classes = tuple(classes) if classes else default_classes(fmt, options["num_classes"])
+    if classes is not None and len(classes) != options["num_classes"]:
+        raise UserError(f"--classes names {len(classes)} classes but {source!r} has "
+                        f"{options['num_classes']} outputs; name one class per output, in order")
+    extra = dict(source=os.path.abspath(source), format=fmt, image_size=FORMATS[fmt]["image_size"])
+    if classes is not None:
+        extra["classes"] = list(classes)
+    checked = None
+    if data is not None:
+        if FORMATS[fmt]["image_size"] != 32:
+            raise UserError("--data scores the 32x32 CIFAR nets; check an ImageNet net with "
+                            "resnet_jax.evaluate after converting it")
+        checked = check_on_data(variables, model_name, options, classes, data, split, source)
+    checkpoint.save_model(out, variables, model_name=model_name, model_options=options,
+                          normalization=IMAGENET_NORMALIZATION, extra=extra)
+    return Converted(out, model_name, checked)
 
 
 def parse_options(pairs: List[str]) -> Dict:
@@ -262,6 +330,11 @@ def define_flags():
                         "(default: the ResNet the keys describe)")
     flags.DEFINE_string("out", None, "checkpoint directory to create (must be new or empty)")
     flags.DEFINE_multi_string("option", [], "model option key=value (repeatable), e.g. shortcut=B")
+    flags.DEFINE_list("classes", None, "the class names of the net's outputs, in order (default: "
+                      "CIFAR-10's for the 10-way CIFAR nets); evaluate matches folders by them")
+    flags.DEFINE_string("data", None, "score the converted net on a few hundred images of this "
+                        "source (folder:PATH, cifar10) before writing it; refused at chance level")
+    flags.DEFINE_string("split", "test", "the split of --data to score on")
 
 
 def main(argv):
@@ -272,9 +345,15 @@ def main(argv):
         if not FLAGS.out:
             raise UserError("--out is required: the checkpoint directory to create")
         checkpoint.quiet_orbax()
-        out, name = convert(argv[1], FLAGS.model, FLAGS.out, parse_options(FLAGS.option))
+        done = convert(argv[1], FLAGS.model, FLAGS.out, parse_options(FLAGS.option),
+                       FLAGS.classes, FLAGS.data, FLAGS.split)
         inferred = "" if FLAGS.model else " (inferred from its keys; --model NAME for another)"
-        print(f"wrote {name}{inferred} to {out}")
+        print(f"wrote {done.model}{inferred} to {done.out}")
+        if done.checked is None:
+            print("unchecked: the shapes fit, which a net of other weights can too; pass --data "
+                  f"folder:PATH to score it on {CHECK_IMAGES} images first")
+        else:
+            print(f"checked: top-1 {100 * done.checked['top1']:.1f} % on {done.checked['name']}")
 
 
 def run():

@@ -1,6 +1,7 @@
 """One exception for every user mistake; the CLIs print it as one line and exit non-zero."""
 import contextlib
 import os
+import signal
 import sys
 
 
@@ -11,6 +12,30 @@ class UserError(Exception):
     # True where background threads (orbax's, tensorboard's) still hold failed writes whose
     # tracebacks would follow the message at interpreter exit: the CLI then exits at once.
     exit_at_once = False
+
+
+class Terminated(Exception):
+    """SIGTERM before there was anything to save (data loading, compiling): one line, exit 0,
+    as a preempted run exits; rerunning the command starts or resumes it."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(enabled: bool = True):
+    """Within: SIGTERM raises Terminated at once instead of killing the process mid-call (and
+    letting a runtime such as libtpu print its stack dump). Whatever installs its own handler
+    inside (the training loop's preemption) takes over until it restores this one."""
+    if not enabled:
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated("SIGTERM before the first step: nothing to save; rerun the same "
+                         "command to start")
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -28,6 +53,9 @@ def exit_on_user_error():
             sys.stdout.flush()
             os._exit(2)
         sys.exit(2)
+    except Terminated as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(0)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.exit(130)

@@ -13,7 +13,6 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
     cli.start("evaluate")
 
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from resnet_jax import checkpoint, cli, kernels, parallel, progress
+from resnet_jax import checkpoint, cli, kernels, lines, parallel, progress
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
 from resnet_jax.data.batching import nonfinite_rows, padded_batches, topk_correct
@@ -207,6 +206,21 @@ def evaluate_streamed(loaded: checkpoint.LoadedModel, split: imagenet.Split, bat
     return dict(result, seconds=round(time.perf_counter() - start, 3))
 
 
+def check_output_file(path: str, flag: str = "--json") -> None:
+    """Before any work: `path` can be written as a file (not a directory, not under a file, in
+    a writable folder), so a result is never computed and then lost."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a directory; name a file, e.g. "
+                        f"{os.path.join(path, 'result.json')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path!r} lies under the file {folder!r}; name a path in a folder")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path!r}: cannot write in {folder!r}; choose a writable folder")
+
+
 def write_json(path: str, obj) -> None:
     """Write `obj` as JSON so that a reader never sees half a file (temp file + rename)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -214,7 +228,7 @@ def write_json(path: str, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
+            f.write(lines.dumps(obj, indent=1))
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -250,6 +264,8 @@ def main(argv):
                             "resnet_jax.convert")
         if FLAGS.batch_size < 1:
             raise UserError(f"--batch_size must be positive, not {FLAGS.batch_size}")
+        if FLAGS.json:
+            check_output_file(FLAGS.json)
         cpu.use_cpu_cores()
         parallel.initialize_distributed()  # on every host of a pod slice (ImageNet-style data)
         checkpoint.quiet_orbax()
@@ -262,6 +278,10 @@ def main(argv):
             name = split.name
             result = evaluate_streamed(loaded, split, FLAGS.batch_size, FLAGS.ten_crop)
         else:
+            if model_classes(loaded) is None and FLAGS.data.startswith("folder:"):
+                print("note: the checkpoint records no class list; labels follow the sorted "
+                      "names of the class folders (convert --classes records one)",
+                      file=sys.stderr, flush=True)
             dataset = first_images(sources.load(
                 FLAGS.data, FLAGS.split, data_dir=FLAGS.data_dir, image_size=image_size,
                 num_classes=getattr(loaded.model, "num_classes", 10),

@@ -24,6 +24,7 @@ import numpy as np
 from matplotlib import cm, colormaps, colors, ticker
 from matplotlib.figure import Figure
 
+from resnet_jax.runs import split_label
 from resnet_jax.errors import UserError, exit_on_user_error
 
 DPI = 110
@@ -260,7 +261,7 @@ def figure1(stem: str, runs: Sequence[Tuple[str, Curves]]):
 
 def _labelled(spec: str) -> Tuple[str, str]:
     """RUN[=LABEL] -> (label, path); the label defaults to RUN's name."""
-    path, _, label = spec.partition("=")
+    path, label = split_label(spec)
     name = os.path.basename(os.path.normpath(path)).replace(".metrics.jsonl", "")
     return label or name.removesuffix(".csv").removesuffix("_over_training"), path
 

@@ -42,8 +42,10 @@ def load(path: str, *, step: Optional[int] = None, model: Optional[str] = None,
         net = checkpoint.model_for(name, options, size, kernels)
         normalization = checkpoint.Normalization(convert.IMAGENET_NORMALIZATION.mean,
                                                  convert.IMAGENET_NORMALIZATION.std, size)
+        classes = convert.default_classes(fmt, options["num_classes"])
         meta = dict(model=name, model_options=options, source=os.path.abspath(path), format=fmt,
-                    image_size=size, normalization=normalization.to_json())
+                    image_size=size, normalization=normalization.to_json(),
+                    classes=list(classes) if classes else None)
         return checkpoint.LoadedModel(net, variables, normalization, meta, 0, path)
     with _quiet_orbax():
         return checkpoint.load_model(path, step, kernels)

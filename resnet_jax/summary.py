@@ -123,7 +123,7 @@ FLAGS = flags.FLAGS
 def define_flags():
     # Defined when the CLI runs, not at import, so modules with same-named flags import together.
     flags.DEFINE_integer("image_size", None, "input height and width (default: each net's own, "
-                         "32 for the CIFAR nets, 224 for the ImageNet ones)")
+                         "32 for the CIFAR nets, 224 for the ImageNet ones)", lower_bound=1)
     flags.DEFINE_bool("json", False, "print a JSON list instead of the table")
     flags.DEFINE_string("shortcut", None, "shortcut option A, B or C (default: each net's own)")
 

@@ -31,9 +31,7 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -51,7 +49,8 @@ from absl import logging as absl_logging
 
 import resnet_jax
 import resnet_jax.kernels
-from resnet_jax import checkpoint, cli, parallel, periodic, progress
+from resnet_jax import checkpoint, cli, errors, lines, parallel, periodic, progress
+from resnet_jax import workdir as workdir_lib
 from resnet_jax import config as config_lib
 from resnet_jax.data import pipeline, sources
 from resnet_jax.evaluate import NonFiniteOutput, evaluate_batches, make_eval_step
@@ -227,6 +226,7 @@ class Data:
     image_size: int
     description: str
     val_images: Callable[[int], Any]  # n -> the first n validation images (uint8), for responses
+    fingerprint: Optional[Dict] = None  # sources.fingerprint of the training split, if in memory
 
 
 def load_splits(config) -> Tuple[sources.Dataset, sources.Dataset, Optional[sources.Dataset]]:
@@ -258,7 +258,7 @@ def make_data(config, mesh) -> Data:
         normalization=checkpoint.Normalization(sources.mean_image(train.images)),
         classes=train.classes, image_size=train.images.shape[1],
         description=f"train {train.name} ({len(train)}), val {val.name} ({len(val)})",
-        val_images=lambda n: val.images[:n])
+        val_images=lambda n: val.images[:n], fingerprint=sources.fingerprint(train))
 
 
 def _host_data(config, mesh) -> Data:
@@ -291,7 +291,7 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, meta: Dict, metrics: Di
     if step not in mngr.all_steps():
         model = layout.to_checkpoint(state.variables)
         train = layout.to_checkpoint(state.train_item())
-        meta = checkpoint.with_checksums(meta, model=model, train=train)
+        meta = checkpoint.for_saving(mngr, step, meta, model=model, train=train)
         with _writing(mngr, step):
             mngr.save(step, metrics=metrics, args=ocp.args.Composite(
                 model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
@@ -377,6 +377,8 @@ def config_changes(stored: Dict, config: ml_collections.ConfigDict) -> List[str]
         return []
     before = _flatten(_json_normal(stored["config"]))
     now = _flatten(json.loads(config.to_json_best_effort()))
+    for side in (before, now):  # the same folder however named; its content: check_workdir
+        side["data.source"] = sources.identity(str(side.get("data.source", "")))
     return [f"{key} {before.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
             for key in sorted(set(before) | set(now))
             if key not in FREE_TO_CHANGE and key.split(".")[0] not in MODEL_KEYS
@@ -425,9 +427,10 @@ def check_config_unchanged(workdir: str, config, allow_change: bool = False) -> 
         log.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
 
 
-def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict) -> List[int]:
+def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict,
+                  allow_change: bool = False) -> List[int]:
     """The workdir's steps (empty for a fresh workdir); refuses another model's, or one trained
-    on other classes."""
+    on other classes or (unless `allow_change`) other images."""
     step, stored = newest_metadata(mngr, workdir)
     if step is None:
         return mngr.all_steps()
@@ -435,46 +438,16 @@ def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict) -> List
     if stored.get("classes") and stored["classes"] != meta["classes"]:
         sources.check_classes("the data of this run", meta["classes"], stored["classes"],
                               f"workdir {workdir!r} (step {step})'s")
+    if workdir_lib.check_data(workdir, step, stored, meta, allow_change):
+        log.warning("resuming %s on changed training data", workdir)
     return mngr.all_steps()
 
 
-def prepare_workdir(workdir: str) -> None:
-    """A local workdir is created and must take a file: one line now instead of a traceback
-    after data loading and compilation."""
-    if "://" in workdir:
-        return
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"--workdir {workdir!r} is a file; name a directory")
-    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("x")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write in --workdir {workdir!r} ({e.strerror or e}); choose a "
-                        "writable directory") from None
-
-
-def check_free_space(workdir: str, variables, copies: int = 3) -> None:
-    """A checkpoint holds the weights, the momentum buffer and about a MiB of metadata: refuse
-    to start without room for `copies` of that (orbax writes the next before it removes the
-    oldest). A disk that fills later fails the save in one line (`_writing`)."""
-    if "://" in workdir:
-        return
-    arrays = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(variables))
-    need = copies * (2 * arrays + 2**20)
-    free = shutil.disk_usage(workdir).free
-    if free < need:
-        raise UserError(f"--workdir {workdir!r} has {free / 2**20:.0f} MiB free; checkpoints need "
-                        f"about {need / 2**20:.0f} MiB; free space or choose another workdir")
-
-
 class MetricWriter:
-    """metrics.jsonl and TensorBoard events in the workdir, from process 0 only. A resumed run
-    appends, so a step can appear twice; the later record is the one that the run continued from.
-    A remote workdir (gs://...) gets the JSONL rewritten whole at each write (object stores do not
-    append; a run writes a few hundred lines)."""
+    """metrics.jsonl (whole lines only: `lines.LineLog`) and TensorBoard events in the workdir,
+    from process 0 only. A resumed run appends, so a step can appear twice; the later record is
+    the one that the run continued from. A remote workdir (gs://...) gets the JSONL rewritten
+    whole at each write (object stores do not append; a run writes a few hundred lines)."""
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
@@ -486,7 +459,7 @@ class MetricWriter:
         self.remote = "://" in workdir
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lines = self.path.read_text() if self.remote and self.path.exists() else ""
-        self.jsonl = None if self.remote else open(self.path, "a")
+        self.jsonl = None if self.remote else lines.LineLog(self.path)
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: Dict[str, float]):
@@ -500,13 +473,12 @@ class MetricWriter:
                             "resume") from None
 
     def _write(self, step: int, scalars: Dict[str, float]):
-        line = json.dumps(dict(step=step, **scalars)) + "\n"
+        line = lines.dumps(dict(step=step, **scalars)) + "\n"
         if self.remote:
             self.lines += line
             self.path.write_text(self.lines)
         else:
-            self.jsonl.write(line)
-            self.jsonl.flush()
+            self.jsonl.append(line)
         periodic.to_tensorboard(self.tb, step, scalars)
         self.tb.flush()
 
@@ -576,16 +548,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mesh = mesh or parallel.make_mesh()
     check_config(config, mesh.devices.size)
     create_model(config, num_classes=10)  # an unknown model or option fails before data loads
-    prepare_workdir(workdir)
+    workdir_lib.prepare(workdir)
+    with workdir_lib.Lock(workdir, enabled=parallel.is_main_process()), \
+            errors.stop_on_sigterm(enabled=jax.process_count() == 1):  # else JAX's sync point
+        return _train(config, workdir, mesh, allow_config_change)
+
+
+def _train(config, workdir: str, mesh, allow_config_change: bool) -> Dict[str, Any]:
+    """train_and_evaluate's work, in a checked and locked workdir."""
     check_config_unchanged(workdir, config, allow_config_change)
     parallel.check_shared_directory(workdir)
     main = parallel.is_main_process()
     data = make_data(config, mesh)
     model, model_options = create_model(config, len(data.classes),
                                         resnet_jax.kernels.for_devices(mesh.devices.flat))
-    check_free_space(workdir, checkpoint.abstract_variables(model, data.image_size))
+    workdir_lib.check_free_space(workdir, checkpoint.abstract_variables(model, data.image_size))
     meta = checkpoint.metadata(config.model, model_options, data.normalization, extra=dict(
         image_size=data.image_size, dataset=config.data.source, classes=list(data.classes),
+        train_data=data.fingerprint,
         config=json.loads(config.to_json_best_effort())))
     if main:
         log.info("%s on %d devices (%d processes); %s", config.model, mesh.devices.size,
@@ -595,7 +575,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               best_metric=BEST_METRIC, keep_best=config.keep_best)
     writer = preemption = profiler = None
     try:
-        steps = check_workdir(mngr, workdir, meta)
+        steps = check_workdir(mngr, workdir, meta, allow_config_change)
         writer = MetricWriter(workdir, main)
         preemption = Preemption()
         profiler = periodic.Profiler(config.profile_steps, os.path.join(workdir, "tensorboard"),
@@ -703,7 +683,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
         state = plateau(config, state, 1.0 - val["top1"], mesh)
         scalars = {f"val_{k}": v for k, v in val.items()}
         writer.write(step, scalars)
-        result.update(scalars)
+        result.update(scalars, val_step=step)  # a preempted run's result is of a later step
         if main:
             log.info("step %d  val top-1 %.2f%%  top-5 %.2f%%  loss %.4f", step,
                      100 * val["top1"], 100 * val["top5"], val["loss"])
@@ -753,7 +733,8 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
 
     if "val_top1" not in result:  # a finished workdir run again: report, do not retrain
         if step in mngr.all_steps():
-            result.update({f"val_{k}": v for k, v in run_eval(data.val, "validation").items()})
+            result.update({f"val_{k}": v for k, v in run_eval(data.val, "validation").items()},
+                          val_step=step)
         else:
             evaluate_and_save()
     if data.test is not None:
@@ -832,7 +813,7 @@ def main(argv):
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                     allow_config_change=FLAGS.allow_config_change)
         if parallel.is_main_process():
-            print(json.dumps(result), flush=True)
+            print(lines.dumps(result), flush=True)
 
 
 def run():

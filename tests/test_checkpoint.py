@@ -173,6 +173,90 @@ def test_damaged_metadata_is_one_line(tmp_path):
         checkpoint.load_model(str(tmp_path / "c"))
 
 
+@pytest.mark.parametrize("change", [
+    ("0.5, 0.5", "0.5, 0.6"),  # one character of the stored normalisation
+    ('"model_options"', '"model_options" '),  # harmless whitespace is not a change
+    ('"cat", "dog"', '"dog", "cat"')])  # two classes swapped
+def test_changed_metadata_is_damage_not_a_plausible_score(tmp_path, change):
+    """The metadata decides the numbers as much as the arrays: it is covered by its digest."""
+    model, variables = _variables("resnet20", widths=(4, 8, 16))
+    classes = ["airplane", "automobile", "bird", "cat", "dog", "deer", "frog", "horse", "ship",
+               "truck"]
+    checkpoint.save_model(str(tmp_path / "c"), variables, model_name="resnet20",
+                          model_options={"widths": (4, 8, 16)}, normalization=NORM, step=3,
+                          extra=dict(classes=classes))
+    path = tmp_path / "c" / "3" / "metadata" / "metadata"
+    text = path.read_text()
+    assert change[0] in text
+    path.write_text(text.replace(change[0], change[1], 1))
+    if change[0] == '"model_options"':
+        assert checkpoint.load_model(str(tmp_path / "c")).step == 3
+        return
+    with pytest.raises(checkpoint.DamagedCheckpoint,
+                       match="step 3 is damaged: its metadata .* changed since it was written"):
+        checkpoint.load_model(str(tmp_path / "c"))
+
+
+def test_nothing_non_finite_is_saved_and_a_saved_one_is_damage(tmp_path):
+    model, variables = _variables("resnet20", widths=(4, 8, 16))
+    variables["params"]["fc"]["bias"][3] = np.inf
+    with pytest.raises(checkpoint.NonFiniteState,
+                       match=r"step 2 is not saved: 1 arrays of the 'model' item hold NaN or Inf "
+                             r"\(first model\['params'\]\['fc'\]\['bias'\]\); the run diverged "
+                             "and no checkpoint was saved"):
+        checkpoint.save_model(str(tmp_path / "c"), variables, model_name="resnet20",
+                              model_options={"widths": (4, 8, 16)}, normalization=NORM, step=2)
+    # a step written with checksums by an older version that did not check: damaged, not resumed
+    meta = checkpoint.metadata("resnet20", {"widths": [4, 8, 16]}, NORM)
+    stored = layout.to_checkpoint(variables)
+    meta = dict(meta, checksums={"model": checkpoint.checksums(stored)})
+    with checkpoint.manager(str(tmp_path / "old"), async_save=False) as mngr:
+        mngr.save(2, args=ocp.args.Composite(model=ocp.args.StandardSave(stored),
+                                             metadata=ocp.args.JsonSave(meta)))
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="step 2 holds non-finite numbers"):
+        checkpoint.load_model(str(tmp_path / "old"))
+
+
+def test_keep_checkpoints_prunes_the_steps_of_an_earlier_run(tmp_path):
+    """After a resume, the steps saved before it were kept for ever (a run killed ten times
+    kept 11 steps with keep_checkpoints=3): orbax read them back without their metrics."""
+    def run(steps, metric):
+        with checkpoint.manager(str(tmp_path), max_to_keep=2, best_metric="val_top1",
+                                keep_best=1, async_save=False) as mngr:
+            for step in steps:
+                mngr.save(step, metrics={"val_top1": metric[step]}, args=ocp.args.Composite(
+                    model=ocp.args.StandardSave({"w": np.ones(3)}),
+                    metadata=ocp.args.JsonSave({"model": "resnet20"})))
+            return mngr.all_steps()
+
+    assert run([1, 2], {1: 0.9, 2: 0.2}) == [1, 2]
+    # 1 is the best, 5 and 6 the latest; 2 and 3 go though saved before this run
+    assert run([3, 4, 5, 6], {3: 0.3, 4: 0.1, 5: -1.0, 6: 0.2}) == [1, 5, 6]
+
+
+def test_a_step_pruned_by_a_live_trainer_while_read_is_not_damage(tmp_path, monkeypatch):
+    """evaluate on a workdir still training said "step 40 is damaged ... Directory does not
+    exist" when the trainer pruned step 40 meanwhile; it reads the newest step instead."""
+    model, variables = _variables("resnet20", widths=(4, 8, 16))
+    for step in (2, 3):
+        checkpoint.save_model(str(tmp_path / f"s{step}"), variables, model_name="resnet20",
+                              model_options={"widths": (4, 8, 16)}, normalization=NORM, step=step)
+    directory = tmp_path / "s2"
+    read = checkpoint.read_metadata
+
+    def trainer_moves_on(*args, **kwargs):  # saves step 3 and prunes step 2 meanwhile
+        if (directory / "2").exists():
+            (tmp_path / "s3" / "3").rename(directory / "3")
+            import shutil
+            shutil.rmtree(directory / "2")
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "read_metadata", trainer_moves_on)
+    assert checkpoint.load_model(str(directory)).step == 3
+    with pytest.raises(UserError, match="no step 2"):  # an explicit step is not replaced
+        checkpoint.load_model(str(directory), 2)
+
+
 def test_a_file_is_not_called_missing(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="checkpoint '.*f' is a file; pass the directory"):

@@ -61,6 +61,8 @@ def test_the_recipes_validate():
     (dict(num_steps=-5), "num_steps must be an integer >= 1, not -5"),
     (dict(batch_size=0), "batch_size must be an integer >= 1, not 0"),
     (dict(lr=-0.1), "lr must be > 0, not -0.1"),
+    (dict(lr=float("inf")), "lr must be > 0, not inf"),  # diverged at once, saved NaN
+    (dict(weight_decay=float("nan")), "weight_decay must be >= 0, not nan"),
     (dict(lr_boundaries=(15, 10)), "lr_boundaries must be increasing steps >= 1, not (15, 10)"),
     (dict(lr_boundaries=(0, 10)), "lr_boundaries must be increasing steps >= 1, not (0, 10)"),
     (dict(lr_boundaries=(10, 10)), "lr_boundaries must be increasing steps >= 1, not (10, 10)"),
@@ -178,3 +180,33 @@ def test_command_line_gives_config_flags_a_file():
         config_lib.command_line(["--workdir=W"])
     with pytest.raises(config_lib.UserError, match="unknown config key 'nope'"):
         config_lib.command_line(["--config", "cpu:tiny", "--config.nope=1"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["resnet_jax.train", "--config", TINY, "--workdir", "/nonexistent/w", "--config.lr=abc"],
+     "error: flag --config.lr=abc: could not convert string to float: 'abc' (--help lists"),
+    (["resnet_jax.train", "--config", TINY, "--workdirr", "/nonexistent/w"],
+     "error: Unknown command line flag 'workdirr'. Did you mean: workdir? (--help lists"),
+    (["resnet_jax.evaluate", "--batch_size=abc"], "error: flag --batch_size=abc: invalid literal"),
+    (["resnet_jax.summary", "resnet20", "--image_size", "-5"],
+     "error: flag --image_size=-5: -5 is not a positive integer"),
+    (["resnet_jax.summary", "resnet20", "--image_size", "0"],
+     "error: flag --image_size=0: 0 is not a positive integer"),
+    (["resnet_jax.compile", "--config", TINY, "--batch_size", "-4"],
+     "error: flag --batch_size=-4: -4 is not a positive integer"),
+])
+def test_a_bad_flag_is_the_documented_error_line_and_exit_2(args, message):
+    """absl printed `FATAL Flags parsing error` and exited 1."""
+    proc = _run("-m", *args, env=dict(JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback():
+    """`train --describe | head` ended in a BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_jax.train", "--describe"], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before it writes anything: its first write meets a closed pipe
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and stderr == "", stderr[-2000:]

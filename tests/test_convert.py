@@ -7,9 +7,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
+import resnet_jax
 from resnet_jax import checkpoint, convert
 from resnet_jax.errors import UserError
+from resnet_jax.models import layout
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -244,6 +248,7 @@ def test_cli_converts_and_refuses_a_used_out(akamaster_dir, tmp_path):
     rc, stdout, stderr = _cli(akamaster_dir / "resnet20.npz", "--model", "resnet20", "--out", out)
     assert rc == 0, stderr
     assert "wrote resnet20" in stdout and stderr == ""
+    assert "unchecked: " in stdout and "--data" in stdout
     rc, _, stderr = _cli(akamaster_dir / "resnet20.npz", "--model", "resnet20", "--out", out)
     assert rc == 2 and stderr.strip() == f"error: output directory {str(out)!r} is not empty; choose a new --out"
 
@@ -268,3 +273,69 @@ def test_a_truncated_npz_is_one_line(tmp_path):
         with pytest.raises(UserError, match=r"'.*cut.npz' is not a readable .npz \(BadZipFile") as e:
             convert.read_state_dict(str(tmp_path / "cut.npz"))
         assert "\n" not in str(e.value)
+
+
+def _png_folder(root, split, classes, per_class=2):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / split / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                root / split / c / f"{i}.png")
+    return root
+
+
+def test_converted_cifar_net_records_cifar10_classes_and_refuses_other_names(akamaster_dir,
+                                                                            tmp_path):
+    """PyTorch's tutorial names (plane, car, ...) sort in another order than CIFAR-10's: the
+    converted net's labels would silently follow that order (28 % instead of 80 %)."""
+    from resnet_jax import evaluate
+    from resnet_jax.data import sources
+    convert.convert(str(akamaster_dir / "resnet20.npz"), "resnet20", str(tmp_path / "ckpt"))
+    loaded = checkpoint.load_model(str(tmp_path / "ckpt"))
+    assert evaluate.model_classes(loaded) == sources.CIFAR10_CLASSES
+    tutorial = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    root = _png_folder(tmp_path / "data", "test", tutorial, per_class=1)
+    with pytest.raises(UserError, match="lacks the model's classes airplane, automobile"):
+        sources.load(f"folder:{root}", "test", classes=evaluate.model_classes(loaded))
+    with pytest.raises(UserError, match="--classes names 2 classes but"):
+        convert.convert(str(akamaster_dir / "resnet20.npz"), "resnet20", str(tmp_path / "c2"),
+                        classes=["a", "b"])
+
+
+@pytest.mark.slow
+def test_with_data_a_net_at_chance_level_is_refused_and_a_working_one_scored(
+        akamaster_dir, cifar_jpeg, tmp_path):
+    """ResNet-20's weights fit plain-20's shapes exactly (the shortcuts carry none): converted
+    as plain20 it scored 10.00 % with exit 0."""
+    data = f"folder:{cifar_jpeg}"
+    with pytest.raises(UserError, match=r"converted as plain20 scores \d+\.\d % top-1 on 500 "
+                                        r"images of .*, chance level \(10 %\).*nothing written"):
+        convert.convert(str(akamaster_dir / "resnet20.npz"), "plain20", str(tmp_path / "p"),
+                        data=data)
+    assert not (tmp_path / "p").exists()
+    checked = convert.convert(str(akamaster_dir / "resnet20.npz"), "resnet20",
+                              str(tmp_path / "r"), data=data).checked
+    assert checked["count"] == 500 and checked["top1"] > 0.6
+    assert convert.convert(str(akamaster_dir / "resnet20.npz"), "resnet20",
+                           str(tmp_path / "u")).checked is None  # unchecked, and the CLI says so
+
+
+def test_out_naming_a_file_says_so(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match=r"--out '.*f' is a file; name a new directory"):
+        convert.convert(str(tmp_path / "none.npz"), "resnet20", str(tmp_path / "f"))
+
+
+def test_model_hints_agree_whichever_wrong_model_was_given():
+    """A ResNet-20 with projection shortcuts was hinted plain20 -> resnet20 -> plain20."""
+    model = resnet_jax.create_model("resnet20", shortcut="B")
+    target = traverse_util.flatten_dict(layout.unstack_blocks(checkpoint.abstract_variables(model)))
+    state = {convert._torch_name(path, "cifar"): np.zeros(convert._torch_shape(leaf.shape))
+             for path, leaf in target.items()}
+    for wrong in ("plain20", "resnet20"):
+        with pytest.raises(UserError, match=r"pass --model resnet20 --option shortcut=B$"):
+            convert.convert_state_dict(state, wrong)
+    variables, options, _ = convert.convert_state_dict(state, "resnet20", {"shortcut": "B"})
+    assert options["shortcut"] == "B"

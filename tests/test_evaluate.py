@@ -188,3 +188,38 @@ def test_the_rate_leaves_out_the_first_batch_and_its_compile(monkeypatch):
     evaluate.evaluate_batches(step, None, batches, lambda d, t, r: rates.append((d, r)), 32,
                               progress_every=2)
     assert rates == [(16, 8.0), (32, 8.0)]
+
+
+def test_an_unwritable_json_path_is_refused_before_any_scoring(tmp_path):
+    """`--json DIR` or a path under a file gave a traceback after scoring: the result lost."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"--json '.*' is a directory; name a file"):
+        evaluate.check_output_file(str(tmp_path))
+    with pytest.raises(UserError, match=r"lies under the file '.*file'"):
+        evaluate.check_output_file(str(tmp_path / "file" / "sub" / "r.json"))
+    evaluate.check_output_file(str(tmp_path / "new" / "r.json"))  # created when written
+
+
+def test_written_json_is_standard_json(tmp_path):
+    evaluate.write_json(str(tmp_path / "r.json"), {"loss": float("nan"), "top1": float("inf")})
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": None, "top1": None}
+
+
+@pytest.mark.slow
+def test_cli_says_when_a_folder_is_numbered_by_sorted_names(tmp_path, monkeypatch):
+    """A checkpoint without a class list can only number a folder's classes in sorted order:
+    the user is told, since other names (plane, car, ...) would sort differently."""
+    from PIL import Image
+    monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path / "cache"))
+    _small_checkpoint(tmp_path / "c")
+    for i, name in enumerate("abcdefghij"):
+        (tmp_path / "d" / "test" / name).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 20 * i, np.uint8)).save(
+            tmp_path / "d" / "test" / name / "0.png")
+    proc = _cli("--checkpoint", tmp_path / "c", "--data", f"folder:{tmp_path / 'd'}",
+                "--batch_size", 10)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("note: the checkpoint records no class list; labels follow the "
+                                  "sorted names of the class folders"), proc.stderr

@@ -404,3 +404,13 @@ def test_list_models_takes_a_pattern():
                                                 "plain44", "plain56", "plain110", "plain1202"]
     assert resnet_jax.list_models("vgg*") == ["vgg19"] and resnet_jax.list_models("x*") == []
     assert len(resnet_jax.list_models()) == 20
+
+
+@pytest.mark.parametrize("widths", [(), (0, 8, 16), (-4, 8, 16), "abc", (4, 8), (4, 8, 16, 32),
+                                    (4.0, 8, 16)])
+def test_widths_are_one_positive_integer_per_stage(widths):
+    """They failed after the data loaded (IndexError, ZeroDivisionError, TypeError), or trained
+    a two- or four-stage net under the name resnet20."""
+    with pytest.raises(resnet_jax.UnknownModelError, match=r"widths must be 3 positive integers"):
+        resnet_jax.create_model("resnet20", widths=widths)
+    assert resnet_jax.create_model("resnet20", widths=[4, 8, 16]).widths == [4, 8, 16]

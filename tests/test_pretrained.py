@@ -14,7 +14,7 @@ from resnet_jax.errors import UserError
 
 def test_load_reads_a_checkpoint_and_a_state_dict_alike(akamaster_dir, tmp_path, caplog):
     source = str(akamaster_dir / "resnet20.npz")
-    out, name = convert.convert(source, None, str(tmp_path / "ckpt"))  # the net inferred
+    out, name, _ = convert.convert(source, None, str(tmp_path / "ckpt"))  # the net inferred
     assert name == "resnet20"
     with caplog.at_level(logging.INFO):
         stored = resnet_jax.load(out)

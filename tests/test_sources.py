@@ -79,3 +79,65 @@ def test_offline_tfds_says_so_at_once(monkeypatch, tmp_path):
     message = str(e.value)
     assert "\n" not in message and "cannot download it (no internet)" in message
     assert "--config.data.source=folder:PATH" in message
+
+
+def test_replaced_images_with_kept_mtimes_are_decoded_again(tmp_path):
+    """`cp -p`, `rsync -a` and `tar` keep modification times: the cache served the old pixels."""
+    import os
+    import numpy as np
+    from PIL import Image
+    source = _folder(tmp_path / "d", {"train/ant": 1, "train/bee": 1})
+    before = sources.load(source, "train")
+    path = tmp_path / "d" / "train" / "ant" / "0.jpg"
+    stat = path.stat()
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(path, "JPEG")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = sources.load(source, "train")
+    assert before.images[0].max() < 10 and after.images[0].min() > 245
+
+
+def test_a_broken_link_in_a_class_folder_is_one_line(tmp_path):
+    source = _folder(tmp_path / "d", {"train/ant": 1, "train/bee": 1})
+    (tmp_path / "d" / "train" / "bee" / "1.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(UserError, match=r"cannot read image '.*bee/1.jpg' \(No such file"):
+        sources.load(source, "train")
+
+
+def test_class_names_compare_in_one_unicode_form_and_every_pil_format_counts(tmp_path):
+    """`café` decomposed on disk (NFD) against `café` composed (NFC) was reported as
+    "lacks: café ... classes café"; .gif/.webp/.tif images were skipped without a word."""
+    import unicodedata
+    import numpy as np
+    from PIL import Image
+    nfd = unicodedata.normalize("NFD", "café")
+    source = _folder(tmp_path / "d", {f"train/{nfd}": 1, "train/bar": 1})
+    for suffix in ("gif", "webp", "tif"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(
+            tmp_path / "d" / "train" / "bar" / f"x.{suffix}")
+    data = sources.load(source, "train", classes=("bar", unicodedata.normalize("NFC", "café")))
+    assert sorted(data.labels.tolist()) == [0, 0, 0, 0, 1]
+
+
+def test_a_jpeg_with_overwritten_bytes_is_named_not_decoded_silently(tmp_path, caplog):
+    import io
+    import numpy as np
+    from PIL import Image
+    from resnet_jax.data import jpeg
+    rng = np.random.default_rng(0)
+    smooth = np.linspace(0, 255, 96 * 96 * 3).reshape(96, 96, 3).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(smooth).save(buf, "JPEG", quality=95)
+    good = buf.getvalue()
+    bad = bytearray(good)
+    middle = len(bad) // 2
+    bad[middle:middle + 200] = rng.integers(0, 256, 200, dtype=np.uint8).tobytes()
+    assert jpeg.damage(good) is None and jpeg.damage(bytes(bad))
+    source = _folder(tmp_path / "d", {"train/ant": 1, "train/bee": 1})
+    (tmp_path / "d" / "train" / "ant" / "0.jpg").write_bytes(good)
+    (tmp_path / "d" / "train" / "bee" / "0.jpg").write_bytes(bytes(bad))
+    sources.load(source, "train")
+    assert not any("ant/0.jpg" in r.getMessage() for r in caplog.records)
+    assert any("bee/0.jpg is damaged (libjpeg: " in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    jpeg.decode(bytes(bad), name="x.jpg")
+    assert any("x.jpg is damaged" in r.getMessage() for r in caplog.records)

@@ -24,6 +24,7 @@ import pytest
 
 from conftest import tiny_config
 from resnet_jax import checkpoint, parallel, train
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -231,6 +232,22 @@ def test_train_state_round_trips_through_the_stacked_checkpoint_layout(tmp_path)
         assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
 
 
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    """lr=inf then SIGTERM within the first step saved 41 of 67 arrays non-finite, which the
+    rerun then called "the last good checkpoint". Every save goes through `train.save`."""
+    c = tiny_config()
+    model, options = train.create_model(c, 10)
+    target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
+    state = _random_state(target)
+    state = state.replace(params=jax.tree.map(lambda x: x * jnp.inf, state.params))
+    meta = checkpoint.metadata(c.model, options, checkpoint.Normalization(np.zeros(3, np.float32)))
+    with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
+        with pytest.raises(checkpoint.NonFiniteState, match=r"step \d+ is not saved: \d+ arrays "
+                           "of the 'model' item hold NaN or Inf .* no checkpoint was saved"):
+            train.save(mngr, state, meta, {train.BEST_METRIC: -1.0})
+        assert mngr.all_steps() == []
+
+
 def test_train_step_neither_slices_parameters_nor_concatenates_gradients():
     """Each identical block is its own module: the lowered step holds no per-block slice of a
     stacked parameter and no concatenate of gradients or BN statistics (stacked, this ResNet-20
@@ -354,22 +371,43 @@ def test_sigkill_at_three_moments_then_resume_gives_the_uninterrupted_params(env
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_sigterm_and_ctrl_c_leave_a_complete_checkpoint(env, tmp_path, sig):
     """A preemption notice (SIGTERM) and Ctrl-C (SIGINT) both save the step reached and exit 0."""
-    proc = start(tmp_path, *RUN[:1], "--config.checkpoint_every=100", "--config.log_every=1", env=env)
+    proc = start(tmp_path, *RUN[:1], "--config.checkpoint_every=2", "--config.log_every=1", env=env)
     wait_for(proc, r"step 3/12 ")
     proc.send_signal(sig)
     rc, out = finish(proc)
     assert rc == 0 and "Traceback" not in out, out[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["preempted"] and 3 <= result["step"] < 12
+    # its validation numbers are those of an earlier step, and say so
+    assert result["val_step"] == result["step"] - result["step"] % 2
     assert f"{signal.Signals(sig).name}: saved step {result['step']}" in out
     c = train.load_config(TINY)
     model, _ = train.create_model(c, 10)
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
-        assert mngr.all_steps() == [result["step"]]
+        assert result["step"] in mngr.all_steps()
         state = train.restore(mngr, result["step"], target)
     assert int(state.step) == result["step"]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_a_live_workdir_is_refused_naming_the_first(env, tmp_path):
+    """A job launched twice: both exited 0, their metrics rows interleaved."""
+    first = start(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=100000",
+                  "--config.log_every=1", env=env)
+    try:
+        wait_for(first, r"step 1/")
+        rc, out = finish(start(tmp_path, *RUN, env=env))
+        assert rc == 2, out[-3000:]
+        [line] = [ln for ln in out.splitlines() if ln.startswith("error:")]
+        assert f"is in use by the trainer pid {first.pid} on host" in line, line
+        assert "resnet20 on" not in out  # refused before any data loaded
+    finally:
+        first.send_signal(signal.SIGTERM)
+        rc, out = finish(first)
+    assert rc == 0 and "SIGTERM: saved step" in out, out[-3000:]
+    assert not (tmp_path / workdir_lib.Lock.NAME).exists()
 
 
 @pytest.mark.slow
@@ -575,7 +613,7 @@ def test_config_problems_come_before_any_data(tmp_path, monkeypatch):
 def test_unwritable_workdirs_are_one_line_before_training(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"--workdir '.*file' is a file; name a directory"):
-        train.prepare_workdir(str(tmp_path / "file"))
+        workdir_lib.prepare(str(tmp_path / "file"))
     real_open = open
 
     def read_only(path, *args, **kwargs):
@@ -585,14 +623,15 @@ def test_unwritable_workdirs_are_one_line_before_training(tmp_path, monkeypatch)
 
     monkeypatch.setattr("builtins.open", read_only)
     with pytest.raises(UserError, match=r"cannot write in --workdir '.*ro' \(Read-only file system\)"):
-        train.prepare_workdir(str(tmp_path / "ro"))
+        workdir_lib.prepare(str(tmp_path / "ro"))
     monkeypatch.setattr("builtins.open", real_open)
     model, _ = train.create_model(train.load_config(TINY), 10)
     variables = checkpoint.abstract_variables(model)
-    train.check_free_space(str(tmp_path), variables)
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: type("U", (), {"free": 2**19})())
+    workdir_lib.check_free_space(str(tmp_path), variables)
+    monkeypatch.setattr(workdir_lib.shutil, "disk_usage",
+                        lambda p: type("U", (), {"free": 2**19})())
     with pytest.raises(UserError, match=r"has 0 MiB free; checkpoints need about 3 MiB"):
-        train.check_free_space(str(tmp_path), variables)
+        workdir_lib.check_free_space(str(tmp_path), variables)
 
 
 def test_a_failed_save_is_one_line_that_exits_at_once():

@@ -48,15 +48,41 @@ def _pil(encoded: Encoded, name: str):
                         "prepare the data set again") from None
 
 
-def _simplejpeg(encoded: bytes, min_height: int = 0, min_width: int = 0):
+def _simplejpeg(encoded: bytes, min_height: int = 0, min_width: int = 0, name: str = "image"):
     """uint8 [H, W, 3] by libjpeg-turbo, at the smallest scale at least min_height x min_width;
-    None where it cannot (CMYK, a damaged file: PIL then decodes or names the problem)."""
+    None where it cannot (CMYK, a damaged file: PIL then decodes or names the problem). A file
+    that decodes only by skipping damaged data is decoded so, with a warning naming it."""
     import simplejpeg
     try:
         return simplejpeg.decode_jpeg(encoded, colorspace="RGB", min_height=min_height,
                                       min_width=min_width)
+    except ValueError as e:
+        damage = str(e)
+    try:
+        image = simplejpeg.decode_jpeg(encoded, colorspace="RGB", min_height=min_height,
+                                       min_width=min_width, strict=False)
     except ValueError:
         return None
+    warn_damaged(name, damage)
+    return image
+
+
+def damage(encoded: Encoded) -> Optional[str]:
+    """libjpeg's complaint about a JPEG whose data it must skip or guess (bytes overwritten,
+    a truncated scan), or None: PIL decodes such a file without a word."""
+    if not _is_jpeg(encoded):
+        return None
+    import simplejpeg
+    try:
+        simplejpeg.decode_jpeg(encoded, colorspace="RGB", min_factor=8)
+        return None
+    except ValueError as e:
+        return str(e)
+
+
+def warn_damaged(name: str, complaint: str) -> None:
+    logging.warning("%s is damaged (libjpeg: %s); its pixels are partly guessed: replace it",
+                    name, complaint)
 
 
 def size(encoded: Encoded, name: str = "image") -> Tuple[int, int]:
@@ -74,7 +100,7 @@ def size(encoded: Encoded, name: str = "image") -> Tuple[int, int]:
 def decode(encoded: Encoded, name: str = "image") -> np.ndarray:
     """The whole image, uint8 [H, W, 3] (grey and CMYK converted to RGB)."""
     if _is_jpeg(encoded):
-        image = _simplejpeg(encoded)
+        image = _simplejpeg(encoded, name=name)
         if image is not None:
             return image
     if isinstance(encoded, np.ndarray) and encoded.ndim == 3 and encoded.shape[2] == 3:
@@ -95,7 +121,7 @@ def crop_resize(encoded: Encoded, box: Box, out: int, name: str = "image") -> np
         window = _decode_window(encoded, reduce, box, out)
         if window is not None:
             return window
-    image = _simplejpeg(encoded, -(-height // reduce), -(-width // reduce)) \
+    image = _simplejpeg(encoded, -(-height // reduce), -(-width // reduce), name) \
         if _is_jpeg(encoded) else None
     if image is None:
         image = decode(encoded, name)

@@ -4,12 +4,14 @@
 CIFAR-sized splits are small (150 MB of uint8 for 50k images), so a source hands back the whole
 split as numpy arrays: training keeps it in device memory and augments there, and evaluation
 pads the last batch instead of dropping it. A decoded folder is cached as .npy beside nothing of
-the user's: under $RESNET_JAX_CACHE (default ~/.cache/resnet_jax), keyed by path, file count and
-modification times, so a changed folder is decoded again.
+the user's: under $RESNET_JAX_CACHE (default ~/.cache/resnet_jax), keyed by the files' names,
+classes and content hashes, so a changed folder is decoded again whatever its modification times
+say.
 """
 import dataclasses
 import hashlib
 import os
+import unicodedata
 import zlib
 from typing import Any, Optional, Sequence, Tuple
 
@@ -20,7 +22,7 @@ from resnet_jax.errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +72,35 @@ def load(source: str, split: str, *, data_dir: Optional[str] = None, image_size:
     return dataset
 
 
+def identity(source: str) -> str:
+    """`source` as a resumed run compares it: a folder by its resolved path, so a trailing
+    slash or a symlink to the same folder is the same source (the content is compared on its
+    own, `fingerprint`)."""
+    try:
+        kind, arg = parse_source(source)
+    except UserError:
+        return source
+    return f"folder:{os.path.realpath(arg)}" if kind == "folder" else source
+
+
+def fingerprint(dataset: Dataset) -> dict:
+    """{'images': N, 'sha256': ...} of the pixels, labels and class names: the data's identity
+    where it decides the numbers (the per-pixel mean and the training batches)."""
+    h = hashlib.sha256(np.ascontiguousarray(dataset.images).data)
+    h.update(np.ascontiguousarray(dataset.labels, np.int32).data)
+    h.update("\0".join(dataset.classes).encode())
+    return dict(images=len(dataset), sha256=h.hexdigest())
+
+
 def synthetic_classes(num_classes: int) -> Tuple[str, ...]:
     return tuple(f"class{i}" for i in range(num_classes))
 
 
 def check_classes(name: str, have: Sequence[str], want: Sequence[str],
                   whose: str = "the model's") -> None:
-    """One line naming the classes that `have` (a split's) lacks or adds against `want`."""
-    have, want = tuple(have), tuple(want)
+    """One line naming the classes that `have` (a split's) lacks or adds against `want`. Names
+    compare in Unicode's NFC form: a file system may hand back `café` decomposed (NFD)."""
+    have, want = tuple(map(nfc, have)), tuple(map(nfc, want))
     if have == want:
         return
     extra = [c for c in have if c not in want]
@@ -91,6 +114,10 @@ def check_classes(name: str, have: Sequence[str], want: Sequence[str],
     raise UserError(f"{name} {'; '.join(parts)} ({whose} {len(want)} classes: "
                     f"{', '.join(want[:10])}{'...' if len(want) > 10 else ''}); use data with "
                     "the same class folders")
+
+
+def nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 def _synthetic(split, count, image_size, num_classes) -> Dataset:
@@ -115,8 +142,9 @@ def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
         raise UserError(f"split {split!r} not found in {root!r} (it has: {', '.join(have) or 'nothing'})")
     folders = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if classes is not None:
-        check_classes(f"folder {split_dir!r}", folders, sorted(classes), whose)
-    label = {c: i for i, c in enumerate(folders if classes is None else classes)}
+        check_classes(f"folder {split_dir!r}", sorted(map(nfc, folders)),
+                      sorted(map(nfc, classes)), whose)
+    label = {nfc(c): i for i, c in enumerate(folders if classes is None else classes)}
     per_class = {c: [f for f in sorted(os.listdir(os.path.join(split_dir, c)))
                      if f.lower().endswith(IMAGE_SUFFIXES)] for c in folders}
     if not any(per_class.values()):
@@ -126,21 +154,38 @@ def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
         raise UserError(f"no images in class folder {os.path.join(split_dir, empty[0])!r}"
                         f"{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}; add "
                         "images or remove the folder")
-    files = [(os.path.join(split_dir, c, f), label[c]) for c in folders for f in per_class[c]]
+    files = [(os.path.join(split_dir, c, f), label[nfc(c)]) for c in folders for f in per_class[c]]
     return tuple(folders if classes is None else classes), files
 
 
 def _cache_path(split_dir: str, files) -> str:
-    h = hashlib.sha1(os.path.abspath(split_dir).encode())
+    """The cache file of a folder split, keyed by what decides its pixels and labels: each
+    file's class and content hash (never its modification time, which `cp -p`, `rsync -a`
+    and `tar` keep while replacing the bytes)."""
+    h = hashlib.sha256()
     for path, label in files:
-        h.update(f"{path}\0{label}\0{os.stat(path).st_mtime_ns}\n".encode())
+        h.update(f"{os.path.relpath(path, split_dir)}\0{label}\0{_file_digest(path)}\n".encode())
     root = os.environ.get("RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax"))
-    return os.path.join(root, f"folder-{h.hexdigest()[:16]}.npz")
+    return os.path.join(root, f"folder-{h.hexdigest()[:24]}.npz")
+
+
+def _file_digest(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()  # images: small files
+    except OSError as e:  # a broken link, a file removed meanwhile, no permission
+        raise UserError(f"cannot read image {path!r} ({e.strerror or e}); remove or replace "
+                        "it") from None
 
 
 def _decode(path: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
+    from resnet_jax.data import jpeg
     try:
+        with open(path, "rb") as f:
+            complaint = jpeg.damage(f.read())
+        if complaint:
+            jpeg.warn_damaged(path, complaint)
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:

@@ -107,7 +107,19 @@ def create_model(model_name: str, /, *, kernels: Kernels = XLA, input_size=_DEFA
                                     f"valid options: {', '.join(valid)}")
     if "shortcut" in options and options["shortcut"] not in ("A", "B", "C"):
         raise UnknownModelError(f"shortcut must be 'A', 'B' or 'C', not {options['shortcut']!r}")
+    if "widths" in options:
+        _check_widths(options["widths"], len(ctor(kernels=kernels).widths))
     if input_size is _DEFAULT:  # the ImageNet ResNets are fully convolutional
         fully_convolutional = _family(model_name) is imagenet.ImageNetResNet
         input_size = None if fully_convolutional else preprocessing(model_name).input_size
     return ctor(kernels=kernels, input_size=input_size, name=name, **options)
+
+
+def _check_widths(widths, stages: int) -> None:
+    """One channel count per stage, each a positive integer: anything else failed deep inside
+    the net (IndexError, ZeroDivisionError) or trained another net under the same name."""
+    ok = isinstance(widths, (tuple, list)) and len(widths) == stages and all(
+        isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
+    if not ok:
+        raise UnknownModelError(f"widths must be {stages} positive integers, one per stage, not "
+                                f"{widths!r}")
