@@ -13,9 +13,7 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
     cli.start("evaluate")
 
 import json
-import os
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, Optional, Tuple
 
@@ -25,7 +23,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from resnet_jax import checkpoint, cli, kernels, parallel
+from resnet_jax import checkpoint, cli, kernels, parallel, storage
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
 from resnet_jax.data.batching import nonfinite_rows, padded_batches, topk_correct
@@ -170,18 +168,8 @@ def evaluate_streamed(loaded: checkpoint.LoadedModel, split: imagenet.Split, bat
 
 
 def write_json(path: str, obj) -> None:
-    """Write `obj` as JSON so that a reader never sees half a file (temp file + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `obj` as JSON, local or on gs://, so that a reader never sees half a file."""
+    storage.write(path, json.dumps(obj, indent=1) + "\n")
 
 
 FLAGS = flags.FLAGS
@@ -211,6 +199,8 @@ def main(argv):
                             "resnet_jax.convert")
         if FLAGS.batch_size < 1:
             raise UserError(f"--batch_size must be positive, not {FLAGS.batch_size}")
+        if FLAGS.json:
+            storage.check_writable(FLAGS.json.rpartition("/")[0], "--json")
         cpu.use_cpu_cores()
         parallel.initialize_distributed()  # on every host of a pod slice (ImageNet-style data)
         checkpoint.quiet_orbax()
@@ -228,7 +218,7 @@ def main(argv):
                                    classes=model_classes(loaded))
             name = dataset.name
             result = evaluate(loaded, dataset, FLAGS.batch_size)
-        result.update(checkpoint=os.path.abspath(FLAGS.checkpoint), step=loaded.step,
+        result.update(checkpoint=str(storage.path(FLAGS.checkpoint)), step=loaded.step,
                       model=loaded.metadata["model"], data=FLAGS.data, split=FLAGS.split)
         if not parallel.is_main_process():
             return

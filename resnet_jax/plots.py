@@ -15,6 +15,7 @@ checkpoints may be gone) side by side; from its `--over_training` CSVs, the nets
 over training side by side.
 """
 import csv
+import io
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ import numpy as np
 from matplotlib import cm, colormaps, colors, ticker
 from matplotlib.figure import Figure
 
+from resnet_jax import metrics_log, storage
 from resnet_jax.errors import UserError, exit_on_user_error
 
 DPI = 110
@@ -34,8 +36,11 @@ def _layer_ticks():
 
 
 def _save(fig, stem: str):
-    fig.savefig(stem + ".png", dpi=DPI)
-    fig.savefig(stem + ".pdf")
+    """STEM.png and STEM.pdf, local or on gs:// (storage.write)."""
+    for suffix, options in ((".png", dict(dpi=DPI)), (".pdf", {})):
+        image = io.BytesIO()
+        fig.savefig(image, format=suffix[1:], **options)
+        storage.write(stem + suffix, image.getvalue())
 
 
 def figure7(stem: str, curves: Sequence[Tuple[str, Sequence[float], bool]]):
@@ -127,22 +132,18 @@ class Curves(NamedTuple):
 
 
 def read_curves(path: str) -> Curves:
-    """A training workdir's `metrics.jsonl` (or that file) -> its `Curves`."""
-    metrics = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
-    if not os.path.isfile(metrics):
-        raise UserError(f"{path!r} holds no metrics.jsonl; name a training workdir or its "
-                        "metrics.jsonl")
+    """A training workdir's log (metrics_log.read_lines), or a JSONL file, -> its `Curves`."""
+    metrics, lines = metrics_log.read_lines(path)
     train, test = {}, {}
-    with open(metrics) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{metrics}:{n} is not a JSON line; the file is damaged") from None
-            if "train_top1" in row:
-                train[row["step"]] = 1.0 - row["train_top1"]  # a resumed run logs a step again
-            if "val_top1" in row:
-                test[row["step"]] = 1.0 - row["val_top1"]
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{metrics}:{n} is not a JSON line; the file is damaged") from None
+        if "train_top1" in row:
+            train[row["step"]] = 1.0 - row["train_top1"]  # a resumed run logs a step again
+        if "val_top1" in row:
+            test[row["step"]] = 1.0 - row["val_top1"]
     if not train and not test:
         raise UserError(f"{metrics} has no train_top1 or val_top1 rows")
     as_arrays = lambda d: (np.asarray(sorted(d), float), np.asarray([d[k] for k in sorted(d)]))
@@ -153,10 +154,9 @@ def read_responses(path: str) -> Dict[Optional[int], List[float]]:
     """An analysis CSV of `resnet_jax.analyze --out` -> std per layer in depth order, keyed by
     step: LABEL.csv has one curve (key None), LABEL_over_training.csv one per saved step."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(storage.path(path).read_text(), newline="")))
     except OSError as e:
-        raise UserError(f"cannot read {path!r}: {e.strerror}") from None
+        raise UserError(f"cannot read {path!r}: {e.strerror or e}") from None
     if not rows or not {"layer_index", "std"} <= set(rows[0]):
         raise UserError(f"{path} is not a per-layer CSV of resnet_jax.analyze (columns "
                         "layer_index and std); name a LABEL.csv that analyze wrote")
@@ -282,7 +282,6 @@ def main(argv: Sequence[str]) -> None:
             read = [(title, [(label, read_curves(path)) for label, path in runs])
                     for title, runs in panels]
             draw = lambda: figure6(out, read)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         draw()
         print(f"wrote {out}.png and {out}.pdf")
 

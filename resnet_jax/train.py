@@ -52,7 +52,7 @@ from absl import logging as absl_logging
 
 import resnet_jax
 import resnet_jax.kernels
-from resnet_jax import checkpoint, cli, parallel
+from resnet_jax import checkpoint, cli, metrics_log, parallel, storage
 from resnet_jax import config as config_lib
 from resnet_jax.data import pipeline, sources
 from resnet_jax.evaluate import NonFiniteOutput, evaluate_batches, make_eval_step
@@ -444,10 +444,10 @@ def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict) -> List
 
 
 def prepare_workdir(workdir: str) -> None:
-    """A local workdir is created and must take a file: one line now instead of a traceback
-    after data loading and compilation."""
+    """A local workdir is created and must take a file, a gs:// one be writable
+    (storage.check_writable): one line now instead of a traceback after loading and compiling."""
     if "://" in workdir:
-        return
+        return storage.check_writable(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir {workdir!r} is a file; name a directory")
     probe = os.path.join(workdir, f".write-test-{os.getpid()}")
@@ -478,8 +478,7 @@ def check_free_space(workdir: str, variables, copies: int = 3) -> None:
 class MetricWriter:
     """metrics.jsonl and TensorBoard events in the workdir, from process 0 only. A resumed run
     appends, so a step can appear twice; the later record is the one that the run continued from.
-    A remote workdir (gs://...) gets the JSONL rewritten whole at each write (object stores do not
-    append; a run writes a few hundred lines)."""
+    A remote workdir (gs://...) gets its rows in parts, one per `flush` (metrics_log.RemoteLog)."""
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
@@ -488,38 +487,42 @@ class MetricWriter:
         from etils import epath
         from tensorboardX import SummaryWriter
         self.path = epath.Path(workdir) / "metrics.jsonl"
-        self.remote = "://" in workdir
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lines = self.path.read_text() if self.remote and self.path.exists() else ""
-        self.jsonl = None if self.remote else open(self.path, "a")
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.remote = metrics_log.RemoteLog(workdir) if "://" in workdir else None
+        if self.remote is None:  # prepare_workdir made the folder
+            self.jsonl = open(self.path, "a")
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: Dict[str, float]):
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._guarded(self._write, step, scalars)
+
+    def flush(self):
+        """A remote log's rows since the last flush, written (the loop flushes at checkpoints)."""
+        if self.enabled and self.remote:
+            self._guarded(self.remote.flush)
+
+    def _guarded(self, fn, *args):
         try:
-            self._write(step, scalars)
+            fn(*args)
         except OSError as e:
             raise WriteFailed(f"cannot write metrics to {str(self.path)!r} ({e.strerror or e}); "
                             "free space or fix permissions and rerun the same command to "
                             "resume") from None
 
     def _write(self, step: int, scalars: Dict[str, float]):
-        line = json.dumps(dict(step=step, **scalars)) + "\n"
         if self.remote:
-            self.lines += line
-            self.path.write_text(self.lines)
-        else:
-            self.jsonl.write(line)
-            self.jsonl.flush()
+            return self.remote.add(step, scalars)
+        self.jsonl.write(json.dumps(dict(step=step, **scalars)) + "\n")
+        self.jsonl.flush()
         for name, value in scalars.items():
             self.tb.add_scalar(name, value, step)
         self.tb.flush()
 
     def close(self):
-        if self.enabled:
-            if self.jsonl:
-                self.jsonl.close()
+        if self.enabled and self.remote:
+            self.flush()
+        elif self.enabled:
+            self.jsonl.close()
             self.tb.close()
 
 
@@ -719,6 +722,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
                         os.path.join(str(mngr.directory), str(step)))
         else:
             last_saved = save(mngr, state, meta, {BEST_METRIC: val["top1"]})
+        writer.flush()
         clock_reset()
 
     def clock_reset():
