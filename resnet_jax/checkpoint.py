@@ -14,7 +14,6 @@ layout and hands back the model's. Checksums and `stored_shapes` are those of th
 """
 import dataclasses
 import logging
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -25,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import resnet_jax
+from resnet_jax import storage
 from resnet_jax.errors import UserError
 from resnet_jax.models import XLA, Kernels, layout
 
@@ -66,9 +66,7 @@ class LoadedModel:
 
 
 def _path(directory) -> epath.Path:
-    """Local paths made absolute; gs:// and other URLs (TPU VM workdirs) left as they are."""
-    directory = str(directory)
-    return epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    return storage.path(directory)
 
 
 def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: Optional[str] = None,

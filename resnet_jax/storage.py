@@ -17,6 +17,17 @@ from resnet_jax.errors import UserError
 GCS_INSTALL = "pip install 'resnet-jax[gcs]' (gcsfs and google-cloud-storage)"
 
 
+def _no_listing_cache() -> None:
+    """gcsfs remembers a folder's listing until it writes there itself; checkpoint steps are
+    written by TensorStore and by other processes, so a remembered listing misses steps (a reader
+    then restores an older one). Every listing asks the bucket instead."""
+    import fsspec.config
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+_no_listing_cache()
+
+
 def is_remote(path) -> bool:
     return "://" in str(path)
 

@@ -143,6 +143,8 @@ def differences_by_kind(a, b, start) -> dict:
 
 
 GCS_BUCKET = "resnet-jax-test"
+GCS_ENV = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "FSSPEC_GCS_TOKEN",
+           "GOOGLE_CLOUD_PROJECT", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 
 
 @pytest.fixture(scope="session")
@@ -162,6 +164,7 @@ def gcs_emulator():
     # reads this switch when imported, hence before the import below).
     env = dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, FSSPEC_GCS_TOKEN="anon",
                GOOGLE_CLOUD_PROJECT="test", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    assert set(env) == set(GCS_ENV)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import fsspec.config
