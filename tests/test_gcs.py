@@ -38,6 +38,14 @@ def _cli(tool, *args, env):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+def _objects(url: str):
+    """The names of every object under `url`, relative to it (epath has no recursive glob on
+    gs://)."""
+    import fsspec
+    prefix = url[len("gs://"):].rstrip("/") + "/"
+    return [p[len(prefix):] for p in fsspec.filesystem("gs").find(url)]
+
+
 def _one_error_line(proc, *phrases):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
@@ -141,10 +149,9 @@ def test_preempted_and_killed_run_on_gcs_ends_as_the_uninterrupted_local_run(gcs
 def test_a_damaged_step_on_gcs_is_found_and_skipped(gcs_run):
     source, env = gcs_run
     workdir = f"{source}-damaged"
-    for f in epath.Path(source).rglob("*"):
-        if f.is_file():
-            (epath.Path(workdir) / f.relative_to(epath.Path(source))).write_bytes(f.read_bytes())
-    arrays = [f for f in (epath.Path(workdir) / "12").rglob("*") if f.is_file() and "/d/" in str(f)]
+    for name in _objects(source):
+        epath.Path(f"{workdir}/{name}").write_bytes(epath.Path(f"{source}/{name}").read_bytes())
+    arrays = [epath.Path(f"{workdir}/{n}") for n in _objects(workdir) if n.startswith("12/") and "/d/" in n]
     largest = max(arrays, key=lambda f: len(f.read_bytes()))
     data = bytearray(largest.read_bytes())
     data[len(data) // 2] ^= 0x40
