@@ -143,8 +143,8 @@ def differences_by_kind(a, b, start) -> dict:
 
 
 GCS_BUCKET = "resnet-jax-test"
-GCS_ENV = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "FSSPEC_GCS_TOKEN",
-           "GOOGLE_CLOUD_PROJECT", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+GCS_ENV = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+           "FSSPEC_GCS_TOKEN", "GOOGLE_CLOUD_PROJECT", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 
 
 @pytest.fixture(scope="session")
@@ -162,7 +162,9 @@ def gcs_emulator():
     url = f"http://127.0.0.1:{server.stdout.readline().strip()}"
     # gcsfs's hierarchical-bucket probe asks a storage-control API the emulator lacks (gcsfs
     # reads this switch when imported, hence before the import below).
-    env = dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, FSSPEC_GCS_TOKEN="anon",
+    # CLOUD_STORAGE_EMULATOR_ENDPOINT: array_record's own reader (grain's ArrayRecord source).
+    env = dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
+               CLOUD_STORAGE_EMULATOR_ENDPOINT=url, FSSPEC_GCS_TOKEN="anon",
                GOOGLE_CLOUD_PROJECT="test", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
     assert set(env) == set(GCS_ENV)
     saved = {k: os.environ.get(k) for k in env}

@@ -107,6 +107,20 @@ def test_remote_log_writes_a_part_per_flush_and_reads_back_as_one(gcs_dir):
     assert list(curves.train_steps) == [1, 2, 3] and curves.train_error[-1] == pytest.approx(0.1)
 
 
+def test_grain_reads_array_record_shards_on_gcs(gcs_dir, tmp_path):
+    """The ImageNet input (tfds data_dir on gs://) reads ArrayRecord shards through grain, whose
+    reader opens gs:// itself: no gcsfuse mount is needed."""
+    import grain.python as grain
+    from array_record.python.array_record_module import ArrayRecordWriter
+    writer = ArrayRecordWriter(str(tmp_path / "shard"), "group_size:1")
+    for i in range(5):
+        writer.write(b"record %d" % i)
+    writer.close()
+    epath.Path(f"{gcs_dir}/shard").write_bytes((tmp_path / "shard").read_bytes())
+    source = grain.ArrayRecordDataSource([f"{gcs_dir}/shard"])
+    assert len(source) == 5 and source[3] == b"record 3"
+
+
 # ---------------------------------------------------------------------------------------------
 # Training, interrupted, on gs://
 
