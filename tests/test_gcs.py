@@ -107,6 +107,32 @@ def test_remote_log_writes_a_part_per_flush_and_reads_back_as_one(gcs_dir):
     assert list(curves.train_steps) == [1, 2, 3] and curves.train_error[-1] == pytest.approx(0.1)
 
 
+def test_image_folders_on_gcs_load_as_local_ones(gcs_dir, tmp_path, monkeypatch):
+    """folder:gs://...: the in-memory loader (CIFAR-sized) and the host pipeline's random-access
+    source read the same images, labels and bytes as from a local copy."""
+    import io
+    import numpy as np
+    from PIL import Image
+    from resnet_jax.data import imagenet, sources
+    monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(["test/cat/a.png", "test/cat/b.png", "test/dog/c.png"]):
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(png, "PNG")
+        (tmp_path / "local" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "local" / name).write_bytes(png.getvalue())
+        epath.Path(f"{gcs_dir}/{name}").write_bytes(png.getvalue())
+    remote = sources.load(f"folder:{gcs_dir}", "test")
+    local = sources.load(f"folder:{tmp_path / 'local'}", "test")
+    assert remote.classes == local.classes == ("cat", "dog")
+    np.testing.assert_array_equal(remote.images, local.images)
+    np.testing.assert_array_equal(remote.labels, [0, 0, 1])
+    record = imagenet.FolderSource(gcs_dir, "test")[2]
+    assert record["label"] == 1 and record["image"] == (tmp_path / "local/test/dog/c.png").read_bytes()
+    with pytest.raises(UserError, match="split 'train' not found in .* \\(it has: test\\)"):
+        sources.load(f"folder:{gcs_dir}", "train")
+
+
 def test_grain_reads_array_record_shards_on_gcs(gcs_dir, tmp_path):
     """The ImageNet input (tfds data_dir on gs://) reads ArrayRecord shards through grain, whose
     reader opens gs:// itself: no gcsfuse mount is needed."""

@@ -9,13 +9,14 @@ modification times, so a changed folder is decoded again.
 """
 import dataclasses
 import hashlib
+import io
 import os
 import zlib
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from resnet_jax import config
+from resnet_jax import config, storage
 from resnet_jax.errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -104,21 +105,26 @@ def _synthetic(split, count, image_size, num_classes) -> Dataset:
     return Dataset(images, labels, synthetic_classes(num_classes), f"synthetic:{count}:{split}")
 
 
+def _subfolders(directory: str) -> List[str]:
+    return sorted(p.name for p in storage.path(directory).iterdir() if p.is_dir())
+
+
 def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
                   whose: str = "the model's"):
-    if not os.path.isdir(root):
+    """(classes, [(path, label)]) of ROOT/SPLIT/<class>/*; ROOT local or gs://."""
+    if not storage.path(root).is_dir():
         raise UserError(f"data folder {root!r} does not exist; pass folder:PATH with "
                         "PATH/<split>/<class>/*.jpg")
     split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-        have = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not storage.path(split_dir).is_dir():
+        have = _subfolders(root)
         raise UserError(f"split {split!r} not found in {root!r} (it has: {', '.join(have) or 'nothing'})")
-    folders = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    folders = _subfolders(split_dir)
     if classes is not None:
         check_classes(f"folder {split_dir!r}", folders, sorted(classes), whose)
     label = {c: i for i, c in enumerate(folders if classes is None else classes)}
-    per_class = {c: [f for f in sorted(os.listdir(os.path.join(split_dir, c)))
-                     if f.lower().endswith(IMAGE_SUFFIXES)] for c in folders}
+    per_class = {c: sorted(p.name for p in storage.path(os.path.join(split_dir, c)).iterdir()
+                           if p.name.lower().endswith(IMAGE_SUFFIXES)) for c in folders}
     if not any(per_class.values()):
         raise UserError(f"no images in {split_dir!r}; expected {split_dir}/<class>/*.jpg")
     empty = [c for c, names in per_class.items() if not names]
@@ -130,10 +136,22 @@ def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
     return tuple(folders if classes is None else classes), files
 
 
+def _modified(path: str):
+    return storage.path(path).stat().mtime if storage.is_remote(path) else os.stat(path).st_mtime_ns
+
+
+def read_bytes(path: str) -> bytes:
+    """An image file's bytes, local or gs://."""
+    if storage.is_remote(path):
+        return storage.path(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _cache_path(split_dir: str, files) -> str:
     h = hashlib.sha1(os.path.abspath(split_dir).encode())
     for path, label in files:
-        h.update(f"{path}\0{label}\0{os.stat(path).st_mtime_ns}\n".encode())
+        h.update(f"{path}\0{label}\0{_modified(path)}\n".encode())
     root = os.environ.get("RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax"))
     return os.path.join(root, f"folder-{h.hexdigest()[:16]}.npz")
 
@@ -141,7 +159,7 @@ def _cache_path(split_dir: str, files) -> str:
 def _decode(path: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(read_bytes(path))) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"cannot read image {path!r} ({e.__class__.__name__}); remove or replace it") from None
