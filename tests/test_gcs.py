@@ -240,3 +240,12 @@ def test_two_processes_share_a_gcs_workdir(gcs_emulator, tmp_path):
     _, lines = metrics_log.read_lines(workdir)  # process 0 alone logs: each row once
     steps = [json.loads(ln)["step"] for ln in lines if "loss" in json.loads(ln)]
     assert steps == sorted(set(steps)) and steps[-1] == 5
+
+
+@pytest.mark.slow
+def test_compile_writes_its_json_to_gcs(gcs_dir, env):
+    proc = _cli("compile", "--config", TINY, "--topology", "v5e:2x2", "--programs", "eval",
+                "--json", f"{gcs_dir}/compile.json", env=_gcs_env(env))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(epath.Path(f"{gcs_dir}/compile.json").read_text())
+    assert result["topology"] == "v5e:2x2" and [r["program"] for r in result["reports"]] == ["eval"]
