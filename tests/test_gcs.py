@@ -74,6 +74,16 @@ def test_preflight_names_the_missing_package_credentials_and_bucket(gcs_dir, mon
             storage.check_writable(gcs_dir)
 
 
+def test_preflight_names_the_role_a_read_only_account_lacks(gcs_dir, monkeypatch):
+    """The emulator grants everything; a bucket that refuses writes is what gcsfs makes of HTTP
+    403, an OSError('Forbidden: ...')."""
+    def forbidden(self, *args, **kwargs):
+        raise OSError(f"Forbidden: {self}\nno storage.objects.create permission")
+    monkeypatch.setattr(type(epath.Path(gcs_dir)), "write_text", forbidden)
+    with pytest.raises(UserError, match=r"cannot write there \(OSError: Forbidden.*roles/storage.objectAdmin"):
+        storage.check_writable(gcs_dir)
+
+
 @pytest.mark.slow
 def test_train_on_a_missing_bucket_is_one_line_before_any_data(gcs_emulator, env):
     proc = _cli("train", "--config", TINY, "--workdir", "gs://no-such-bucket/run",
