@@ -478,15 +478,15 @@ def check_free_space(workdir: str, variables, copies: int = 3) -> None:
 class MetricWriter:
     """metrics.jsonl and TensorBoard events in the workdir, from process 0 only. A resumed run
     appends, so a step can appear twice; the later record is the one that the run continued from.
-    A remote workdir (gs://...) gets its rows in parts, one per `flush` (metrics_log.RemoteLog)."""
+    A remote workdir (gs://...) gets its rows in parts, one per `flush`, which the loop calls at
+    each checkpoint (metrics_log.RemoteLog)."""
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
         if not enabled:
             return
-        from etils import epath
         from tensorboardX import SummaryWriter
-        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.path = storage.path(workdir) / "metrics.jsonl"
         self.remote = metrics_log.RemoteLog(workdir) if "://" in workdir else None
         if self.remote is None:  # prepare_workdir made the folder
             self.jsonl = open(self.path, "a")
@@ -497,7 +497,6 @@ class MetricWriter:
             self._guarded(self._write, step, scalars)
 
     def flush(self):
-        """A remote log's rows since the last flush, written (the loop flushes at checkpoints)."""
         if self.enabled and self.remote:
             self._guarded(self.remote.flush)
 
