@@ -503,10 +503,10 @@ class MetricWriter:
     def _guarded(self, fn, *args):
         try:
             fn(*args)
-        except OSError as e:
-            raise WriteFailed(f"cannot write metrics to {str(self.path)!r} ({e.strerror or e}); "
-                            "free space or fix permissions and rerun the same command to "
-                            "resume") from None
+        except (Exception if self.remote else OSError) as e:  # gcsfs raises its own HttpError
+            raise WriteFailed(f"cannot write metrics to {str(self.path)!r} ("
+                              f"{getattr(e, 'strerror', None) or e}); free space or fix "
+                              "permissions and rerun the same command to resume") from None
 
     def _write(self, step: int, scalars: Dict[str, float]):
         if self.remote:

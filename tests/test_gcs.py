@@ -157,6 +157,18 @@ def test_grain_reads_array_record_shards_on_gcs(gcs_dir, tmp_path):
     assert len(source) == 5 and source[3] == b"record 3"
 
 
+def test_a_failed_remote_metrics_write_is_one_line(gcs_dir, monkeypatch):
+    from resnet_jax import train
+    writer = train.MetricWriter(gcs_dir, enabled=True)
+    writer.write(1, dict(loss=1.0))
+
+    def refused(self):
+        raise RuntimeError("HTTP 503: service unavailable")  # what gcsfs raises is no OSError
+    monkeypatch.setattr(metrics_log.RemoteLog, "flush", refused)
+    with pytest.raises(train.WriteFailed, match=r"cannot write metrics to .*HTTP 503.*rerun the same"):
+        writer.flush()
+
+
 # ---------------------------------------------------------------------------------------------
 # Training, interrupted, on gs://
 
