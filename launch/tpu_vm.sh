@@ -13,7 +13,9 @@ Usage: launch/tpu_vm.sh [OPTIONS] COMMAND [-- TRAINER FLAGS...]
 Commands:
   create    create the TPU VM (`gcloud compute tpus tpu-vm create`)
   install   copy this checkout (its committed files, via `git archive HEAD`) to every worker and
-            pip-install it there with its tpu extra (jax[tpu], training, gs://)
+            install it there with its tpu and gcs extras (jax[tpu] with the matching libtpu,
+            gcsfs) in ~/.venv-resnet-jax, a Python 3.11 that uv fetches (the images' python3
+            is 3.10, older than jax supports)
   train     start `python3 -m resnet_jax.train --config CONFIG --workdir WORKDIR [TRAINER FLAGS]`
             on every worker in the background (log in ~/train.log, pid in ~/train.pid);
             refuses to start a second trainer beside a running one
@@ -72,6 +74,10 @@ worker=0
 source_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dry_run=0
 command=""
+# jax 0.7 and later need Python 3.11 or newer; the venv every worker trains in.
+PYTHON_VERSION="${PYTHON_VERSION:-3.11}"
+# shellcheck disable=SC2088  # the tilde expands on the workers, in their home
+VENV="~/.venv-resnet-jax"
 trainer_flags=()
 
 while (($#)); do
@@ -152,7 +158,7 @@ do_create() {
 }
 
 do_install() {
-  [[ -d "$source_dir/.git" ]] || die "'$source_dir' is not a git checkout; pass --source"
+  [[ -e "$source_dir/.git" ]] || die "'$source_dir' is not a git checkout; pass --source"
   local tarball="${TMPDIR:-/tmp}/resnet_jax-${name}.tar.gz"
   # Committed files only: what runs on the slice is a version someone can name.
   run "pack the committed files of the checkout (uncommitted changes are not shipped)" \
@@ -160,10 +166,13 @@ do_install() {
   # scp to every worker of the slice (--worker=all), not just worker 0.
   run "copy it to every worker" \
     gcloud compute tpus tpu-vm scp "$tarball" "${name}:resnet_jax.tar.gz" "${common[@]}" --worker=all
-  # On every worker: unpack beside the configs, install jax with libtpu, then the package.
-  run "unpack it on every worker and install jax[tpu] and the package" \
+  # On every worker: unpack beside the configs; uv (pip-installed by the image's own Python,
+  # from PyPI like every other package) fetches a standalone CPython of PYTHON_VERSION, the same
+  # build on every image, with no apt repository or root needed; the package goes into its venv
+  # with jax[tpu] and the storage packages.
+  run "unpack it on every worker; a Python ${PYTHON_VERSION} venv with the package, jax[tpu] and gcsfs" \
     gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command \
-    'set -e; rm -rf ~/resnet_jax; mkdir -p ~/resnet_jax; tar -xzf ~/resnet_jax.tar.gz -C ~/resnet_jax; python3 -m pip install -q -U -e ~/resnet_jax"[tpu]"'
+    "set -e; rm -rf ~/resnet_jax; mkdir -p ~/resnet_jax; tar -xzf ~/resnet_jax.tar.gz -C ~/resnet_jax; python3 -m pip install -q --user -U uv; ~/.local/bin/uv venv -q --allow-existing --python ${PYTHON_VERSION} ${VENV}; ~/.local/bin/uv pip install -q --python ${VENV}/bin/python -e \"\$HOME/resnet_jax[tpu,gcs]\""
 }
 
 do_train() {
@@ -175,7 +184,7 @@ do_train() {
   # detach it from the ssh session, so closing the terminal does not stop training.
   run "start the trainer on every worker (a restart with the same workdir resumes)" \
     gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command \
-    "if test -f ~/train.pid && kill -0 \$(cat ~/train.pid) 2>/dev/null; then echo \"a trainer is already running (see stop)\" >&2; exit 1; fi; cd ~/resnet_jax && setsid nohup python3 -m resnet_jax.train ${flags} > ~/train.log 2>&1 < /dev/null & echo \$! > ~/train.pid"
+    "if test -f ~/train.pid && kill -0 \$(cat ~/train.pid) 2>/dev/null; then echo \"a trainer is already running (see stop)\" >&2; exit 1; fi; cd ~/resnet_jax && setsid nohup ${VENV}/bin/python -m resnet_jax.train ${flags} > ~/train.log 2>&1 < /dev/null & echo \$! > ~/train.pid"
 }
 
 do_logs() {

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from resnet_jax import checkpoint, cli, kernels, lines, parallel, progress
+from resnet_jax import checkpoint, cli, kernels, lines, parallel, progress, storage
 from resnet_jax import runs as runs_lib
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
@@ -328,6 +328,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
         raise UserError(f"--baseline {baseline!r} is none of the labels: {', '.join(labels)}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} is a file; name a directory")
+    storage.check_writable(out, "--out")  # gs://: before any image is read
     meta = runs[0].loaded.metadata
     image_size = runs[0].loaded.normalization.input_size  # the net's own (metadata's image_size)
     if imagenet.is_imagenet_input(image_size):  # any image size; decoded batch by batch
@@ -385,7 +386,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
         for run in runs:
             rows = results[run.label]
             _write_csv(os.path.join(tmp, f"{run.label}.csv"), rows)
-            meta = dict(label=run.label, checkpoint=os.path.abspath(run.path), step=run.loaded.step,
+            meta = dict(label=run.label, checkpoint=str(storage.path(run.path)), step=run.loaded.step,
                         model=run.loaded.metadata["model"],
                         model_options=run.loaded.metadata.get("model_options", {}), **common,
                         summary=next(s for s in summary if s["label"] == run.label), layers=rows)
@@ -427,13 +428,16 @@ def _write_csv(path: str, rows: List[Dict]):
 
 
 class _staged:
-    """A temporary directory beside `out` whose files move into `out` only when the block
-    finishes, so a failure leaves nothing half-written."""
+    """A temporary directory beside `out` (for gs://, on local disk) whose files move into `out`
+    only when the block finishes, so a failure leaves nothing half-written."""
 
     def __init__(self, out: str):
-        self.out = os.path.abspath(out)
+        self.out = str(storage.path(out))
 
     def __enter__(self):
+        if storage.is_remote(self.out):
+            self.tmp = tempfile.mkdtemp(prefix="analyze-")
+            return self.tmp
         parent = os.path.dirname(self.out)
         os.makedirs(parent, exist_ok=True)
         self.tmp = tempfile.mkdtemp(prefix=".analyze-", dir=parent)
@@ -441,7 +445,9 @@ class _staged:
 
     def __exit__(self, kind, *_):
         try:
-            if kind is None:
+            if kind is None and storage.is_remote(self.out):
+                storage.upload(self.tmp, self.out)
+            elif kind is None:
                 os.makedirs(self.out, exist_ok=True)
                 for name in os.listdir(self.tmp):
                     os.replace(os.path.join(self.tmp, name), os.path.join(self.out, name))

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -26,6 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import resnet_jax
+from resnet_jax import storage
 from resnet_jax.errors import UserError
 from resnet_jax.models import XLA, Kernels, layout
 from resnet_jax.models.inputs import Preprocessing
@@ -52,9 +52,7 @@ class LoadedModel:
 
 
 def _path(directory) -> epath.Path:
-    """Local paths made absolute; gs:// and other URLs (TPU VM workdirs) left as they are."""
-    directory = str(directory)
-    return epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    return storage.path(directory)
 
 
 def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: Optional[str] = None,

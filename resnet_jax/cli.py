@@ -5,7 +5,9 @@ tcmalloc (`preload`) before JAX is imported, then run the module's `run()`.
 This module imports nothing heavy: the restart happens before JAX is imported and costs next to
 nothing.
 """
+import glob
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -15,9 +17,33 @@ TOOLS = ("train", "evaluate", "analyze", "summary", "convert", "compile")
 
 
 def start(tool: str) -> None:
-    """Restart with tcmalloc where it is missing, then run resnet_jax.<tool>.run() and exit."""
+    """Restart with tcmalloc where it is missing, choose the platforms, then run
+    resnet_jax.<tool>.run() and exit."""
     preload.use_tcmalloc()
+    platforms = platforms_without_absent_tpu(os.environ)
+    if platforms:
+        os.environ["JAX_PLATFORMS"] = platforms
     sys.exit(importlib.import_module(f"resnet_jax.{tool}").run())
+
+
+# A GPU plugin of jax, the device files its platform needs.
+_GPU_PLUGINS = {"cuda": (("jax_cuda12_plugin", "jax_cuda13_plugin"), "/dev/nvidia[0-9]*"),
+                "rocm": (("jax_rocm6_plugin", "jax_rocm7_plugin"), "/dev/kfd")}
+
+
+def platforms_without_absent_tpu(environ) -> str:
+    """The JAX_PLATFORMS a machine without TPU chips needs when libtpu is installed anyway (the
+    `tpu` and `test` extras, for deviceless compiles): without it, JAX starts libtpu in every
+    process, which takes its one-process lock and prints a page of errors about finding no TPU.
+    '' (JAX chooses) where the user set JAX_PLATFORMS, libtpu is absent, or chips are present
+    (/dev/accel*, /dev/vfio: TPU VMs). `compile` finds libtpu by itself (compile_only)."""
+    if environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return ""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*"):
+        return ""
+    gpus = [platform for platform, (plugins, devices) in _GPU_PLUGINS.items()
+            if glob.glob(devices) and any(importlib.util.find_spec(p) for p in plugins)]
+    return ",".join(gpus + ["cpu"])
 
 
 def train():

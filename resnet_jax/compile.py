@@ -39,7 +39,7 @@ import numpy as np
 from absl import app, flags
 
 import resnet_jax.kernels
-from resnet_jax import analyze, checkpoint, cli, parallel, train
+from resnet_jax import analyze, checkpoint, cli, parallel, storage, train
 from resnet_jax import config as config_lib
 from resnet_jax.evaluate import make_eval_step
 from resnet_jax.errors import UserError, exit_on_user_error
@@ -475,6 +475,8 @@ def main(argv):
         unknown = set(FLAGS.programs) - set(PROGRAMS)
         if unknown:
             raise UserError(f"--programs {', '.join(sorted(unknown))}: not any of {', '.join(PROGRAMS)}")
+        if FLAGS.json:
+            storage.check_writable(FLAGS.json.rpartition("/")[0], "--json")
         result = run_compile(FLAGS.config, FLAGS.topology, FLAGS.batch_size, FLAGS.programs,
                              FLAGS.max_batch, FLAGS.image_size, FLAGS.effort)
         if FLAGS.json:

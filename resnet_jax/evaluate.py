@@ -15,7 +15,6 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, Optional, Tuple
 
@@ -25,7 +24,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from resnet_jax import checkpoint, cli, kernels, lines, parallel, progress
+from resnet_jax import checkpoint, cli, kernels, lines, parallel, progress, storage
 from resnet_jax.kernels import cpu
 from resnet_jax.data import imagenet, sources
 from resnet_jax.data.batching import nonfinite_rows, padded_batches, topk_correct
@@ -208,7 +207,11 @@ def evaluate_streamed(loaded: checkpoint.LoadedModel, split: imagenet.Split, bat
 
 def check_output_file(path: str, flag: str = "--json") -> None:
     """Before any work: `path` can be written as a file (not a directory, not under a file, in
-    a writable folder), so a result is never computed and then lost."""
+    a writable folder; on gs://, `storage.check_writable`'s preflight), so a result is never
+    computed and then lost."""
+    if storage.is_remote(path):
+        storage.check_writable(path.rpartition("/")[0], flag)
+        return
     if os.path.isdir(path):
         raise UserError(f"{flag} {path!r} is a directory; name a file, e.g. "
                         f"{os.path.join(path, 'result.json')}")
@@ -222,18 +225,8 @@ def check_output_file(path: str, flag: str = "--json") -> None:
 
 
 def write_json(path: str, obj) -> None:
-    """Write `obj` as JSON so that a reader never sees half a file (temp file + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(lines.dumps(obj, indent=1))
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `obj` as JSON, local or on gs://, so that a reader never sees half a file."""
+    storage.write(path, lines.dumps(obj, indent=1) + "\n")
 
 
 FLAGS = flags.FLAGS
@@ -288,7 +281,7 @@ def main(argv):
                 classes=model_classes(loaded)), FLAGS.num_images)
             name = dataset.name
             result = evaluate(loaded, dataset, FLAGS.batch_size)
-        result.update(checkpoint=os.path.abspath(FLAGS.checkpoint), step=loaded.step,
+        result.update(checkpoint=str(storage.path(FLAGS.checkpoint)), step=loaded.step,
                       model=loaded.metadata["model"], data=FLAGS.data, split=FLAGS.split)
         if not parallel.is_main_process():
             return

@@ -38,21 +38,6 @@ def _local_copy(x):
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
-def to_tensorboard(tb, step: int, fields: Dict) -> None:
-    """A metrics row into a tensorboardX writer: each number a scalar; a ResponseProbe's std and
-    mean a scalar per layer (`response_std/stage1/block0/conv1`) and a histogram across layers."""
-    layers = fields.get("response_layers", ())
-    for name, value in fields.items():
-        if name == "response_layers":
-            continue
-        if isinstance(value, (list, tuple)):
-            for layer, v in zip(layers, value):
-                tb.add_scalar(f"{name}/{layer}", v, step)
-            tb.add_histogram(name, np.asarray(value), step)
-        else:
-            tb.add_scalar(name, value, step)
-
-
 class Profiler:
     """A `jax.profiler` trace of the steps first <= step < last (`profile_steps=(first, last)`)
     into `logdir`, which TensorBoard's profile plugin and xprof open; each step is annotated with

@@ -15,6 +15,7 @@ checkpoints may be gone) side by side; from its `--over_training` CSVs, the nets
 over training side by side.
 """
 import csv
+import io
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ import numpy as np
 from matplotlib import cm, colormaps, colors, ticker
 from matplotlib.figure import Figure
 
+from resnet_jax import metrics_log, storage
 from resnet_jax.runs import split_label
 from resnet_jax.errors import UserError, exit_on_user_error
 
@@ -35,8 +37,11 @@ def _layer_ticks():
 
 
 def _save(fig, stem: str):
-    fig.savefig(stem + ".png", dpi=DPI)
-    fig.savefig(stem + ".pdf")
+    """STEM.png and STEM.pdf, local or on gs:// (storage.write)."""
+    for suffix, options in ((".png", dict(dpi=DPI)), (".pdf", {})):
+        image = io.BytesIO()
+        fig.savefig(image, format=suffix[1:], **options)
+        storage.write(stem + suffix, image.getvalue())
 
 
 def figure7(stem: str, curves: Sequence[Tuple[str, Sequence[float], bool]]):
@@ -128,23 +133,20 @@ class Curves(NamedTuple):
 
 
 def read_metrics(path: str) -> Tuple[str, List[Dict]]:
-    """A training workdir's `metrics.jsonl` (or that file) -> (its path, its rows)."""
-    metrics = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
-    if not os.path.isfile(metrics):
-        raise UserError(f"{path!r} holds no metrics.jsonl; name a training workdir or its "
-                        "metrics.jsonl")
+    """A training workdir's log (metrics_log.read_lines: local or gs://, one file or parts), or
+    a JSONL file -> (what was read, its rows)."""
+    metrics, lines = metrics_log.read_lines(path)
     rows = []
-    with open(metrics) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{metrics}:{n} is not a JSON line; the file is damaged") from None
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{metrics}:{n} is not a JSON line; the file is damaged") from None
     return metrics, rows
 
 
 def read_curves(path: str) -> Curves:
-    """A training workdir's `metrics.jsonl` (or that file) -> its `Curves`."""
+    """A training workdir's log (or a JSONL file) -> its `Curves`."""
     metrics, rows = read_metrics(path)
     train, test = {}, {}
     for row in rows:  # a resumed run logs a step again: the later row counts
@@ -186,10 +188,9 @@ def read_responses(path: str) -> Dict[Optional[int], List[float]]:
     """An analysis CSV of `resnet_jax.analyze --out` -> std per layer in depth order, keyed by
     step: LABEL.csv has one curve (key None), LABEL_over_training.csv one per saved step."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(storage.path(path).read_text(), newline="")))
     except OSError as e:
-        raise UserError(f"cannot read {path!r}: {e.strerror}") from None
+        raise UserError(f"cannot read {path!r}: {e.strerror or e}") from None
     if not rows or not {"layer_index", "std"} <= set(rows[0]):
         raise UserError(f"{path} is not a per-layer CSV of resnet_jax.analyze (columns "
                         "layer_index and std); name a LABEL.csv that analyze wrote")
@@ -375,7 +376,6 @@ def main(argv: Sequence[str]) -> None:
             raise UserError("give either analysis CSVs (Figure 7) or training runs (Figure 6), "
                             "not both")
         draw = _from_csvs(c, labelled) if all(csvs) else _from_runs(c, labelled)
-        os.makedirs(os.path.dirname(os.path.abspath(c.out)), exist_ok=True)
         draw()
         print(f"wrote {c.out}.png and {c.out}.pdf")
 

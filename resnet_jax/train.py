@@ -49,7 +49,8 @@ from absl import logging as absl_logging
 
 import resnet_jax
 import resnet_jax.kernels
-from resnet_jax import checkpoint, cli, errors, lines, parallel, periodic, progress
+from resnet_jax import (checkpoint, cli, errors, lines, metrics_log, parallel, periodic,
+                        progress, storage)
 from resnet_jax import workdir as workdir_lib
 from resnet_jax import config as config_lib
 from resnet_jax.data import pipeline, sources
@@ -446,46 +447,48 @@ def check_workdir(mngr: ocp.CheckpointManager, workdir: str, meta: Dict,
 class MetricWriter:
     """metrics.jsonl (whole lines only: `lines.LineLog`) and TensorBoard events in the workdir,
     from process 0 only. A resumed run appends, so a step can appear twice; the later record is
-    the one that the run continued from. A remote workdir (gs://...) gets the JSONL rewritten
-    whole at each write (object stores do not append; a run writes a few hundred lines)."""
+    the one that the run continued from. A remote workdir (gs://...) gets its rows in parts, one
+    per `flush`, which the loop calls at each checkpoint (metrics_log.RemoteLog)."""
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
         if not enabled:
             return
-        from etils import epath
         from tensorboardX import SummaryWriter
-        self.path = epath.Path(workdir) / "metrics.jsonl"
-        self.remote = "://" in workdir
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lines = self.path.read_text() if self.remote and self.path.exists() else ""
-        self.jsonl = None if self.remote else lines.LineLog(self.path)
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.path = storage.path(workdir) / "metrics.jsonl"
+        self.remote = metrics_log.RemoteLog(workdir) if "://" in workdir else None
+        if self.remote is None:  # workdir_lib.prepare made the folder
+            self.jsonl = lines.LineLog(self.path)
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: Dict[str, float]):
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._guarded(self._write, step, scalars)
+
+    def flush(self):
+        if self.enabled and self.remote:
+            self._guarded(self.remote.flush)
+
+    def _guarded(self, fn, *args):
         try:
-            self._write(step, scalars)
-        except OSError as e:
-            raise WriteFailed(f"cannot write metrics to {str(self.path)!r} ({e.strerror or e}); "
-                            "free space or fix permissions and rerun the same command to "
-                            "resume") from None
+            fn(*args)
+        except (Exception if self.remote else OSError) as e:  # gcsfs raises its own HttpError
+            raise WriteFailed(f"cannot write metrics to {str(self.path)!r} ("
+                              f"{getattr(e, 'strerror', None) or e}); free space or fix "
+                              "permissions and rerun the same command to resume") from None
 
     def _write(self, step: int, scalars: Dict[str, float]):
-        line = lines.dumps(dict(step=step, **scalars)) + "\n"
         if self.remote:
-            self.lines += line
-            self.path.write_text(self.lines)
-        else:
-            self.jsonl.append(line)
-        periodic.to_tensorboard(self.tb, step, scalars)
+            return self.remote.add(step, scalars)
+        self.jsonl.append(lines.dumps(dict(step=step, **scalars)) + "\n")
+        metrics_log.to_tensorboard(self.tb, step, scalars)
         self.tb.flush()
 
     def close(self):
-        if self.enabled:
-            if self.jsonl:
-                self.jsonl.close()
+        if self.enabled and self.remote:
+            self.flush()
+        elif self.enabled:
+            self.jsonl.close()
             self.tb.close()
 
 
@@ -693,6 +696,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
                         os.path.join(str(mngr.directory), str(step)))
         else:
             last_saved = save(mngr, state, meta, {BEST_METRIC: val["top1"]})
+        writer.flush()
         clock_reset()
 
     def clock_reset():

@@ -18,6 +18,7 @@ from typing import Dict, Optional
 
 import jax
 
+from resnet_jax import storage
 from resnet_jax.errors import UserError
 
 log = logging.getLogger("resnet_jax.train")
@@ -41,10 +42,10 @@ def check_data(workdir: str, step: int, stored: Dict, meta: Dict, allow_change: 
 
 
 def prepare(workdir: str) -> None:
-    """A local workdir is created and must take a file: one line now instead of a traceback
-    after data loading and compilation."""
+    """A local workdir is created and must take a file, a gs:// one be writable
+    (storage.check_writable): one line now instead of a traceback after loading and compiling."""
     if "://" in workdir:
-        return
+        return storage.check_writable(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir {workdir!r} is a file; name a directory")
     probe = os.path.join(workdir, f".write-test-{os.getpid()}")
@@ -83,7 +84,7 @@ class WorkdirInUse(UserError):
 class Lock:
     """`workdir/trainer.lock`, a small JSON file naming its owner (host, pid, start time) and a
     heartbeat the owner rewrites every `HEARTBEAT` seconds from a daemon thread. It works the
-    same on a local disk and on object storage (etils.epath; no POSIX lock, which gs:// lacks).
+    same on a local disk and on object storage (storage.path; no POSIX lock, which gs:// lacks).
 
     A lock is live unless its owner is on this host and its pid has exited (a SIGKILLed run is
     taken over at once), or its heartbeat is older than `STALE` seconds (an owner on another
@@ -99,8 +100,7 @@ class Lock:
     SETTLE = 1.0
 
     def __init__(self, workdir: str, enabled: bool = True):
-        from etils import epath
-        self.path = epath.Path(workdir) / self.NAME
+        self.path = storage.path(workdir) / self.NAME
         self.enabled = enabled
         self.owner = dict(host=socket.gethostname(), pid=os.getpid(), started=time.time(),
                           token=uuid.uuid4().hex)

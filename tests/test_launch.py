@@ -107,11 +107,14 @@ def test_tpu_dry_run_install_and_train_on_all_workers(no_gcloud_path):
     assert pack.startswith("git -C ") and pack.endswith(" HEAD")
     assert scp.startswith("gcloud compute tpus tpu-vm scp ") and "--worker=all" in scp
     assert install.startswith("gcloud compute tpus tpu-vm ssh r110 --zone=us-central2-b --worker=all")
-    assert 'pip install -q -U -e ~/resnet_jax"[tpu]"' in install  # jax[tpu], train, gcs extras
+    # a supported Python on every image (theirs is 3.10), then the package with jax[tpu] and gcsfs
+    assert "pip install -q --user -U uv" in install
+    assert "uv venv -q --allow-existing --python 3.11 ~/.venv-resnet-jax" in install
+    assert 'pip install -q --python ~/.venv-resnet-jax/bin/python -e "$HOME/resnet_jax[tpu,gcs]"' in install
     (train,) = tpu("-t", "v4-32", "-c", "configs/cifar10.py:resnet110", "-w", "gs://b/r110",
                    "train", "--", "--config.seed=3", path=no_gcloud_path)
     assert "--worker=all" in train
-    assert ("python3 -m resnet_jax.train --config configs/cifar10.py:resnet110 --workdir gs://b/r110 "
+    assert ("~/.venv-resnet-jax/bin/python -m resnet_jax.train --config configs/cifar10.py:resnet110 --workdir gs://b/r110 "
             "--config.seed=3") in train
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from resnet_jax import analyze, checkpoint, periodic, plots, train
+from resnet_jax import analyze, checkpoint, metrics_log, plots, train
 from resnet_jax.data import sources
 
 PROBE_IMAGES = 48
@@ -83,7 +83,7 @@ def test_responses_go_to_tensorboard_per_layer_and_as_a_histogram():
             self.histograms[name] = (list(values), step)
 
     tb = Recorder()
-    periodic.to_tensorboard(tb, 7, dict(loss=0.5, response_layers=["conv1", "stage1/block0/conv1"],
+    metrics_log.to_tensorboard(tb, 7, dict(loss=0.5, response_layers=["conv1", "stage1/block0/conv1"],
                                          response_std=[0.9, 0.8], response_mean=[0.1, 0.2]))
     assert tb.scalars == {"loss": (0.5, 7), "response_std/conv1": (0.9, 7),
                           "response_std/stage1/block0/conv1": (0.8, 7),

@@ -51,8 +51,8 @@ class FolderSource:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        with open(self.paths[index], "rb") as f:
-            return {"image": f.read(), "label": int(self.labels[index]), "path": self.paths[index]}
+        return {"image": sources.read_bytes(self.paths[index]), "label": int(self.labels[index]),
+                "path": self.paths[index]}
 
 
 @dataclasses.dataclass

@@ -10,14 +10,15 @@ say.
 """
 import dataclasses
 import hashlib
+import io
 import os
 import unicodedata
 import zlib
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from resnet_jax import config
+from resnet_jax import config, storage
 from resnet_jax.errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -131,22 +132,27 @@ def _synthetic(split, count, image_size, num_classes) -> Dataset:
     return Dataset(images, labels, synthetic_classes(num_classes), f"synthetic:{count}:{split}")
 
 
+def _subfolders(directory: str) -> List[str]:
+    return sorted(p.name for p in storage.path(directory).iterdir() if p.is_dir())
+
+
 def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
                   whose: str = "the model's"):
-    if not os.path.isdir(root):
+    """(classes, [(path, label)]) of ROOT/SPLIT/<class>/*; ROOT local or gs://."""
+    if not storage.path(root).is_dir():
         raise UserError(f"data folder {root!r} does not exist; pass folder:PATH with "
                         "PATH/<split>/<class>/*.jpg")
     split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-        have = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not storage.path(split_dir).is_dir():
+        have = _subfolders(root)
         raise UserError(f"split {split!r} not found in {root!r} (it has: {', '.join(have) or 'nothing'})")
-    folders = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    folders = _subfolders(split_dir)
     if classes is not None:
         check_classes(f"folder {split_dir!r}", sorted(map(nfc, folders)),
                       sorted(map(nfc, classes)), whose)
     label = {nfc(c): i for i, c in enumerate(folders if classes is None else classes)}
-    per_class = {c: [f for f in sorted(os.listdir(os.path.join(split_dir, c)))
-                     if f.lower().endswith(IMAGE_SUFFIXES)] for c in folders}
+    per_class = {c: sorted(p.name for p in storage.path(os.path.join(split_dir, c)).iterdir()
+                           if p.name.lower().endswith(IMAGE_SUFFIXES)) for c in folders}
     if not any(per_class.values()):
         raise UserError(f"no images in {split_dir!r}; expected {split_dir}/<class>/*.jpg")
     empty = [c for c, names in per_class.items() if not names]
@@ -156,6 +162,14 @@ def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
                         "images or remove the folder")
     files = [(os.path.join(split_dir, c, f), label[nfc(c)]) for c in folders for f in per_class[c]]
     return tuple(folders if classes is None else classes), files
+
+
+def read_bytes(path: str) -> bytes:
+    """An image file's bytes, local or gs://."""
+    if storage.is_remote(path):
+        return storage.path(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _cache_path(split_dir: str, files) -> str:
@@ -171,8 +185,7 @@ def _cache_path(split_dir: str, files) -> str:
 
 def _file_digest(path: str) -> str:
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha1(f.read()).hexdigest()  # images: small files
+        return hashlib.sha1(read_bytes(path)).hexdigest()  # images: small files
     except OSError as e:  # a broken link, a file removed meanwhile, no permission
         raise UserError(f"cannot read image {path!r} ({e.strerror or e}); remove or replace "
                         "it") from None
@@ -182,11 +195,11 @@ def _decode(path: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
     from resnet_jax.data import jpeg
     try:
-        with open(path, "rb") as f:
-            complaint = jpeg.damage(f.read())
+        data = read_bytes(path)
+        complaint = jpeg.damage(data)
         if complaint:
             jpeg.warn_damaged(path, complaint)
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"cannot read image {path!r} ({e.__class__.__name__}); remove or replace it") from None

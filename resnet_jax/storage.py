@@ -1,0 +1,111 @@
+"""The files the tools read and write, local or in Cloud Storage (gs://, any URL etils.epath
+opens): one place that names them, writes them whole, and checks a bucket before a run starts.
+
+Object storage has no append and no rename: an object appears whole when its write ends, so a
+remote file is written in one piece, and a local one through a temporary file and a rename,
+which gives readers the same guarantee.
+"""
+import importlib
+import os
+import tempfile
+from typing import Union
+
+from etils import epath
+
+from resnet_jax.errors import UserError
+
+GCS_INSTALL = "pip install 'resnet-jax[gcs]' (gcsfs and google-cloud-storage)"
+
+
+def _no_listing_cache() -> None:
+    """gcsfs remembers a folder's listing until it writes there itself; checkpoint steps are
+    written by TensorStore and by other processes, so a remembered listing misses steps (a reader
+    then restores an older one). Every listing asks the bucket instead."""
+    import fsspec.config
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+_no_listing_cache()
+
+
+def is_remote(path) -> bool:
+    return "://" in str(path)
+
+
+def path(p) -> epath.Path:
+    """Local paths made absolute; gs:// and other URLs left as they are."""
+    return epath.Path(str(p) if is_remote(p) else os.path.abspath(str(p)))
+
+
+def write(p, data: Union[str, bytes]) -> None:
+    """Write a whole file so that no reader ever sees part of it (a local temporary file beside
+    it and a rename; one object write on gs://)."""
+    data = data.encode() if isinstance(data, str) else data
+    if is_remote(p):
+        target = path(p)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return
+    directory = os.path.dirname(os.path.abspath(p))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def upload(local_dir: str, out: str) -> None:
+    """Each file of `local_dir` (written in full beforehand) into the folder `out`, replacing
+    files of the same names."""
+    for name in sorted(os.listdir(local_dir)):
+        with open(os.path.join(local_dir, name), "rb") as f:
+            write(os.path.join(str(out), name), f.read())
+
+
+def check_writable(p, flag: str = "--workdir") -> None:
+    """Before anything is loaded or compiled: a gs:// path needs gcsfs, credentials, an existing
+    bucket and the right to write there; each missing one is a UserError naming the fix. Local
+    paths are the callers' to check."""
+    if not is_remote(p):
+        return
+    url = str(p)
+    if not url.startswith("gs://"):
+        return
+    try:
+        importlib.import_module("gcsfs")  # etils.epath opens gs:// through it
+    except ImportError:
+        raise UserError(f"{flag} {url} is in Cloud Storage, which needs gcsfs (not installed); "
+                        f"{GCS_INSTALL}") from None
+    if not os.environ.get("STORAGE_EMULATOR_HOST"):
+        _check_credentials(url, flag)
+    bucket = url[len("gs://"):].split("/")[0]
+    probe = path(url) / f".write-test-{os.getpid()}"
+    try:
+        probe.write_text("x")
+        probe.unlink()
+    except FileNotFoundError:
+        raise UserError(f"{flag} {url}: bucket gs://{bucket} does not exist (or is not visible "
+                        f"to your account); create it (gcloud storage buckets create "
+                        f"gs://{bucket}) or fix the name") from None
+    except Exception as e:  # gcsfs: OSError('Forbidden ...') for 403, HttpError for 401
+        raise UserError(f"{flag} {url}: cannot write there ({_first_line(e)}); give your account "
+                        f"roles/storage.objectAdmin on gs://{bucket} (see docs/tpu.md)") from None
+
+
+def _check_credentials(url: str, flag: str) -> None:
+    try:
+        import google.auth
+        google.auth.default()
+    except Exception as e:  # DefaultCredentialsError, or google-auth missing
+        raise UserError(f"{flag} {url}: no Google Cloud credentials ({_first_line(e)}); run "
+                        "`gcloud auth application-default login`, or set "
+                        "GOOGLE_APPLICATION_CREDENTIALS to a service account's key file") from None
+
+
+def _first_line(e: BaseException) -> str:
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{e.__class__.__name__}: {line[:200]}"
