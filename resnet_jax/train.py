@@ -51,6 +51,7 @@ import resnet_jax
 import resnet_jax.kernels
 from resnet_jax import (checkpoint, cli, errors, lines, metrics_log, parallel, periodic,
                         progress, storage)
+from resnet_jax import schedule as schedule_lib
 from resnet_jax import workdir as workdir_lib
 from resnet_jax import config as config_lib
 from resnet_jax.data import pipeline, sources
@@ -77,21 +78,17 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     batch_stats: Any
     opt_state: Any
-    lr_scale: jax.Array  # float32: 1, then / 10 per plateau
-    warmup_done: jax.Array  # bool
-    warmup_end: jax.Array  # int32: the step at which warm-up ended, -1 before
-    warmup_error: jax.Array  # float32: running training error (warm-up rule; not checkpointed)
-    best_error: jax.Array  # float32: best val top-1 error so far (plateau rule)
-    stale_evals: jax.Array  # int32: evaluations since it last improved
+    schedule: schedule_lib.ScheduleState  # what the learning rate depends on besides the step
 
     @property
     def variables(self):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
     def train_item(self):
-        """Everything but the weights: the checkpoint's `train` item."""
-        return {k: getattr(self, k) for k in ("step", "opt_state", "lr_scale", "warmup_done",
-                                               "warmup_end", "best_error", "stale_evals")}
+        """Everything but the weights: the checkpoint's `train` item (the schedule's fields
+        flat beside the step and optimizer state, `schedule_lib.stored`)."""
+        return dict(step=self.step, opt_state=self.opt_state,
+                    **schedule_lib.stored(self.schedule))
 
 
 def decay_mask(config, params):
@@ -105,14 +102,6 @@ def optimizer(config) -> optax.GradientTransformation:
     itself, so the learning rate can depend on state (warm-up, plateaus)."""
     return optax.chain(optax.add_decayed_weights(config.weight_decay, functools.partial(decay_mask, config)),
                        optax.trace(decay=config.momentum))
-
-
-def learning_rate(config, step, lr_scale, warmup_done):
-    passed = jnp.sum(step >= jnp.asarray(config.lr_boundaries or (), jnp.int32))
-    lr = config.lr * config.lr_decay ** passed * lr_scale
-    if config.warmup_lr:
-        lr = jnp.where(warmup_done, lr, config.warmup_lr)
-    return lr.astype(jnp.float32)
 
 
 def create_model(config, num_classes: int, kernels: Kernels = XLA):
@@ -133,10 +122,8 @@ def _init_fn(config, model, image_size: int):
         params = variables["params"]
         return TrainState(step=jnp.int32(0), params=params,
                           batch_stats=variables.get("batch_stats", {}),
-                          opt_state=optimizer(config).init(params), lr_scale=jnp.float32(1.0),
-                          warmup_done=jnp.asarray(not config.warmup_lr), warmup_end=jnp.int32(-1),
-                          warmup_error=jnp.float32(1.0), best_error=jnp.float32(1.0),
-                          stale_evals=jnp.int32(0))
+                          opt_state=optimizer(config).init(params),
+                          schedule=schedule_lib.init(config))
     return init
 
 
@@ -154,19 +141,6 @@ def abstract_state(config, model, mesh, image_size: int) -> TrainState:
     sharding = parallel.replicated(mesh)
     shapes = jax.eval_shape(_init_fn(config, model, image_size))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
-
-
-def warmup_rule(config, state: TrainState, train_error) -> TrainState:
-    """Sec. 4.2's warm-up ends for good at the first step where the running training error
-    (`warmup_smoothing`) is below `warmup_until_error`; `warmup_end` records that step (counted
-    from 1, as the log counts) for the log. The running error starts at 1 and is not in the
-    checkpoint: a run resumed during warm-up measures it afresh (some 20 batches more at
-    warmup_lr), which keeps old checkpoints restorable."""
-    smoothing = config.warmup_smoothing
-    error = smoothing * state.warmup_error + (1.0 - smoothing) * train_error
-    done = state.warmup_done | (error < config.warmup_until_error)
-    end = jnp.where(done & ~state.warmup_done, state.step + 1, state.warmup_end)
-    return state.replace(warmup_done=done, warmup_end=end, warmup_error=error.astype(jnp.float32))
 
 
 def _forward(model, config, variables, x, rng):
@@ -199,12 +173,13 @@ def make_train_step(config, model, mesh, normalization: checkpoint.Normalization
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        lr = learning_rate(config, state.step, state.lr_scale, state.warmup_done)
+        lr = schedule_lib.learning_rate(config, state.step, state.schedule)
         params = jax.tree.map(lambda p, u: p - lr.astype(p.dtype) * u, state.params, updates)
         correct = jnp.sum(jnp.argmax(logits, -1) == labels, dtype=jnp.int32)
-        state = warmup_rule(config, state, 1.0 - correct / labels.shape[0])
+        sched = schedule_lib.warmup(config, state.schedule, state.step,
+                                    1.0 - correct / labels.shape[0])
         new = state.replace(step=state.step + 1, params=params, batch_stats=stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, schedule=sched)
         return new, dict(loss=loss, correct=correct, lr=lr)
 
     rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -329,8 +304,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: TrainState) -> Train
     meta = checkpoint.read_metadata(directory, step, mngr=mngr)
     restored = checkpoint.restore_checked(mngr, directory, step, meta, dict(
         model=target.variables, train=target.train_item()))
-    fresh = jax.device_put(np.float32(1.0), target.warmup_error.sharding)  # not checkpointed
-    return target.replace(**restored["train"], **restored["model"], warmup_error=fresh)
+    train = dict(restored["train"])
+    step, opt_state = train.pop("step"), train.pop("opt_state")
+    return target.replace(**restored["model"], step=step, opt_state=opt_state,
+                          schedule=schedule_lib.restored(train, target.schedule))
 
 
 def resume(mngr: ocp.CheckpointManager, steps,
@@ -635,7 +612,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
                                    f"in {workdir!r}") from None
 
     step = int(jax.device_get(state.step))
-    warmup_logged = bool(jax.device_get(state.warmup_end) >= 0)
+    warmup_logged = bool(jax.device_get(state.schedule.warmup_end) >= 0)
     pending = []
     clock = (time.perf_counter(), step)
     input_wait = 0.0  # seconds the loop waited for batches since the last log: input-bound if ~all
@@ -668,7 +645,7 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
                      100 * scalars["train_top1"], scalars["lr"], rate,
                      1000 * scalars["input_wait"], progress.hms(eta))
             if not warmup_logged and config.warmup_lr:
-                end = int(jax.device_get(state.warmup_end))
+                end = int(jax.device_get(state.schedule.warmup_end))
                 if end >= 0:
                     log.info("warm-up over: training error fell below %.0f%% at step %d; lr %g "
                              "-> schedule", 100 * config.warmup_until_error, end, config.warmup_lr)
@@ -683,7 +660,8 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
     def evaluate_and_save():
         nonlocal state, last_saved
         val = run_eval(data.val, "validation")
-        state = plateau(config, state, 1.0 - val["top1"], mesh)
+        state = state.replace(schedule=schedule_lib.plateau(config, state.schedule,
+                                                            1.0 - val["top1"], mesh))
         scalars = {f"val_{k}": v for k, v in val.items()}
         writer.write(step, scalars)
         result.update(scalars, val_step=step)  # a preempted run's result is of a later step
@@ -749,26 +727,6 @@ def _loop(config, workdir, mesh, model, meta, data: Data, mngr, steps, writer, p
             log.info("test top-1 %.2f%%", 100 * test["top1"])
     wait_for_saves(mngr, step)
     return dict(result, step=step)
-
-
-def plateau(config, state: TrainState, val_error: float, mesh) -> TrainState:
-    """ImageNet's rule (Sec. 3.4): divide the learning rate by 10 when the validation error has
-    not improved by `lr_plateau_min_delta` for `lr_plateau_patience` evaluations. Host-side, at
-    evaluations only; its bookkeeping lives in the state, so a resume continues it."""
-    if not config.lr_plateau_patience:
-        return state
-    best, stale, scale = (float(x) for x in jax.device_get(
-        (state.best_error, state.stale_evals, state.lr_scale)))
-    if val_error < best - config.lr_plateau_min_delta:
-        best, stale = val_error, 0
-    else:
-        stale += 1
-    if stale >= config.lr_plateau_patience:
-        scale, stale = scale * config.lr_decay, 0
-        log.info("validation error plateaued at %.2f%%: lr scale now %g", 100 * best, scale)
-    new = parallel.replicate(dict(best_error=np.float32(best), stale_evals=np.int32(stale),
-                                  lr_scale=np.float32(scale)), mesh)
-    return state.replace(**new)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config
-from resnet_jax import checkpoint, parallel, train
+from resnet_jax import checkpoint, parallel, schedule, train
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.errors import UserError
 
@@ -103,29 +103,28 @@ def assert_trees_close(a, b, rtol):
 def test_learning_rate_schedule_and_warmup():
     c = train.load_config(f"{REPO}/configs/cifar10.py:resnet110")
     assert c.warmup_lr == 0.01 and train.load_config(f"{REPO}/configs/cifar10.py:resnet56").warmup_lr == 0
-    lr = lambda step, done, scale=1.0: float(train.learning_rate(c, jnp.int32(step), scale, done))
+    lr = lambda step, done, scale=1.0: float(schedule.learning_rate(c, jnp.int32(step), _schedule(
+        lr_scale=jnp.float32(scale), warmup_done=jnp.asarray(done))))
     assert lr(0, False) == pytest.approx(0.01) and lr(40_000, False) == pytest.approx(0.01)
     assert lr(0, True) == pytest.approx(0.1) and lr(31_999, True) == pytest.approx(0.1)
     assert lr(32_000, True) == pytest.approx(0.01) and lr(48_000, True) == pytest.approx(0.001)
     assert lr(100, True, 0.1) == pytest.approx(0.01)  # a plateau division
 
 
-def _scalar_state(**fields):
-    base = dict(step=jnp.int32(0), params={}, batch_stats={}, opt_state=(), lr_scale=jnp.float32(1),
-                warmup_done=jnp.asarray(False), warmup_end=jnp.int32(-1),
-                warmup_error=jnp.float32(1), best_error=jnp.float32(1),
-                stale_evals=jnp.int32(0))
-    return train.TrainState(**{**base, **fields})
+def _schedule(**fields):
+    base = dict(lr_scale=jnp.float32(1), warmup_done=jnp.asarray(False), warmup_end=jnp.int32(-1),
+                warmup_error=jnp.float32(1), best_error=jnp.float32(1), stale_evals=jnp.int32(0))
+    return schedule.ScheduleState(**{**base, **fields})
 
 
 def test_warmup_ends_once_the_running_training_error_is_below_80_percent():
     """Not at one lucky batch (at ResNet-110's start one batch of 128 fell below 80 % error at
     step 15, and lr 0.1 then raised its loss), but once the batches' running error is below."""
     c = train.load_config(f"{REPO}/configs/cifar10.py:resnet110")
-    state = _scalar_state()
+    state = _schedule()
     errors = [0.9] * 20 + [0.5] + [0.9] * 5 + [0.7] * 40 + [0.95]
     for step, error in enumerate(errors):
-        state = train.warmup_rule(c, state.replace(step=jnp.int32(step)), error)
+        state = schedule.warmup(c, state, jnp.int32(step), error)
         if step <= 25:
             assert not bool(state.warmup_done), step
     assert bool(state.warmup_done)  # and it stays done after a bad batch
@@ -140,13 +139,13 @@ def test_plateau_divides_the_lr_after_patience_evaluations_without_gain():
     c = train.load_config(f"{REPO}/configs/imagenet.py:resnet50")
     assert c.lr_plateau_patience == 3
     mesh = parallel.make_mesh(jax.devices()[:1])
-    state, scales = _scalar_state(), []
+    state, scales = _schedule(), []
     for error in [0.6, 0.5, 0.4995, 0.5, 0.45, 0.46, 0.47, 0.46, 0.46, 0.46, 0.46]:
-        state = train.plateau(c, state, error, mesh)
+        state = schedule.plateau(c, state, error, mesh)
         scales.append(float(state.lr_scale))
     # gains at 0.5 and 0.45; 0.4995 is under min_delta; three stale evaluations divide by 10
     np.testing.assert_allclose(scales, [1, 1, 1, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.01], rtol=1e-6)
-    assert train.plateau(train.load_config(TINY), state, 0.9, mesh) is state  # off in CIFAR
+    assert schedule.plateau(train.load_config(TINY), state, 0.9, mesh) is state  # off in CIFAR
 
 
 def test_sgd_matches_pytorch_and_decay_mask():
@@ -195,7 +194,8 @@ def _random_state(target: train.TrainState) -> train.TrainState:
     running training error, which checkpoints do not hold."""
     rng = np.random.default_rng(0)
     draw = lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype), s.sharding)
-    return jax.tree.map(draw, target).replace(warmup_error=jnp.float32(1.0))
+    drawn = jax.tree.map(draw, target)
+    return drawn.replace(schedule=drawn.schedule.replace(warmup_error=jnp.float32(1.0)))
 
 
 def _stored_keys(directory, step, item):
@@ -420,7 +420,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninte
         state = train.restore(mngr, 12, target)
         meta = mngr.restore(12, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
-        train.save(mngr, state.replace(lr_scale=jnp.float32(1e30)), meta, {train.BEST_METRIC: 0.1})
+        train.save(mngr, state.replace(schedule=state.schedule.replace(lr_scale=jnp.float32(1e30))), meta, {train.BEST_METRIC: 0.1})
     rc, out = finish(start(tmp_path, *RUN, "--config.num_steps=16", env=env))
     assert rc == 2, out[-3000:]
     error = [ln for ln in out.splitlines() if ln.startswith("error:")]
