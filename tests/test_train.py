@@ -25,6 +25,7 @@ import pytest
 from conftest import tiny_config
 from resnet_jax import checkpoint, parallel, schedule, train
 from resnet_jax import workdir as workdir_lib
+from resnet_jax.data import splits
 from resnet_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -218,14 +219,14 @@ def test_train_state_round_trips_through_the_stacked_checkpoint_layout(tmp_path)
     meta = checkpoint.metadata(c.model, options, norm, extra=dict(image_size=32))
     step = int(state.step)
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
-        train.save(mngr, state, meta, {train.BEST_METRIC: 0.1})
+        workdir_lib.save(mngr, state, meta, {train.BEST_METRIC: 0.1})
     shapes = checkpoint.stored_shapes(str(tmp_path), step)
     assert shapes["params/stage2/blocks/conv1/kernel"] == (2, 3, 3, 8, 8)
     assert not any("block1" in k for k in shapes)
     momentum = [k for k in _stored_keys(str(tmp_path), step, "train") if "opt_state" in k]
     assert any("'blocks'" in k for k in momentum) and not any("block1" in k for k in momentum)
     with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
-        restored = train.restore(mngr, step, target)
+        restored = workdir_lib.restore(mngr, step, target)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     jax.tree.map(np.testing.assert_array_equal, restored, state)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
@@ -244,7 +245,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
         with pytest.raises(checkpoint.NonFiniteState, match=r"step \d+ is not saved: \d+ arrays "
                            "of the 'model' item hold NaN or Inf .* no checkpoint was saved"):
-            train.save(mngr, state, meta, {train.BEST_METRIC: -1.0})
+            workdir_lib.save(mngr, state, meta, {train.BEST_METRIC: -1.0})
         assert mngr.all_steps() == []
 
 
@@ -273,6 +274,7 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     sys.path.insert(0, "tests")
     from conftest import differences_by_kind
     from resnet_jax import checkpoint, parallel, train
+    from resnet_jax import workdir as workdir_lib
     from resnet_jax.data import pipeline, sources
     assert jax.device_count() == 8
     c = train.load_config({TINY!r})
@@ -309,7 +311,7 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     # the 8-device state as the training loop saves it, for a 1-device process to resume
     meta = checkpoint.metadata(c.model, options, norm, extra=dict(image_size=32))
     with checkpoint.manager(sys.argv[1], async_save=False) as mngr:
-        train.save(mngr, state, meta, {{train.BEST_METRIC: 0.1}})
+        workdir_lib.save(mngr, state, meta, {{train.BEST_METRIC: 0.1}})
     print("losses", l1, l8, "worst", worst, diffs[worst])
 """)
 
@@ -386,7 +388,7 @@ def test_sigterm_and_ctrl_c_leave_a_complete_checkpoint(env, tmp_path, sig):
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
         assert result["step"] in mngr.all_steps()
-        state = train.restore(mngr, result["step"], target)
+        state = workdir_lib.restore(mngr, result["step"], target)
     assert int(state.step) == result["step"]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
@@ -417,10 +419,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninte
     model, _ = train.create_model(c, 10)
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(uninterrupted), read_only=True) as mngr:
-        state = train.restore(mngr, 12, target)
+        state = workdir_lib.restore(mngr, 12, target)
         meta = mngr.restore(12, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
-        train.save(mngr, state.replace(schedule=state.schedule.replace(lr_scale=jnp.float32(1e30))), meta, {train.BEST_METRIC: 0.1})
+        workdir_lib.save(mngr, state.replace(schedule=state.schedule.replace(lr_scale=jnp.float32(1e30))), meta, {train.BEST_METRIC: 0.1})
     rc, out = finish(start(tmp_path, *RUN, "--config.num_steps=16", env=env))
     assert rc == 2, out[-3000:]
     error = [ln for ln in out.splitlines() if ln.startswith("error:")]
@@ -570,10 +572,12 @@ def test_resuming_with_another_config_is_refused_naming_each_change(env, tmp_pat
     assert sorted(str(p) for p in workdir.rglob("*")) == before
     # the explicit flag lets it through (checked here without training again)
     changed = tiny_config(lr=0.05)
-    with pytest.raises(UserError, match="lr 0.1 -> 0.05"):
-        train.check_config_unchanged(str(workdir), changed)
-    train.check_config_unchanged(str(workdir), changed, allow_change=True)
-    train.check_config_unchanged(str(workdir), tiny_config(num_steps=100, log_every=7))  # free to change
+    with checkpoint.manager(str(workdir), read_only=True) as mngr:
+        with pytest.raises(UserError, match="lr 0.1 -> 0.05"):
+            workdir_lib.read(mngr, str(workdir)).check_config(changed)
+        workdir_lib.read(mngr, str(workdir), allow_change=True).check_config(changed)
+        workdir_lib.read(mngr, str(workdir)).check_config(
+            tiny_config(num_steps=100, log_every=7))  # free to change
 
 
 @pytest.mark.slow
@@ -584,12 +588,12 @@ def test_non_finite_validation_stops_naming_the_step(env, tmp_path, every_four):
     model, _ = train.create_model(c, 10)
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(every_four), read_only=True) as mngr:
-        state = train.restore(mngr, 12, target)
+        state = workdir_lib.restore(mngr, 12, target)
         meta = checkpoint.read_metadata(str(every_four), 12, mngr=mngr)
     stats = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.full_like(x, -100.0) if p[-1].key == "var" else x, state.batch_stats)
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
-        train.save(mngr, state.replace(batch_stats=stats), meta, {train.BEST_METRIC: 0.1})
+        workdir_lib.save(mngr, state.replace(batch_stats=stats), meta, {train.BEST_METRIC: 0.1})
     rc, out = finish(start(tmp_path, *RUN, "--config.num_steps=16", env=env))
     assert rc == 2, out[-3000:]
     [line] = [ln for ln in out.splitlines() if ln.startswith("error:")]
@@ -601,7 +605,7 @@ def test_non_finite_validation_stops_naming_the_step(env, tmp_path, every_four):
 
 @pytest.mark.slow
 def test_config_problems_come_before_any_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "make_data", lambda *a: pytest.fail("data loaded"))
+    monkeypatch.setattr(splits, "make_data", lambda *a: pytest.fail("data loaded"))
     with pytest.raises(UserError) as e:
         train.train_and_evaluate(tiny_config(checkpoint_every=0, log_every=0), str(tmp_path / "w"),
                                  mesh=parallel.make_mesh(jax.devices()[:1]))
@@ -641,8 +645,8 @@ def test_a_failed_save_is_one_line_that_exits_at_once():
         def save(self, *a, **k):
             raise OSError(28, "No space left on device")
 
-    with pytest.raises(train.WriteFailed) as e:
-        with train._writing(Full(), 40):
+    with pytest.raises(workdir_lib.WriteFailed) as e:
+        with workdir_lib.writing(Full(), 40):
             Full().save()
     assert str(e.value).startswith("could not write the checkpoint of step 40 in '/runs/r20' "
                                    "(OSError: [Errno 28] No space left on device); the steps "
