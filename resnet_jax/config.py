@@ -168,6 +168,13 @@ def _is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def check(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Every problem of the config (`validate`) as one UserError, a line each."""
+    problems = validate(config, num_devices)
+    if problems:
+        raise UserError("\n".join(problems))
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> List[str]:
     """Every problem of `config` as one line each (empty: fine), without touching data, devices
     or JAX: the trainer runs it first. `num_devices` is the number the global batches split over."""

@@ -7,6 +7,7 @@ Each is a small object the loop creates once and calls at its steps; none change
 state, so a run's weights are the same with or without them.
 """
 import contextlib
+import logging
 import os
 import signal
 from typing import Callable, ContextManager, Dict, Optional, Sequence
@@ -14,8 +15,30 @@ from typing import Callable, ContextManager, Dict, Optional, Sequence
 import jax
 import numpy as np
 
-from resnet_jax import analyze, lines, metrics_log, storage
+from resnet_jax import analyze, lines, metrics_log, progress, storage
 from resnet_jax.workdir import WriteFailed
+
+log = logging.getLogger("resnet_jax.train")
+
+
+def train_scalars(got: Sequence[Dict], batch_size: int, steps: int, seconds: float,
+                  input_wait: float) -> Dict[str, float]:
+    """The log's numbers from `got`, the host copies of the train step's metrics since the last
+    log: mean loss, training top-1, the last lr, the images/s of the `steps` steps that took
+    `seconds` (time outside training steps left out), seconds waited for input per step."""
+    return dict(loss=float(np.mean([m["loss"] for m in got])),
+                train_top1=float(sum(m["correct"] for m in got)) / (len(got) * batch_size),
+                lr=float(got[-1]["lr"]), images_per_s=steps * batch_size / max(seconds, 1e-9),
+                input_wait=input_wait / len(got))
+
+
+def log_train_line(step: int, num_steps: int, batch_size: int, scalars: Dict[str, float]) -> None:
+    """The trainer's progress line, with the ETA at the current rate."""
+    rate = scalars["images_per_s"]
+    eta = (num_steps - step) * batch_size / rate if rate > 0 else float("inf")
+    log.info("step %d/%d  loss %.4f  acc %.2f%%  lr %.4g  %.0f img/s  input wait %.0f ms/step  "
+             "ETA %s", step, num_steps, scalars["loss"], 100 * scalars["train_top1"],
+             scalars["lr"], rate, 1000 * scalars["input_wait"], progress.hms(eta))
 
 
 def itstime(step: int, every: int, last: int) -> bool:
@@ -160,3 +183,15 @@ class Preemption:
     def close(self):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def close_all(*things, quietly: bool = False):
+    """Close each of `things` that can be (the host input pipeline's workers among them)."""
+    for thing in things:
+        if not hasattr(thing, "close"):
+            continue
+        if quietly:
+            with contextlib.suppress(Exception):
+                thing.close()
+        else:
+            thing.close()

@@ -82,6 +82,18 @@ def plateau(config, state: ScheduleState, val_error: float, mesh) -> ScheduleSta
     return state.replace(**new)
 
 
+def log_warmup_end(config, state: ScheduleState, writer) -> bool:
+    """Logs, and writes to `writer` (periodic.MetricWriter), the step at which warm-up ended, if
+    it has; whether it has."""
+    end = int(jax.device_get(state.warmup_end))
+    if end < 0:
+        return False
+    log.info("warm-up over: training error fell below %.0f%% at step %d; lr %g -> schedule",
+             100 * config.warmup_until_error, end, config.warmup_lr)
+    writer.write(end, dict(warmup_end=end))
+    return True
+
+
 def stored(state: ScheduleState) -> Dict[str, jax.Array]:
     """The fields a checkpoint keeps, by their stored names."""
     return {k: getattr(state, k) for k in STORED}

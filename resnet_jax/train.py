@@ -1,38 +1,23 @@
-"""Training: the paper's recipes as one jitted, sharded step and a loop around it.
+"""Training: the paper's recipes as one jitted, sharded step and a loop around it (the command
+line: resnet_jax.train_cli).
 
-    python -m resnet_jax.train --config configs/cifar10.py:resnet56 --workdir runs/resnet56
-    python -m resnet_jax.train --config configs/cpu.py:resnet20 --workdir /tmp/r20 \
-        --config.data.source=folder:../shared/data/cifar10-jpeg --config.num_steps=2000
-
-One `jax.jit` step runs on a 1-D `data` mesh over every device of every process: the global batch
-is split along `data`, parameters and optimizer state are replicated, the state's buffers are
-donated. BatchNorm therefore normalises over the global batch (jit over a sharded batch computes
-exact global means). The paper had 64 images per GPU on CIFAR (128 on two GPUs) and 32 per GPU on
-ImageNet (256 on eight), each GPU with its own statistics; `bn_group_size` reproduces that on any
-device count: the batch is cut into groups of that many images, the network runs on each group
-(vmap) with its own BN statistics, and the running averages are the mean over the groups.
-
-The loop: resume from the latest complete checkpoint in the workdir (refusing one of another
-model), feed batches that depend only on (seed, step), log every `log_every` steps (the only
-host syncs, besides evaluation), evaluate and save asynchronously every `checkpoint_every` steps
-and at the end, keep the latest K plus the best by validation top-1. SIGTERM (a preempted TPU VM)
-and Ctrl-C save and exit 0; a NaN/Inf loss or validation output stops before anything
-non-finite is saved. The config is checked whole (`resnet_jax.config.validate`) before any data
-loads; a damaged latest checkpoint is reported and the newest intact one resumed; a workdir
-written with another data set, batch or schedule is refused unless --allow_config_change.
+The step runs on a 1-D `data` mesh over every device of every process: the global batch is split
+along `data`, the state replicated and donated, so BatchNorm normalises over the global batch;
+`bn_group_size` gives each group of that many images its own statistics, as the paper's GPUs had.
+The loop resumes from the workdir (resnet_jax.workdir), feeds batches that depend only on (seed,
+step), syncs with the host only to log and evaluate, and saves asynchronously. Its state is one
+value (`Loop`) that each of its parts takes and returns.
 """
 
 if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), before any import
     from resnet_jax import cli
     cli.start("train")
 
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
@@ -42,28 +27,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
-from absl import logging as absl_logging
 
 import resnet_jax
 import resnet_jax.kernels
-from resnet_jax import checkpoint, cli, errors, lines, parallel, periodic, progress
+from resnet_jax import checkpoint, errors, parallel, periodic
 from resnet_jax import schedule as schedule_lib
 from resnet_jax import workdir as workdir_lib
 from resnet_jax import config as config_lib
 from resnet_jax.data import splits
 from resnet_jax.evaluate import NonFiniteOutput, evaluate_batches, make_eval_step
-from resnet_jax.errors import UserError, exit_on_user_error
-from resnet_jax.kernels import cpu
+from resnet_jax.errors import UserError
 from resnet_jax.models import XLA, Kernels
 
 BEST_METRIC = "val_top1"
 # The console: the trainer's own lines at INFO; orbax and jax (absl logging) only warnings.
 log = logging.getLogger("resnet_jax.train")
-
-
-# Kept here for the tests and benchmarks that load configs through the trainer.
-load_config = config_lib.load_config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,8 +104,8 @@ def _init_fn(config, model, image_size: int):
 
 def init_state(config, model, mesh, image_size: int) -> TrainState:
     """Fresh state (the same on any mesh: initialisation is a function of the seed), replicated.
-    The init runs whole on every device, so partitionable threefry buys nothing here, and
-    XLA:CPU compiles it about 5x slower (30 s instead of 6 s for a ResNet-20 on two cores)."""
+    The init runs whole on every device, where partitionable threefry buys nothing and compiles
+    slower on XLA:CPU."""
     with jax.threefry_partitionable(False):
         return jax.jit(_init_fn(config, model, image_size), out_shardings=parallel.replicated(mesh))()
 
@@ -185,22 +163,11 @@ def make_train_step(config, model, mesh, normalization: checkpoint.Normalization
 
 
 # ---------------------------------------------------------------------------------------------
-# Data, checkpoints, metrics
+# The loop
 
 
 class TrainingDiverged(UserError):
     pass
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-
-
-def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Every problem of the config (`resnet_jax.config.validate`) as one UserError, a line each."""
-    problems = config_lib.validate(config, num_devices)
-    if problems:
-        raise UserError("\n".join(problems))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -210,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with 'preempted': True if SIGTERM or Ctrl-C stopped it. A workdir written with another
     config is refused unless `allow_config_change`."""
     mesh = mesh or parallel.make_mesh()
-    check_config(config, mesh.devices.size)
+    config_lib.check(config, mesh.devices.size)
     create_model(config, num_classes=10)  # an unknown model or option fails before data loads
     with workdir_lib.open_workdir(workdir, config, allow_config_change, BEST_METRIC) as wd, \
             errors.stop_on_sigterm(enabled=jax.process_count() == 1):  # else JAX's sync point
@@ -222,7 +189,6 @@ class Run:
     """What the loop's parts read and never change."""
     config: ml_collections.ConfigDict
     wd: workdir_lib.Workdir
-    meta: Dict  # the checkpoints' metadata
     data: splits.Data
     train_step: Callable
     eval_step: Callable
@@ -230,7 +196,6 @@ class Run:
     preemption: periodic.Preemption
     profiler: periodic.Profiler
     probe: Optional[periodic.ResponseProbe]
-    damaged: Tuple[int, ...]  # steps whose damaged checkpoints are left in place
     mesh: Any
     main: bool  # process 0: it logs
 
@@ -255,55 +220,38 @@ def _train(config, wd: workdir_lib.Workdir, mesh) -> Dict[str, Any]:
     model, model_options = create_model(config, len(data.classes),
                                         resnet_jax.kernels.for_devices(mesh.devices.flat))
     workdir_lib.check_free_space(wd.path, checkpoint.abstract_variables(model, data.image_size))
-    meta = checkpoint.metadata(config.model, model_options, data.normalization, extra=dict(
-        image_size=data.image_size, dataset=config.data.source, classes=list(data.classes),
-        train_data=data.fingerprint, config=json.loads(config.to_json_best_effort())))
     if main:
         log.info("%s on %d devices (%d processes); %s", config.model, mesh.devices.size,
                  jax.process_count(), data.description)
     writer = preemption = profiler = None
     try:
-        wd.check_data(meta)
+        wd.check_data(checkpoint.metadata(
+            config.model, model_options, data.normalization, extra=dict(
+                image_size=data.image_size, dataset=config.data.source, classes=list(data.classes),
+                train_data=data.fingerprint, config=json.loads(config.to_json_best_effort()))))
         writer = periodic.MetricWriter(wd.path, main)
         preemption = periodic.Preemption()
         profiler = periodic.Profiler(config.profile_steps, os.path.join(wd.path, "tensorboard"),
                                      config.profile_every_process)
-        state, damaged = workdir_lib.resume(
-            wd.mngr, wd.steps, abstract_state(config, model, mesh, data.image_size))
+        state = wd.resume(abstract_state(config, model, mesh, data.image_size))
         last_saved = None if state is None else int(jax.device_get(state.step))
-        if state is None:
-            state = init_state(config, model, mesh, data.image_size)
-        elif main:
-            log.info("resumed from %s step %d%s", wd.path, last_saved,
-                     f" (the damaged steps {damaged} are left in place)" if damaged else "")
+        state = state if state is not None else init_state(config, model, mesh, data.image_size)
         probe = periodic.ResponseProbe(model, data.normalization,
                                        data.val_images(config.responses_images)) \
             if config.responses_images else None
-        run = Run(config, wd, meta, data, make_train_step(config, model, mesh, data.normalization),
+        run = Run(config, wd, data, make_train_step(config, model, mesh, data.normalization),
                   make_eval_step(model, mesh, data.normalization), writer, preemption, profiler,
-                  probe, tuple(damaged), mesh, main)
+                  probe, mesh, main)
         step = int(jax.device_get(state.step))
         result = _loop(run, Loop(state, step, last_saved, clock=(time.perf_counter(), step),
                                  warmup_logged=bool(jax.device_get(state.schedule.warmup_end) >= 0),
                                  result=dict(step=step)))
     except BaseException:
         # quietly: a second error would hide the first
-        _close_all(data.train, profiler, preemption, writer, quietly=True)
+        periodic.close_all(data.train, profiler, preemption, writer, quietly=True)
         raise
-    _close_all(data.train, profiler, preemption, writer)
+    periodic.close_all(data.train, profiler, preemption, writer)
     return result
-
-
-def _close_all(*things, quietly: bool = False):
-    """Close each of `things` that can be (the host input pipeline's workers among them)."""
-    for thing in things:
-        if not hasattr(thing, "close"):
-            continue
-        if quietly:
-            with contextlib.suppress(Exception):
-                thing.close()
-        else:
-            thing.close()
 
 
 def _loop(run: Run, loop: Loop) -> Dict[str, Any]:
@@ -344,7 +292,7 @@ def _loop(run: Run, loop: Loop) -> Dict[str, Any]:
         loop = dataclasses.replace(loop, result={**loop.result, **test})
         if run.main:
             log.info("test top-1 %.2f%%", 100 * test["test_top1"])
-    workdir_lib.wait_for_saves(run.wd.mngr, loop.step)
+    run.wd.wait(loop.step)
     return dict(loop.result, step=loop.step)
 
 
@@ -355,7 +303,7 @@ def _restart_clock(loop: Loop) -> Loop:
 
 def _diverged(run: Run, loop: Loop, what: str, advice: str = "") -> TrainingDiverged:
     """The error that stops a run whose numbers are no longer finite, once its saves are done."""
-    workdir_lib.wait_for_saves(run.wd.mngr, loop.step)
+    run.wd.wait(loop.step)
     kept = f"the last good checkpoint (step {loop.last_saved}) is kept" \
         if loop.last_saved is not None else "no checkpoint had been saved"
     return TrainingDiverged(f"{what}; training stopped and {kept} in {run.wd.path!r}"
@@ -372,36 +320,17 @@ def _flush(run: Run, loop: Loop) -> Loop:
         if not np.isfinite(m["loss"]):
             raise _diverged(run, loop, f"loss became {m['loss']} at step {step - len(got) + 1 + i}",
                             "lower --config.lr or check the data")
-    rate = (step - loop.clock[1]) * config.batch_size / max(time.perf_counter() - loop.clock[0],
-                                                            1e-9)
-    scalars = dict(loss=float(np.mean([m["loss"] for m in got])),
-                   train_top1=float(sum(m["correct"] for m in got)) / (len(got) * config.batch_size),
-                   lr=float(got[-1]["lr"]), images_per_s=rate, input_wait=loop.input_wait / len(got))
-    eta = (config.num_steps - step) * config.batch_size / rate if rate > 0 else float("inf")
+    scalars = periodic.train_scalars(got, config.batch_size, step - loop.clock[1],
+                                     time.perf_counter() - loop.clock[0], loop.input_wait)
     warmup_logged = loop.warmup_logged
     if run.main:
-        log.info("step %d/%d  loss %.4f  acc %.2f%%  lr %.4g  %.0f img/s  input wait %.0f "
-                 "ms/step  ETA %s", step, config.num_steps, scalars["loss"],
-                 100 * scalars["train_top1"], scalars["lr"], rate, 1000 * scalars["input_wait"],
-                 progress.hms(eta))
+        periodic.log_train_line(step, config.num_steps, config.batch_size, scalars)
         if not warmup_logged and config.warmup_lr:
-            warmup_logged = _log_warmup_end(run, loop.state)
+            warmup_logged = schedule_lib.log_warmup_end(config, loop.state.schedule, run.writer)
     run.writer.write(step, scalars)
     return _restart_clock(dataclasses.replace(loop, pending=(), input_wait=0.0,
                                               warmup_logged=warmup_logged,
                                               result={**loop.result, **scalars}))
-
-
-def _log_warmup_end(run: Run, state: TrainState) -> bool:
-    """Logs and records the step at which warm-up ended; whether it has."""
-    end = int(jax.device_get(state.schedule.warmup_end))
-    if end < 0:
-        return False
-    config = run.config
-    log.info("warm-up over: training error fell below %.0f%% at step %d; lr %g -> schedule",
-             100 * config.warmup_until_error, end, config.warmup_lr)
-    run.writer.write(end, dict(warmup_end=end))
-    return True
 
 
 def _evaluate(run: Run, loop: Loop, batches: Callable[[], Iterator], split: str) -> Dict:
@@ -436,81 +365,24 @@ def _checkpoint(run: Run, loop: Loop, val: Dict) -> Loop:
 
 
 def _save(run: Run, loop: Loop, score: float) -> Loop:
-    """Starts saving the state, ranked `score` for keep-best, unless a damaged checkpoint of its
-    step is in the way (orbax does not write over a step: that one stays as it was found)."""
-    if loop.step in run.damaged:
-        log.warning("step %d is not saved: the damaged checkpoint of that step is in the way "
-                    "(remove %s to let a run save it)", loop.step,
-                    os.path.join(str(run.wd.mngr.directory), str(loop.step)))
-        return loop
-    return dataclasses.replace(loop, last_saved=workdir_lib.save(run.wd.mngr, loop.state,
-                                                                 run.meta, {BEST_METRIC: score}))
+    """Starts saving the state, ranked `score` for keep-best."""
+    saved = run.wd.save(loop.state, {BEST_METRIC: score})
+    return dataclasses.replace(loop, last_saved=loop.last_saved if saved is None else saved)
 
 
 def _preempted(run: Run, loop: Loop) -> Dict[str, Any]:
     """Save (not evaluated, as preemption leaves seconds: ranks last for keep-best, kept as
     latest) and stop; the result says 'preempted'."""
     loop = _save(run, loop, -1.0)
-    workdir_lib.wait_for_saves(run.wd.mngr, loop.step)
+    run.wd.wait(loop.step)
     if run.main:
         log.info("%s: saved step %d in %s; rerun the same command to resume",
                  run.preemption.requested, loop.step, run.wd.path)
     return dict(loop.result, step=loop.step, preempted=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-FLAGS = flags.FLAGS
-
-
-def _define_flags():
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file(
-        "config", None, "a shipped config or a file and its argument, e.g. cifar10:resnet56 or "
-        "configs/cifar10.py:resnet56; "
-        "override any key with --config.KEY=VALUE", lock_config=True)
-    flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events; a "
-                        "workdir holding a checkpoint of the same model is resumed")
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (several processes "
-                        "started by hand; else JAX_COORDINATOR_ADDRESS or cluster detection)")
-    flags.DEFINE_integer("num_processes", None, "number of processes (else JAX_NUM_PROCESSES)")
-    flags.DEFINE_integer("process_id", None, "this process's index (else JAX_PROCESS_ID)")
-    flags.DEFINE_bool("allow_config_change", False, "resume a workdir although its checkpoint "
-                      "was trained with another data set, batch size, schedule or optimizer")
-    flags.DEFINE_bool("describe", False, "print every config key with its value in --config "
-                      "(without --config: the defaults), its default and its meaning, then exit")
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; options go as --flag=value")
-    if FLAGS.describe:
-        print(config_lib.describe(FLAGS.config or config_lib.default_config()))
-        return
-    with exit_on_user_error():
-        check_config(FLAGS.config, num_devices=1)  # the device count is checked once known
-        cpu.use_cpu_cores((FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
-        parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                        FLAGS.process_id)
-        absl_logging.set_verbosity(absl_logging.WARNING)
-        checkpoint.quiet_orbax()
-        if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a resumed run skips compiling
-            jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ.get(
-                "RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax")), "jax-compile"))
-        log.setLevel(logging.INFO if parallel.is_main_process() else logging.WARNING)
-        if not FLAGS.workdir:
-            raise UserError("--workdir is required (checkpoints and metrics go there)")
-        result = train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                    allow_config_change=FLAGS.allow_config_change)
-        if parallel.is_main_process():
-            print(lines.dumps(result), flush=True)
-
-
 def run():
-    _define_flags()
-    with exit_on_user_error():
-        sys.argv[1:] = config_lib.command_line(sys.argv[1:])
-    cli.absl_run(main, __name__)
-
-
+    """The command line (resnet_jax.train_cli): `python -m resnet_jax.train` and
+    resnet-jax-train."""
+    from resnet_jax import train_cli
+    return train_cli.run()

@@ -105,6 +105,8 @@ class Workdir:
     step: Optional[int]
     stored: Dict
     allow_change: bool = False
+    damaged: Tuple[int, ...] = ()  # steps `resume` found damaged and left in place
+    meta: Dict = dataclasses.field(default_factory=dict)  # this run's, for its checkpoints
 
     @property
     def steps(self) -> List[int]:
@@ -126,9 +128,10 @@ class Workdir:
             log.warning("resuming %s with a changed config: %s", self.path, "; ".join(changes))
 
     def check_data(self, meta: Dict) -> None:
-        """Once the data are loaded (`meta`: the run's checkpoint metadata): the number of
-        classes and the classes by name must match, the training images too unless
+        """Once the data are loaded (`meta`: the run's checkpoint metadata, kept for `save`): the
+        number of classes and the classes by name must match, the training images too unless
         `allow_change`."""
+        self.meta = meta
         if self.step is None:
             return
         theirs = (self.stored.get("model_options") or {}).get("num_classes")
@@ -139,6 +142,32 @@ class Workdir:
                                   f"workdir {self.path!r} (step {self.step})'s")
         if check_data(self.path, self.step, self.stored, meta, self.allow_change):
             log.warning("resuming %s on changed training data", self.path)
+
+
+    def resume(self, target):
+        """The train state of the newest intact step, or None in a fresh workdir (`resume`);
+        remembers the damaged steps, which `save` leaves in place."""
+        state, damaged = resume(self.mngr, self.steps, target)
+        self.damaged = tuple(damaged)
+        if state is not None and parallel.is_main_process():
+            log.info("resumed from %s step %d%s", self.path, int(jax.device_get(state.step)),
+                     f" (the damaged steps {damaged} are left in place)" if damaged else "")
+        return state
+
+    def save(self, state, metrics: Dict) -> Optional[int]:
+        """`save`, unless a damaged checkpoint of the state's step is in the way (orbax does not
+        write over a step: that one stays as it was found): the step saved, or None."""
+        step = int(jax.device_get(state.step))
+        if step in self.damaged:
+            log.warning("step %d is not saved: the damaged checkpoint of that step is in the way "
+                        "(remove %s to let a run save it)", step,
+                        os.path.join(str(self.mngr.directory), str(step)))
+            return None
+        return save(self.mngr, state, self.meta, metrics)
+
+    def wait(self, step: int) -> None:
+        """Until every save has finished (`step` names the latest in a failure's line)."""
+        wait_for_saves(self.mngr, step)
 
 
 def read(mngr: ocp.CheckpointManager, workdir: str, allow_change: bool = False) -> Workdir:

@@ -49,7 +49,7 @@ def test_every_default_key_has_a_meaning():
 
 
 def test_the_recipes_validate():
-    from resnet_jax.train import load_config
+    from resnet_jax.config import load_config
     for spec in ("cifar10.py:resnet110", "cpu.py:tiny", "cpu.py:resnet20", "imagenet.py:resnet50",
                  "imagenet.py:resnet50,steps"):
         assert config_lib.validate(load_config(f"{REPO}/configs/{spec}")) == [], spec

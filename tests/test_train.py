@@ -24,6 +24,7 @@ import pytest
 
 from conftest import tiny_config
 from resnet_jax import checkpoint, parallel, schedule, train
+from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import splits
 from resnet_jax.errors import UserError
@@ -102,8 +103,8 @@ def assert_trees_close(a, b, rtol):
 
 
 def test_learning_rate_schedule_and_warmup():
-    c = train.load_config(f"{REPO}/configs/cifar10.py:resnet110")
-    assert c.warmup_lr == 0.01 and train.load_config(f"{REPO}/configs/cifar10.py:resnet56").warmup_lr == 0
+    c = config_lib.load_config(f"{REPO}/configs/cifar10.py:resnet110")
+    assert c.warmup_lr == 0.01 and config_lib.load_config(f"{REPO}/configs/cifar10.py:resnet56").warmup_lr == 0
     lr = lambda step, done, scale=1.0: float(schedule.learning_rate(c, jnp.int32(step), _schedule(
         lr_scale=jnp.float32(scale), warmup_done=jnp.asarray(done))))
     assert lr(0, False) == pytest.approx(0.01) and lr(40_000, False) == pytest.approx(0.01)
@@ -121,7 +122,7 @@ def _schedule(**fields):
 def test_warmup_ends_once_the_running_training_error_is_below_80_percent():
     """Not at one lucky batch (at ResNet-110's start one batch of 128 fell below 80 % error at
     step 15, and lr 0.1 then raised its loss), but once the batches' running error is below."""
-    c = train.load_config(f"{REPO}/configs/cifar10.py:resnet110")
+    c = config_lib.load_config(f"{REPO}/configs/cifar10.py:resnet110")
     state = _schedule()
     errors = [0.9] * 20 + [0.5] + [0.9] * 5 + [0.7] * 40 + [0.95]
     for step, error in enumerate(errors):
@@ -137,7 +138,7 @@ def test_warmup_ends_once_the_running_training_error_is_below_80_percent():
 
 
 def test_plateau_divides_the_lr_after_patience_evaluations_without_gain():
-    c = train.load_config(f"{REPO}/configs/imagenet.py:resnet50")
+    c = config_lib.load_config(f"{REPO}/configs/imagenet.py:resnet50")
     assert c.lr_plateau_patience == 3
     mesh = parallel.make_mesh(jax.devices()[:1])
     state, scales = _schedule(), []
@@ -146,11 +147,11 @@ def test_plateau_divides_the_lr_after_patience_evaluations_without_gain():
         scales.append(float(state.lr_scale))
     # gains at 0.5 and 0.45; 0.4995 is under min_delta; three stale evaluations divide by 10
     np.testing.assert_allclose(scales, [1, 1, 1, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.01], rtol=1e-6)
-    assert schedule.plateau(train.load_config(TINY), state, 0.9, mesh) is state  # off in CIFAR
+    assert schedule.plateau(config_lib.load_config(TINY), state, 0.9, mesh) is state  # off in CIFAR
 
 
 def test_sgd_matches_pytorch_and_decay_mask():
-    c = train.load_config(TINY)
+    c = config_lib.load_config(TINY)
     params = {"conv": {"kernel": jnp.array([1.0, -2.0])}, "bn": {"scale": jnp.array([3.0])}}
     grads = {"conv": {"kernel": jnp.array([0.5, 0.5])}, "bn": {"scale": jnp.array([1.0])}}
     for on, decayed in (("all", {"kernel", "scale"}), ("kernels", {"kernel"})):
@@ -166,11 +167,11 @@ def test_sgd_matches_pytorch_and_decay_mask():
             np.testing.assert_allclose(got, expected, rtol=1e-6)
     c.weight_decay_on = "biases"
     with pytest.raises(UserError, match="weight_decay_on must be"):
-        train.check_config(c, num_devices=1)
+        config_lib.check(c, num_devices=1)
 
 
 def test_grouped_batch_norm_is_bn_per_group():
-    c = train.load_config(TINY)
+    c = config_lib.load_config(TINY)
     model, _ = train.create_model(c, 10)
     x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
     variables = random_variables(model)
@@ -277,7 +278,7 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     from resnet_jax import workdir as workdir_lib
     from resnet_jax.data import pipeline, sources
     assert jax.device_count() == 8
-    c = train.load_config({TINY!r})
+    c = config_lib.load_config({TINY!r})
     ds = sources.load(c.data.source, "train")
     norm = checkpoint.Normalization(sources.mean_image(ds.images))
     out = []
@@ -383,7 +384,7 @@ def test_sigterm_and_ctrl_c_leave_a_complete_checkpoint(env, tmp_path, sig):
     # its validation numbers are those of an earlier step, and say so
     assert result["val_step"] == result["step"] - result["step"] % 2
     assert f"{signal.Signals(sig).name}: saved step {result['step']}" in out
-    c = train.load_config(TINY)
+    c = config_lib.load_config(TINY)
     model, _ = train.create_model(c, 10)
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
@@ -415,7 +416,7 @@ def test_a_second_trainer_on_a_live_workdir_is_refused_naming_the_first(env, tmp
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninterrupted):
     # A good checkpoint at step 12 whose learning-rate factor makes the next steps blow up.
-    c = train.load_config(TINY)
+    c = config_lib.load_config(TINY)
     model, _ = train.create_model(c, 10)
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(uninterrupted), read_only=True) as mngr:
@@ -438,7 +439,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninte
 
 def test_missing_config_file():
     with pytest.raises(UserError, match="config file 'configs/nope.py' not found"):
-        train.load_config("configs/nope.py:resnet20")
+        config_lib.load_config("configs/nope.py:resnet20")
 
 
 @pytest.mark.slow
@@ -496,7 +497,7 @@ class _FakeMesh:
 
 @pytest.mark.slow
 def test_workdir_of_another_model_is_refused_and_left_alone(tmp_path):
-    other = train.load_config(TINY)
+    other = config_lib.load_config(TINY)
     other.model = "resnet32"
     model, options = train.create_model(other, 10)
     variables = random_variables(model)
@@ -504,7 +505,7 @@ def test_workdir_of_another_model_is_refused_and_left_alone(tmp_path):
                           normalization=checkpoint.Normalization(np.zeros(3)), step=7)
     before = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(UserError, match=r"holds a checkpoint of resnet32 .*step 7.*not of resnet20"):
-        train.train_and_evaluate(train.load_config(TINY), str(tmp_path),
+        train.train_and_evaluate(config_lib.load_config(TINY), str(tmp_path),
                                  mesh=parallel.make_mesh(jax.devices()[:1]))
     assert sorted(p.name for p in tmp_path.rglob("*") if "tensorboard" not in str(p)
                   and p.name != "metrics.jsonl") == before
@@ -584,7 +585,7 @@ def test_resuming_with_another_config_is_refused_naming_each_change(env, tmp_pat
 def test_non_finite_validation_stops_naming_the_step(env, tmp_path, every_four):
     """Negative BN running variances: training (batch statistics) goes on, evaluation gives NaN;
     it once scored such a model as 100 % correct and saved it."""
-    c = train.load_config(TINY)
+    c = config_lib.load_config(TINY)
     model, _ = train.create_model(c, 10)
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(every_four), read_only=True) as mngr:
@@ -629,7 +630,7 @@ def test_unwritable_workdirs_are_one_line_before_training(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=r"cannot write in --workdir '.*ro' \(Read-only file system\)"):
         workdir_lib.prepare(str(tmp_path / "ro"))
     monkeypatch.setattr("builtins.open", real_open)
-    model, _ = train.create_model(train.load_config(TINY), 10)
+    model, _ = train.create_model(config_lib.load_config(TINY), 10)
     variables = checkpoint.abstract_variables(model)
     workdir_lib.check_free_space(str(tmp_path), variables)
     monkeypatch.setattr(workdir_lib.shutil, "disk_usage",

@@ -179,8 +179,7 @@ def _cache_path(split_dir: str, files) -> str:
     h = hashlib.sha256()
     for path, label in files:
         h.update(f"{os.path.relpath(path, split_dir)}\0{label}\0{_file_digest(path)}\n".encode())
-    root = os.environ.get("RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax"))
-    return os.path.join(root, f"folder-{h.hexdigest()[:24]}.npz")
+    return storage.cache_dir(f"folder-{h.hexdigest()[:24]}.npz")
 
 
 def _file_digest(path: str) -> str:
