@@ -27,11 +27,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file(
-        "config", None, "a shipped config or a file and its argument, e.g. cifar10:resnet56 or "
-        "configs/cifar10.py:resnet56; "
-        "override any key with --config.KEY=VALUE", lock_config=True)
+    config_lib.define_config_flag("cifar10:resnet56")
     flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events; a "
                         "workdir holding a checkpoint of the same model is resumed")
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (several processes "

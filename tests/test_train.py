@@ -224,7 +224,12 @@ def test_train_state_round_trips_through_the_stacked_checkpoint_layout(tmp_path)
     shapes = checkpoint.stored_shapes(str(tmp_path), step)
     assert shapes["params/stage2/blocks/conv1/kernel"] == (2, 3, 3, 8, 8)
     assert not any("block1" in k for k in shapes)
-    momentum = [k for k in _stored_keys(str(tmp_path), step, "train") if "opt_state" in k]
+    stored = _stored_keys(str(tmp_path), step, "train")
+    # the schedule's state flat beside step and opt_state, as checkpoints always stored it (so
+    # workdirs written before schedule.py resume); the running training error is not stored
+    assert {f"['{k}']" for k in ("step", *schedule.STORED)} <= set(stored)
+    assert not any("warmup_error" in k or "schedule" in k for k in stored)
+    momentum = [k for k in stored if "opt_state" in k]
     assert any("'blocks'" in k for k in momentum) and not any("block1" in k for k in momentum)
     with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
         restored = workdir_lib.restore(mngr, step, target)
@@ -275,6 +280,7 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     sys.path.insert(0, "tests")
     from conftest import differences_by_kind
     from resnet_jax import checkpoint, parallel, train
+    from resnet_jax import config as config_lib
     from resnet_jax import workdir as workdir_lib
     from resnet_jax.data import pipeline, sources
     assert jax.device_count() == 8
