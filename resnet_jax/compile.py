@@ -405,7 +405,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    config_lib.define_config_flag("imagenet:resnet50")
+    config_lib.define_config_flag("imagenet:resnet50", __name__)
     flags.DEFINE_string("topology", "v5e:2x2", f"{_FORMS}; chips: " + ", ".join(
         f"{c.name} ({c.hbm_bytes // GiB} GiB HBM)" for c in CHIPS.values()))
     flags.DEFINE_integer("batch_size", None, "global batch (default: the config's batch_size)",

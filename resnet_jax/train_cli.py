@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-    config_lib.define_config_flag("cifar10:resnet56")
+    config_lib.define_config_flag("cifar10:resnet56", __name__)
     flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events; a "
                         "workdir holding a checkpoint of the same model is resumed")
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (several processes "

@@ -110,6 +110,7 @@ def test_help_and_describe_need_no_config():
     proc = _run("-m", "resnet_jax.train", "--help")
     assert "error" not in proc.stderr and "--workdir" in proc.stdout
     assert "--[no]allow_config_change:" in proc.stdout and "--[no]describe:" in proc.stdout
+    assert "--config: a shipped config" in proc.stdout  # defined in config.py, listed as the tool's
     proc = _run("-m", "resnet_jax.train", "--describe")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "checkpoint_every = 2000" in proc.stdout and "warmup_smoothing = 0.95" in proc.stdout
