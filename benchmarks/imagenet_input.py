@@ -165,7 +165,8 @@ def step_rate(model: str, batch: int, steps: int = 3) -> float:
     """images/s of the trainer's jitted step of an ImageNet net at 224x224, on a random batch."""
     import jax
     from resnet_jax import checkpoint, kernels, parallel, train
-    config = train.load_config(os.path.join(REPO, "configs", f"imagenet.py:{model}"))
+    from resnet_jax import config as config_lib
+    config = config_lib.load_config(os.path.join(REPO, "configs", f"imagenet.py:{model}"))
     config.batch_size = batch
     mesh = parallel.make_mesh()
     net, _ = train.create_model(config, 1000, kernels.for_devices(mesh.devices.flat))

@@ -19,7 +19,7 @@ from absl import app, flags
 
 from benchmarks import textbook_resnet
 from resnet_jax import compile as tpu_compile
-from resnet_jax import train
+from resnet_jax import config as config_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", "v5e:2x2", "the TPU slice both steps are compiled for")
@@ -34,7 +34,7 @@ FIELDS = ("temp_bytes", "bytes_accessed", "flops", "compile_seconds", "compile_c
 def compare(topology: str, per_chip: int, image_size: int = 224, effort: float = 0.0, log=print):
     chip = tpu_compile.chip_of(topology)
     devices = tpu_compile.target_devices(topology)
-    config = train.load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)),
+    config = config_lib.load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)),
                                             "configs", "imagenet.py") + ":resnet50")
     with config.unlocked():
         config.compute_dtype = "bfloat16"

@@ -16,7 +16,7 @@ import os
 from absl import app, flags
 
 from resnet_jax import compile as tpu_compile
-from resnet_jax import train
+from resnet_jax import config as config_lib
 
 FLAGS = flags.FLAGS
 
@@ -34,7 +34,7 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def cell(model: str, topology: str, effort: float) -> dict:
-    config = train.load_config(f"{CONFIG}:{model}")
+    config = config_lib.load_config(f"{CONFIG}:{model}")
     with config.unlocked():
         config.compute_dtype = "bfloat16"
     result = tpu_compile.run_compile(config, topology, programs=("train",), search_max_batch=True,

@@ -1,7 +1,9 @@
 """Checkpoints: an orbax CheckpointManager directory whose every step holds three items,
 
   model     {'params', 'batch_stats'}: all that inference needs;
-  train     optimizer state, rng and data position (absent in converted weights);
+  train     step, optimizer state and the learning-rate schedule's state (schedule.stored;
+            absent in converted weights): the data position and dropout keys follow from the
+            step and the config's seed;
   metadata  JSON: model name and options, input normalisation, config, provenance.
 
 A converted PyTorch net and a training workdir are the same kind of directory, so evaluation and
@@ -9,7 +11,7 @@ analysis read both through `load_model`.
 
 Items holding variables (and optimizer states that mirror them) are stored in
 `layout.to_checkpoint`'s layout, every stage's identical blocks stacked in `blocks`, whatever
-layout the model holds: `save_model` and `train.save` stack, `restore_checked` restores that
+layout the model holds: `save_model` and `workdir.save` stack, `restore_checked` restores that
 layout and hands back the model's. Checksums and `stored_shapes` are those of the stored layout.
 """
 import dataclasses

@@ -39,8 +39,9 @@ import numpy as np
 from absl import app, flags
 
 import resnet_jax.kernels
-from resnet_jax import analyze, checkpoint, cli, parallel, storage, train
+from resnet_jax import analyze, checkpoint, cli, lines, parallel, storage, train
 from resnet_jax import config as config_lib
+from resnet_jax.data import sources
 from resnet_jax.evaluate import make_eval_step
 from resnet_jax.errors import UserError, exit_on_user_error
 
@@ -264,15 +265,6 @@ def compile_lowered(lowered, effort: float = 0.0):
 # The trainer's programs, abstract
 
 
-NUM_CLASSES = {"imagenet2012": 1000, "cifar10": 10, "cifar100": 100}
-
-
-def num_classes(config) -> int:
-    """The classifier's width for the config's data set (10 for folders and synthetic data)."""
-    name = config.data.source.split(":", 1)[-1].split("/")[0]
-    return NUM_CLASSES.get(name, 10)
-
-
 @dataclasses.dataclass
 class Programs:
     """The trainer's jitted steps for one config on one mesh, and abstract arguments for them."""
@@ -286,7 +278,7 @@ class Programs:
     def build(cls, config, devices: Sequence[jax.Device], image_size: Optional[int] = None):
         mesh = parallel.make_mesh(devices)
         image_size = image_size or config.data.get("image_size", 32)
-        model, _ = train.create_model(config, num_classes(config),
+        model, _ = train.create_model(config, sources.num_classes(config.data.source),
                                       resnet_jax.kernels.for_devices(mesh.devices.flat))
         # the paper's per-pixel mean: its value does not change the program
         normalization = checkpoint.Normalization(np.zeros((image_size, image_size, 3), np.float32))
@@ -413,11 +405,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file(
-        "config", None, "a shipped config or a file and its argument, e.g. imagenet:resnet50 or "
-        "configs/imagenet.py:resnet50; "
-        "override any key with --config.KEY=VALUE", lock_config=True)
+    config_lib.define_config_flag("imagenet:resnet50", __name__)
     flags.DEFINE_string("topology", "v5e:2x2", f"{_FORMS}; chips: " + ", ".join(
         f"{c.name} ({c.hbm_bytes // GiB} GiB HBM)" for c in CHIPS.values()))
     flags.DEFINE_integer("batch_size", None, "global batch (default: the config's batch_size)",
@@ -480,8 +468,7 @@ def main(argv):
         result = run_compile(FLAGS.config, FLAGS.topology, FLAGS.batch_size, FLAGS.programs,
                              FLAGS.max_batch, FLAGS.image_size, FLAGS.effort)
         if FLAGS.json:
-            from resnet_jax.evaluate import write_json
-            write_json(FLAGS.json, result)
+            lines.write_json(FLAGS.json, result)
 
 
 def compile_only():

@@ -168,6 +168,26 @@ def _is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def define_config_flag(example: str, module: str) -> None:
+    """--config, defined alike by every tool that takes one: a shipped config or a file and its
+    argument (`example`, as 'cifar10:resnet56'), its keys overridden by --config.KEY=VALUE; a
+    key flag of the tool's `module`, so that its --help lists it."""
+    from absl import flags
+    from ml_collections import config_flags
+    name, model = example.split(":")
+    holder = config_flags.DEFINE_config_file(
+        "config", None, f"a shipped config or a file and its argument, e.g. {example} or "
+        f"configs/{name}.py:{model}; override any key with --config.KEY=VALUE", lock_config=True)
+    flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[holder.name])
+
+
+def check(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Every problem of the config (`validate`) as one UserError, a line each."""
+    problems = validate(config, num_devices)
+    if problems:
+        raise UserError("\n".join(problems))
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> List[str]:
     """Every problem of `config` as one line each (empty: fine), without touching data, devices
     or JAX: the trainer runs it first. `num_devices` is the number the global batches split over."""

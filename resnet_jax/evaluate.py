@@ -224,11 +224,6 @@ def check_output_file(path: str, flag: str = "--json") -> None:
         raise UserError(f"{flag} {path!r}: cannot write in {folder!r}; choose a writable folder")
 
 
-def write_json(path: str, obj) -> None:
-    """Write `obj` as JSON, local or on gs://, so that a reader never sees half a file."""
-    storage.write(path, lines.dumps(obj, indent=1) + "\n")
-
-
 FLAGS = flags.FLAGS
 
 
@@ -289,7 +284,7 @@ def main(argv):
               f"{100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}% "
               f"({result['count']} images)")
         if FLAGS.json:
-            write_json(FLAGS.json, result)
+            lines.write_json(FLAGS.json, result)
 
 
 def run():

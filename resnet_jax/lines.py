@@ -4,11 +4,14 @@ A line goes out in one `os.write` on an O_APPEND descriptor; a write that fails 
 disk) is cut back to the file's size before it, and opening a file whose last line a killed
 process left half-written drops that half line. A reader therefore only ever sees whole lines,
 and a resumed run's first line never lands on the end of another. Values that JSON cannot hold
-(NaN, Infinity) are written as null (`dumps`).
+(NaN, Infinity) are written as null (`dumps`). Every tool's JSON output goes through here too
+(`write_json`).
 """
 import json
 import math
 import os
+
+from resnet_jax import storage
 
 
 def finite_or_none(obj):
@@ -25,6 +28,12 @@ def finite_or_none(obj):
 def dumps(obj, **kwargs) -> str:
     """Standard JSON (never the bare NaN/Infinity that json.dumps writes by default)."""
     return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: str, obj) -> None:
+    """Write `obj` as JSON (`dumps`), local or on gs://, so that a reader never sees half a
+    file: the JSON output of every tool."""
+    storage.write(path, dumps(obj, indent=1) + "\n")
 
 
 class LineLog:

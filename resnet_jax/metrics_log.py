@@ -1,6 +1,6 @@
 """A run's metrics log on object storage, and the reader of every run's log.
 
-A local workdir's log is one `metrics.jsonl`, appended line by line (train.MetricWriter). Object
+A local workdir's log is one `metrics.jsonl`, appended line by line (periodic.MetricWriter). Object
 storage (gs://) has no append, and rewriting a growing file at every log step costs a run of
 6,000 log steps quadratic time; so a remote log keeps its rows in memory and writes them as one
 new part per flush, `metrics/NNNNN.jsonl`, with a TensorBoard event file of the same rows. The

@@ -20,8 +20,8 @@ from typing import Iterable, Optional, Sequence
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax"))
-    return Path(root) / "kernels"
+    from resnet_jax import storage
+    return Path(storage.cache_dir("kernels"))
 
 
 def cpu_signature() -> bytes:

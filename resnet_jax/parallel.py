@@ -70,11 +70,10 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 
 class InFlight:
     """At most `depth` dispatched CPU computations left unfinished: `add` each step's output, and
-    it waits for the one `depth` steps back. Unbounded async dispatch deadlocked XLA:CPU with
-    several devices (a device stuck acquiring a launch slot while the others wait in an
-    all-reduce, some 50 steps ahead), so the loops that dispatch steps in a row use this; two
-    ahead keep a device busy while the host queues the next. Outputs on GPUs or TPUs pass
-    through: their runtimes bound their own queues."""
+    it waits for the one `depth` steps back. XLA:CPU with several devices can deadlock when one
+    device runs far ahead of an all-reduce the others wait in, so the loops that dispatch steps
+    in a row use this; two ahead keep a device busy while the host queues the next. Outputs on
+    GPUs or TPUs pass through: their runtimes bound their own queues."""
 
     def __init__(self, depth: int = 2):
         self.depth = depth

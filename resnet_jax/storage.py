@@ -28,6 +28,13 @@ def _no_listing_cache() -> None:
 _no_listing_cache()
 
 
+def cache_dir(*parts: str) -> str:
+    """The package's own cache on this machine (built kernels, decoded folder splits, compiled
+    steps): $RESNET_JAX_CACHE, by default ~/.cache/resnet_jax, joined with `parts`."""
+    root = os.environ.get("RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax"))
+    return os.path.join(root, *parts)
+
+
 def is_remote(path) -> bool:
     return "://" in str(path)
 

@@ -1,10 +1,16 @@
-"""A run's folder, local or gs://: what a resumed run must find unchanged, and the lock that
-keeps a second trainer out (`Lock`).
+"""A run's folder, local or gs://: opened once (`open_workdir`: the lock that keeps a second
+trainer out, the stored metadata read once, every check of a resumed run once), and the train
+state's checkpoints in it (`save`, `restore`, `resume`).
+
+A resumed run must find unchanged what it trains: the model (always), the config but for
+FREE_TO_CHANGE, the classes, and the training data (unless --allow_config_change).
 
 Data identity is by content: the checkpoint's metadata records `sources.fingerprint` of the
 training images (`train_data`), and a resume compares that, not the source string (a trailing
 slash or a symlink to the same folder is the same data; a folder that grew is not).
 """
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -14,12 +20,17 @@ import socket
 import threading
 import time
 import uuid
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import jax
+import ml_collections
+import orbax.checkpoint as ocp
 
-from resnet_jax import storage
+from resnet_jax import checkpoint, parallel, storage
+from resnet_jax import schedule as schedule_lib
+from resnet_jax.data import sources
 from resnet_jax.errors import UserError
+from resnet_jax.models import layout
 
 log = logging.getLogger("resnet_jax.train")
 
@@ -44,7 +55,7 @@ def check_data(workdir: str, step: int, stored: Dict, meta: Dict, allow_change: 
 def prepare(workdir: str) -> None:
     """A local workdir is created and must take a file, a gs:// one be writable
     (storage.check_writable): one line now instead of a traceback after loading and compiling."""
-    if "://" in workdir:
+    if storage.is_remote(workdir):
         return storage.check_writable(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir {workdir!r} is a file; name a directory")
@@ -62,8 +73,8 @@ def prepare(workdir: str) -> None:
 def check_free_space(workdir: str, variables, copies: int = 3) -> None:
     """A checkpoint holds the weights, the momentum buffer and about a MiB of metadata: refuse
     to start without room for `copies` of that (orbax writes the next before it removes the
-    oldest). A disk that fills later fails the save in one line (`_writing`)."""
-    if "://" in workdir:
+    oldest). A disk that fills later fails the save in one line (`writing`)."""
+    if storage.is_remote(workdir):
         return
     arrays = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(variables))
     need = copies * (2 * arrays + 2**20)
@@ -71,6 +82,239 @@ def check_free_space(workdir: str, variables, copies: int = 3) -> None:
     if free < need:
         raise UserError(f"--workdir {workdir!r} has {free / 2**20:.0f} MiB free; checkpoints need "
                         f"about {need / 2**20:.0f} MiB; free space or choose another workdir")
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening a workdir: the stored metadata read once, each check once
+
+# Config keys a resumed run may change: they do not change what is trained. The model is
+# compared on its own (`check_model`): another model is refused whatever the flags.
+FREE_TO_CHANGE = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "keep_best",
+                  "eval_batch_size", "data.data_dir", "responses_images", "responses_every",
+                  "profile_steps", "profile_every_process")
+MODEL_KEYS = ("model", "model_options")
+
+
+@dataclasses.dataclass
+class Workdir:
+    """An open workdir: its checkpoint manager, its steps, and the newest step whose metadata
+    reads (`step`, None in a fresh workdir or one whose every step is damaged) with that
+    metadata (`stored`)."""
+    path: str
+    mngr: ocp.CheckpointManager
+    step: Optional[int]
+    stored: Dict
+    allow_change: bool = False
+    damaged: Tuple[int, ...] = ()  # steps `resume` found damaged and left in place
+    meta: Dict = dataclasses.field(default_factory=dict)  # this run's, for its checkpoints
+
+    @property
+    def steps(self) -> List[int]:
+        return self.mngr.all_steps()
+
+    def check_config(self, config: ml_collections.ConfigDict) -> None:
+        """Before any data loads: another model is refused; another data set, batch, schedule
+        or optimizer too (naming each change) unless `allow_change`."""
+        if self.step is None:
+            return
+        check_model(self.path, self.step, self.stored, config.model, dict(config.model_options))
+        changes = config_changes(self.stored, config)
+        if changes and not self.allow_change:
+            raise UserError(f"workdir {self.path!r} (step {self.step}) was trained with another "
+                            f"config: {'; '.join(changes)}; rerun with the same config, choose "
+                            "another --workdir, or pass --allow_config_change to resume with "
+                            "this one")
+        if changes:
+            log.warning("resuming %s with a changed config: %s", self.path, "; ".join(changes))
+
+    def check_data(self, meta: Dict) -> None:
+        """Once the data are loaded (`meta`: the run's checkpoint metadata, kept for `save`): the
+        number of classes and the classes by name must match, the training images too unless
+        `allow_change`."""
+        self.meta = meta
+        if self.step is None:
+            return
+        theirs = (self.stored.get("model_options") or {}).get("num_classes")
+        if theirs is not None and theirs != meta["model_options"]["num_classes"]:
+            check_model(self.path, self.step, self.stored, meta["model"], meta["model_options"])
+        if self.stored.get("classes") and self.stored["classes"] != meta["classes"]:
+            sources.check_classes("the data of this run", meta["classes"], self.stored["classes"],
+                                  f"workdir {self.path!r} (step {self.step})'s")
+        if check_data(self.path, self.step, self.stored, meta, self.allow_change):
+            log.warning("resuming %s on changed training data", self.path)
+
+
+    def resume(self, target):
+        """The train state of the newest intact step, or None in a fresh workdir (`resume`);
+        remembers the damaged steps, which `save` leaves in place."""
+        state, damaged = resume(self.mngr, self.steps, target)
+        self.damaged = tuple(damaged)
+        if state is not None and parallel.is_main_process():
+            log.info("resumed from %s step %d%s", self.path, int(jax.device_get(state.step)),
+                     f" (the damaged steps {damaged} are left in place)" if damaged else "")
+        return state
+
+    def save(self, state, metrics: Dict) -> Optional[int]:
+        """`save`, unless a damaged checkpoint of the state's step is in the way (orbax does not
+        write over a step: that one stays as it was found): the step saved, or None."""
+        step = int(jax.device_get(state.step))
+        if step in self.damaged:
+            log.warning("step %d is not saved: the damaged checkpoint of that step is in the way "
+                        "(remove %s to let a run save it)", step,
+                        os.path.join(str(self.mngr.directory), str(step)))
+            return None
+        return save(self.mngr, state, self.meta, metrics)
+
+    def wait(self, step: int) -> None:
+        """Until every save has finished (`step` names the latest in a failure's line)."""
+        wait_for_saves(self.mngr, step)
+
+
+def read(mngr: ocp.CheckpointManager, workdir: str, allow_change: bool = False) -> Workdir:
+    """The workdir `mngr` manages, with the metadata of its newest step that reads (`resume`
+    reports the damaged ones)."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return Workdir(workdir, mngr, step, checkpoint.read_metadata(workdir, step, mngr=mngr),
+                           allow_change)
+        except checkpoint.DamagedCheckpoint:
+            continue
+    return Workdir(workdir, mngr, None, {}, allow_change)
+
+
+@contextlib.contextmanager
+def open_workdir(workdir: str, config: ml_collections.ConfigDict, allow_change: bool = False,
+                 best_metric: Optional[str] = None) -> Iterator[Workdir]:
+    """The workdir made (`prepare`), locked (`Lock`, by process 0), seen by every process
+    (parallel.check_shared_directory), its metadata read and checked against `config`; the
+    checkpoint manager keeps `config.keep_checkpoints` and the `config.keep_best` best by
+    `best_metric`, and is closed (its saves finished) on the way out."""
+    prepare(workdir)
+    with Lock(workdir, enabled=parallel.is_main_process()):
+        parallel.check_shared_directory(workdir)
+        mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
+                                  best_metric=best_metric, keep_best=config.keep_best)
+        try:
+            opened = read(mngr, workdir, allow_change)
+            opened.check_config(config)
+            yield opened
+        except BaseException:
+            with contextlib.suppress(Exception):  # quietly: a second error would hide the first
+                mngr.close()
+            raise
+        with writing(mngr, mngr.latest_step()):
+            mngr.close()
+
+
+def _json_normal(value):
+    return json.loads(json.dumps(value))
+
+
+def _flatten(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def config_changes(stored: Dict, config: ml_collections.ConfigDict) -> List[str]:
+    """['lr 0.1 -> 0.2', ...]: what differs between the config in a checkpoint's metadata and
+    `config`, but for FREE_TO_CHANGE and the model; none for converted weights (no config)."""
+    if not stored.get("config"):
+        return []
+    before = _flatten(_json_normal(stored["config"]))
+    now = _flatten(json.loads(config.to_json_best_effort()))
+    for side in (before, now):  # the same folder however named; its content: check_data
+        side["data.source"] = sources.identity(str(side.get("data.source", "")))
+    return [f"{key} {before.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
+            for key in sorted(set(before) | set(now))
+            if key not in FREE_TO_CHANGE and key.split(".")[0] not in MODEL_KEYS
+            and before.get(key) != now.get(key)]
+
+
+def check_model(workdir: str, step: int, stored: Dict, model: str, options: Dict) -> None:
+    """Refuses a workdir holding another model; `options` without num_classes (before the data
+    is loaded) compare with the stored ones without it too."""
+    theirs = dict(stored.get("model_options") or {})
+    if "num_classes" not in options:
+        theirs.pop("num_classes", None)
+    if (stored.get("model"), theirs) != (model, _json_normal(options)):
+        raise UserError(f"workdir {workdir!r} holds a checkpoint of {stored.get('model')} "
+                        f"{stored.get('model_options')} (step {step}), not of {model} "
+                        f"{_json_normal(options)}; choose another --workdir")
+
+
+# ---------------------------------------------------------------------------------------------
+# The train state's checkpoints
+
+
+class WriteFailed(UserError):
+    """The workdir stopped taking files (full, or made read-only) during training."""
+    exit_at_once = True
+
+
+@contextlib.contextmanager
+def writing(mngr, step: int):
+    """A failed write (a full disk, a workdir made read-only) as one line; earlier steps stay."""
+    try:
+        yield
+    except Exception as e:
+        raise WriteFailed(f"could not write the checkpoint of step {step} in "
+                          f"{str(mngr.directory)!r} ({checkpoint.first_line(e)}); the steps saved "
+                          "before it are kept; free space or fix permissions and rerun the same "
+                          "command to resume") from None
+
+
+def save(mngr: ocp.CheckpointManager, state, meta: Dict, metrics: Dict) -> int:
+    """Start an asynchronous save of the train state `state` at its step (returns once arrays
+    are on the host), in the stored layout (`layout.to_checkpoint`: the optimizer state's copies
+    of the parameters too), with the checksums `restore` verifies."""
+    step = int(jax.device_get(state.step))
+    if step not in mngr.all_steps():
+        model = layout.to_checkpoint(state.variables)
+        train = layout.to_checkpoint(state.train_item())
+        meta = checkpoint.for_saving(mngr, step, meta, model=model, train=train)
+        with writing(mngr, step):
+            mngr.save(step, metrics=metrics, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
+                metadata=ocp.args.JsonSave(meta)))
+    return step
+
+
+def wait_for_saves(mngr: ocp.CheckpointManager, step: int) -> None:
+    with writing(mngr, step):
+        mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, target):
+    """The train state saved at `step`, verified against its checksums
+    (checkpoint.DamagedCheckpoint), in the model's layout and placed as `target` says."""
+    directory = str(mngr.directory)
+    meta = checkpoint.read_metadata(directory, step, mngr=mngr)
+    restored = checkpoint.restore_checked(mngr, directory, step, meta, dict(
+        model=target.variables, train=target.train_item()))
+    train = dict(restored["train"])
+    step, opt_state = train.pop("step"), train.pop("opt_state")
+    return target.replace(**restored["model"], step=step, opt_state=opt_state,
+                          schedule=schedule_lib.restored(train, target.schedule))
+
+
+def resume(mngr: ocp.CheckpointManager, steps, target) -> Tuple[Optional[object], List[int]]:
+    """(the train state of the newest intact step among `steps`, the damaged steps newer than
+    it): a damaged step is reported in one line and left in place, never deleted."""
+    damaged = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return restore(mngr, step, target), damaged
+        except checkpoint.DamagedCheckpoint as e:
+            damaged.append(step)
+            log.warning("%s; left in place, trying the step before it", e)
+    if damaged:
+        raise UserError(f"every checkpoint in {str(mngr.directory)!r} is damaged (steps "
+                        f"{sorted(damaged)}, see above); choose another --workdir")
+    return None, damaged
 
 
 # ---------------------------------------------------------------------------------------------

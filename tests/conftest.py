@@ -107,7 +107,7 @@ def fresh_python(code: str, xla_flags: str = "") -> list:
 
 def tiny_config(**changes):
     """configs/cpu.py:tiny with `changes` ({'data.source': ..., 'lr': ...}) applied."""
-    from resnet_jax.train import load_config
+    from resnet_jax.config import load_config
     c = load_config(str(REPO / "configs" / "cpu.py") + ":tiny")
     for key, value in changes.items():
         node = c

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO, require_native
 from resnet_jax import compile as tpu_compile
+from resnet_jax import config as config_lib
 from resnet_jax import train
 from resnet_jax.errors import UserError
 from resnet_jax.models.compute import XLA
@@ -33,7 +34,7 @@ def v5e():
 
 
 def _config(spec, **changes):
-    config = train.load_config(str(REPO / "configs" / spec))
+    config = config_lib.load_config(str(REPO / "configs" / spec))
     with config.unlocked():
         config.update(changes)
     return config

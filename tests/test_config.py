@@ -49,7 +49,7 @@ def test_every_default_key_has_a_meaning():
 
 
 def test_the_recipes_validate():
-    from resnet_jax.train import load_config
+    from resnet_jax.config import load_config
     for spec in ("cifar10.py:resnet110", "cpu.py:tiny", "cpu.py:resnet20", "imagenet.py:resnet50",
                  "imagenet.py:resnet50,steps"):
         assert config_lib.validate(load_config(f"{REPO}/configs/{spec}")) == [], spec
@@ -110,6 +110,7 @@ def test_help_and_describe_need_no_config():
     proc = _run("-m", "resnet_jax.train", "--help")
     assert "error" not in proc.stderr and "--workdir" in proc.stdout
     assert "--[no]allow_config_change:" in proc.stdout and "--[no]describe:" in proc.stdout
+    assert "--config: a shipped config" in proc.stdout  # defined in config.py, listed as the tool's
     proc = _run("-m", "resnet_jax.train", "--describe")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "checkpoint_every = 2000" in proc.stdout and "warmup_smoothing = 0.95" in proc.stdout

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import resnet_jax
-from resnet_jax import checkpoint, convert, evaluate
+from resnet_jax import checkpoint, convert, evaluate, lines
 from resnet_jax.data import sources
 from resnet_jax.errors import UserError
 
@@ -73,12 +73,12 @@ def test_labels_beyond_the_model_are_refused(akamaster_dir):
 
 def test_write_json_is_atomic(tmp_path):
     path = tmp_path / "sub" / "r.json"
-    evaluate.write_json(str(path), {"top1": 0.5})
-    evaluate.write_json(str(path), {"top1": 0.25})
+    lines.write_json(str(path), {"top1": 0.5})
+    lines.write_json(str(path), {"top1": 0.25})
     assert json.loads(path.read_text()) == {"top1": 0.25}
     assert os.listdir(path.parent) == ["r.json"]  # no temp file left behind
     with pytest.raises(TypeError):
-        evaluate.write_json(str(path), {"x": object()})
+        lines.write_json(str(path), {"x": object()})
     assert json.loads(path.read_text()) == {"top1": 0.25}  # a failed write keeps the old file
     assert os.listdir(path.parent) == ["r.json"]
 
@@ -201,7 +201,7 @@ def test_an_unwritable_json_path_is_refused_before_any_scoring(tmp_path):
 
 
 def test_written_json_is_standard_json(tmp_path):
-    evaluate.write_json(str(tmp_path / "r.json"), {"loss": float("nan"), "top1": float("inf")})
+    lines.write_json(str(tmp_path / "r.json"), {"loss": float("nan"), "top1": float("inf")})
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"loss": None, "top1": None}

@@ -158,14 +158,14 @@ def test_grain_reads_array_record_shards_on_gcs(gcs_dir, tmp_path):
 
 
 def test_a_failed_remote_metrics_write_is_one_line(gcs_dir, monkeypatch):
-    from resnet_jax import train
-    writer = train.MetricWriter(gcs_dir, enabled=True)
+    from resnet_jax import periodic, workdir
+    writer = periodic.MetricWriter(gcs_dir, enabled=True)
     writer.write(1, dict(loss=1.0))
 
     def refused(self):
         raise RuntimeError("HTTP 503: service unavailable")  # what gcsfs raises is no OSError
     monkeypatch.setattr(metrics_log.RemoteLog, "flush", refused)
-    with pytest.raises(train.WriteFailed, match=r"cannot write metrics to .*HTTP 503.*rerun the same"):
+    with pytest.raises(workdir.WriteFailed, match=r"cannot write metrics to .*HTTP 503.*rerun the same"):
         writer.flush()
 
 

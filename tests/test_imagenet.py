@@ -431,8 +431,9 @@ def test_analyze_on_two_processes_gives_the_one_result(folder, imagenet_net, tmp
 def test_training_on_a_folder_logs_input_wait(folder, tmp_path):
     """The trainer's host pipeline end to end: folder:PATH, grain, the device half, input_wait."""
     from resnet_jax import train
+    from resnet_jax import config as config_lib
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = train.load_config(os.path.join(repo, "configs", "imagenet.py:resnet18"))
+    config = config_lib.load_config(os.path.join(repo, "configs", "imagenet.py:resnet18"))
     config.data.source = f"folder:{folder}"
     config.data.update(dict(image_size=NET_SIZE, scale=(72, 96), eval_resize=73, mean_images=6,
                             workers=0, threads=2))

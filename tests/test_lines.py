@@ -4,14 +4,14 @@ import os
 
 import pytest
 
-from resnet_jax import lines, train
+from resnet_jax import lines, periodic, workdir
 
 
 def test_a_write_that_fails_part_way_leaves_whole_lines_and_the_rerun_appends_cleanly(
         tmp_path, monkeypatch):
     """Disk full mid-run left half a line; the rerun's first row landed on its end
     (`"lr": 0.1000000014{"step": 16, ...`) and plots refused the file."""
-    writer = train.MetricWriter(str(tmp_path), True)
+    writer = periodic.MetricWriter(str(tmp_path), True)
     writer.write(1, dict(loss=2.5, lr=0.1))
     real_write = os.write
 
@@ -20,7 +20,7 @@ def test_a_write_that_fails_part_way_leaves_whole_lines_and_the_rerun_appends_cl
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(lines.os, "write", half_then_full)
-    with pytest.raises(train.WriteFailed, match="No space left on device"):
+    with pytest.raises(workdir.WriteFailed, match="No space left on device"):
         writer.write(2, dict(loss=2.4, lr=0.1))
     monkeypatch.setattr(lines.os, "write", real_write)
     writer.close()
@@ -28,7 +28,7 @@ def test_a_write_that_fails_part_way_leaves_whole_lines_and_the_rerun_appends_cl
     assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1]
     with open(path, "a") as f:  # what a SIGKILL mid-write would leave
         f.write('{"step": 2, "loss": 2.4, "lr": 0.10000')
-    again = train.MetricWriter(str(tmp_path), True)
+    again = periodic.MetricWriter(str(tmp_path), True)
     again.write(16, dict(loss=float("nan"), lr=float("inf")))
     again.close()
     rows = [json.loads(ln) for ln in path.read_text().splitlines()]

@@ -37,6 +37,7 @@ import pytest
 
 from conftest import differences_by_kind
 from resnet_jax import checkpoint, parallel, train
+from resnet_jax import config as config_lib
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains
 
@@ -137,7 +138,7 @@ def relative_differences(a, b) -> dict:
 
 
 def initial_variables():
-    config = train.load_config(CONFIG)
+    config = config_lib.load_config(CONFIG)
     model, _ = train.create_model(config, num_classes=10)
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     return jax.device_get(train.init_state(config, model, mesh, 32).variables)

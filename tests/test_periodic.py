@@ -10,6 +10,7 @@ import pytest
 
 from conftest import tiny_config
 from resnet_jax import analyze, checkpoint, metrics_log, plots, train
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import sources
 
 PROBE_IMAGES = 48
@@ -68,7 +69,7 @@ def test_a_run_started_without_the_periodic_keys_resumes_with_them_changed():
     for key in ("responses_images", "responses_every", "profile_steps", "profile_every_process"):
         del stored[key]
     now = tiny_config(responses_images=7, profile_steps=(1, 2), lr=0.2)
-    assert train.config_changes(dict(config=stored), now) == ["lr 0.1 -> 0.2"]
+    assert workdir_lib.config_changes(dict(config=stored), now) == ["lr 0.1 -> 0.2"]
 
 
 def test_responses_go_to_tensorboard_per_layer_and_as_a_histogram():

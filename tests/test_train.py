@@ -23,8 +23,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import tiny_config
-from resnet_jax import checkpoint, parallel, train
+from resnet_jax import checkpoint, parallel, schedule, train
+from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
+from resnet_jax.data import splits
 from resnet_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -101,31 +103,30 @@ def assert_trees_close(a, b, rtol):
 
 
 def test_learning_rate_schedule_and_warmup():
-    c = train.load_config(f"{REPO}/configs/cifar10.py:resnet110")
-    assert c.warmup_lr == 0.01 and train.load_config(f"{REPO}/configs/cifar10.py:resnet56").warmup_lr == 0
-    lr = lambda step, done, scale=1.0: float(train.learning_rate(c, jnp.int32(step), scale, done))
+    c = config_lib.load_config(f"{REPO}/configs/cifar10.py:resnet110")
+    assert c.warmup_lr == 0.01 and config_lib.load_config(f"{REPO}/configs/cifar10.py:resnet56").warmup_lr == 0
+    lr = lambda step, done, scale=1.0: float(schedule.learning_rate(c, jnp.int32(step), _schedule(
+        lr_scale=jnp.float32(scale), warmup_done=jnp.asarray(done))))
     assert lr(0, False) == pytest.approx(0.01) and lr(40_000, False) == pytest.approx(0.01)
     assert lr(0, True) == pytest.approx(0.1) and lr(31_999, True) == pytest.approx(0.1)
     assert lr(32_000, True) == pytest.approx(0.01) and lr(48_000, True) == pytest.approx(0.001)
     assert lr(100, True, 0.1) == pytest.approx(0.01)  # a plateau division
 
 
-def _scalar_state(**fields):
-    base = dict(step=jnp.int32(0), params={}, batch_stats={}, opt_state=(), lr_scale=jnp.float32(1),
-                warmup_done=jnp.asarray(False), warmup_end=jnp.int32(-1),
-                warmup_error=jnp.float32(1), best_error=jnp.float32(1),
-                stale_evals=jnp.int32(0))
-    return train.TrainState(**{**base, **fields})
+def _schedule(**fields):
+    base = dict(lr_scale=jnp.float32(1), warmup_done=jnp.asarray(False), warmup_end=jnp.int32(-1),
+                warmup_error=jnp.float32(1), best_error=jnp.float32(1), stale_evals=jnp.int32(0))
+    return schedule.ScheduleState(**{**base, **fields})
 
 
 def test_warmup_ends_once_the_running_training_error_is_below_80_percent():
     """Not at one lucky batch (at ResNet-110's start one batch of 128 fell below 80 % error at
     step 15, and lr 0.1 then raised its loss), but once the batches' running error is below."""
-    c = train.load_config(f"{REPO}/configs/cifar10.py:resnet110")
-    state = _scalar_state()
+    c = config_lib.load_config(f"{REPO}/configs/cifar10.py:resnet110")
+    state = _schedule()
     errors = [0.9] * 20 + [0.5] + [0.9] * 5 + [0.7] * 40 + [0.95]
     for step, error in enumerate(errors):
-        state = train.warmup_rule(c, state.replace(step=jnp.int32(step)), error)
+        state = schedule.warmup(c, state, jnp.int32(step), error)
         if step <= 25:
             assert not bool(state.warmup_done), step
     assert bool(state.warmup_done)  # and it stays done after a bad batch
@@ -137,20 +138,20 @@ def test_warmup_ends_once_the_running_training_error_is_below_80_percent():
 
 
 def test_plateau_divides_the_lr_after_patience_evaluations_without_gain():
-    c = train.load_config(f"{REPO}/configs/imagenet.py:resnet50")
+    c = config_lib.load_config(f"{REPO}/configs/imagenet.py:resnet50")
     assert c.lr_plateau_patience == 3
     mesh = parallel.make_mesh(jax.devices()[:1])
-    state, scales = _scalar_state(), []
+    state, scales = _schedule(), []
     for error in [0.6, 0.5, 0.4995, 0.5, 0.45, 0.46, 0.47, 0.46, 0.46, 0.46, 0.46]:
-        state = train.plateau(c, state, error, mesh)
+        state = schedule.plateau(c, state, error, mesh)
         scales.append(float(state.lr_scale))
     # gains at 0.5 and 0.45; 0.4995 is under min_delta; three stale evaluations divide by 10
     np.testing.assert_allclose(scales, [1, 1, 1, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.01], rtol=1e-6)
-    assert train.plateau(train.load_config(TINY), state, 0.9, mesh) is state  # off in CIFAR
+    assert schedule.plateau(config_lib.load_config(TINY), state, 0.9, mesh) is state  # off in CIFAR
 
 
 def test_sgd_matches_pytorch_and_decay_mask():
-    c = train.load_config(TINY)
+    c = config_lib.load_config(TINY)
     params = {"conv": {"kernel": jnp.array([1.0, -2.0])}, "bn": {"scale": jnp.array([3.0])}}
     grads = {"conv": {"kernel": jnp.array([0.5, 0.5])}, "bn": {"scale": jnp.array([1.0])}}
     for on, decayed in (("all", {"kernel", "scale"}), ("kernels", {"kernel"})):
@@ -166,11 +167,11 @@ def test_sgd_matches_pytorch_and_decay_mask():
             np.testing.assert_allclose(got, expected, rtol=1e-6)
     c.weight_decay_on = "biases"
     with pytest.raises(UserError, match="weight_decay_on must be"):
-        train.check_config(c, num_devices=1)
+        config_lib.check(c, num_devices=1)
 
 
 def test_grouped_batch_norm_is_bn_per_group():
-    c = train.load_config(TINY)
+    c = config_lib.load_config(TINY)
     model, _ = train.create_model(c, 10)
     x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
     variables = random_variables(model)
@@ -195,7 +196,8 @@ def _random_state(target: train.TrainState) -> train.TrainState:
     running training error, which checkpoints do not hold."""
     rng = np.random.default_rng(0)
     draw = lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype), s.sharding)
-    return jax.tree.map(draw, target).replace(warmup_error=jnp.float32(1.0))
+    drawn = jax.tree.map(draw, target)
+    return drawn.replace(schedule=drawn.schedule.replace(warmup_error=jnp.float32(1.0)))
 
 
 def _stored_keys(directory, step, item):
@@ -218,14 +220,19 @@ def test_train_state_round_trips_through_the_stacked_checkpoint_layout(tmp_path)
     meta = checkpoint.metadata(c.model, options, norm, extra=dict(image_size=32))
     step = int(state.step)
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
-        train.save(mngr, state, meta, {train.BEST_METRIC: 0.1})
+        workdir_lib.save(mngr, state, meta, {train.BEST_METRIC: 0.1})
     shapes = checkpoint.stored_shapes(str(tmp_path), step)
     assert shapes["params/stage2/blocks/conv1/kernel"] == (2, 3, 3, 8, 8)
     assert not any("block1" in k for k in shapes)
-    momentum = [k for k in _stored_keys(str(tmp_path), step, "train") if "opt_state" in k]
+    stored = _stored_keys(str(tmp_path), step, "train")
+    # the schedule's state flat beside step and opt_state, as checkpoints always stored it (so
+    # workdirs written before schedule.py resume); the running training error is not stored
+    assert {f"['{k}']" for k in ("step", *schedule.STORED)} <= set(stored)
+    assert not any("warmup_error" in k or "schedule" in k for k in stored)
+    momentum = [k for k in stored if "opt_state" in k]
     assert any("'blocks'" in k for k in momentum) and not any("block1" in k for k in momentum)
     with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
-        restored = train.restore(mngr, step, target)
+        restored = workdir_lib.restore(mngr, step, target)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     jax.tree.map(np.testing.assert_array_equal, restored, state)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
@@ -244,7 +251,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
         with pytest.raises(checkpoint.NonFiniteState, match=r"step \d+ is not saved: \d+ arrays "
                            "of the 'model' item hold NaN or Inf .* no checkpoint was saved"):
-            train.save(mngr, state, meta, {train.BEST_METRIC: -1.0})
+            workdir_lib.save(mngr, state, meta, {train.BEST_METRIC: -1.0})
         assert mngr.all_steps() == []
 
 
@@ -273,9 +280,11 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     sys.path.insert(0, "tests")
     from conftest import differences_by_kind
     from resnet_jax import checkpoint, parallel, train
+    from resnet_jax import config as config_lib
+    from resnet_jax import workdir as workdir_lib
     from resnet_jax.data import pipeline, sources
     assert jax.device_count() == 8
-    c = train.load_config({TINY!r})
+    c = config_lib.load_config({TINY!r})
     ds = sources.load(c.data.source, "train")
     norm = checkpoint.Normalization(sources.mean_image(ds.images))
     out = []
@@ -309,7 +318,7 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     # the 8-device state as the training loop saves it, for a 1-device process to resume
     meta = checkpoint.metadata(c.model, options, norm, extra=dict(image_size=32))
     with checkpoint.manager(sys.argv[1], async_save=False) as mngr:
-        train.save(mngr, state, meta, {{train.BEST_METRIC: 0.1}})
+        workdir_lib.save(mngr, state, meta, {{train.BEST_METRIC: 0.1}})
     print("losses", l1, l8, "worst", worst, diffs[worst])
 """)
 
@@ -381,12 +390,12 @@ def test_sigterm_and_ctrl_c_leave_a_complete_checkpoint(env, tmp_path, sig):
     # its validation numbers are those of an earlier step, and say so
     assert result["val_step"] == result["step"] - result["step"] % 2
     assert f"{signal.Signals(sig).name}: saved step {result['step']}" in out
-    c = train.load_config(TINY)
+    c = config_lib.load_config(TINY)
     model, _ = train.create_model(c, 10)
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
         assert result["step"] in mngr.all_steps()
-        state = train.restore(mngr, result["step"], target)
+        state = workdir_lib.restore(mngr, result["step"], target)
     assert int(state.step) == result["step"]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
@@ -413,14 +422,14 @@ def test_a_second_trainer_on_a_live_workdir_is_refused_naming_the_first(env, tmp
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninterrupted):
     # A good checkpoint at step 12 whose learning-rate factor makes the next steps blow up.
-    c = train.load_config(TINY)
+    c = config_lib.load_config(TINY)
     model, _ = train.create_model(c, 10)
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(uninterrupted), read_only=True) as mngr:
-        state = train.restore(mngr, 12, target)
+        state = workdir_lib.restore(mngr, 12, target)
         meta = mngr.restore(12, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
-        train.save(mngr, state.replace(lr_scale=jnp.float32(1e30)), meta, {train.BEST_METRIC: 0.1})
+        workdir_lib.save(mngr, state.replace(schedule=state.schedule.replace(lr_scale=jnp.float32(1e30))), meta, {train.BEST_METRIC: 0.1})
     rc, out = finish(start(tmp_path, *RUN, "--config.num_steps=16", env=env))
     assert rc == 2, out[-3000:]
     error = [ln for ln in out.splitlines() if ln.startswith("error:")]
@@ -436,7 +445,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninte
 
 def test_missing_config_file():
     with pytest.raises(UserError, match="config file 'configs/nope.py' not found"):
-        train.load_config("configs/nope.py:resnet20")
+        config_lib.load_config("configs/nope.py:resnet20")
 
 
 @pytest.mark.slow
@@ -494,7 +503,7 @@ class _FakeMesh:
 
 @pytest.mark.slow
 def test_workdir_of_another_model_is_refused_and_left_alone(tmp_path):
-    other = train.load_config(TINY)
+    other = config_lib.load_config(TINY)
     other.model = "resnet32"
     model, options = train.create_model(other, 10)
     variables = random_variables(model)
@@ -502,7 +511,7 @@ def test_workdir_of_another_model_is_refused_and_left_alone(tmp_path):
                           normalization=checkpoint.Normalization(np.zeros(3)), step=7)
     before = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(UserError, match=r"holds a checkpoint of resnet32 .*step 7.*not of resnet20"):
-        train.train_and_evaluate(train.load_config(TINY), str(tmp_path),
+        train.train_and_evaluate(config_lib.load_config(TINY), str(tmp_path),
                                  mesh=parallel.make_mesh(jax.devices()[:1]))
     assert sorted(p.name for p in tmp_path.rglob("*") if "tensorboard" not in str(p)
                   and p.name != "metrics.jsonl") == before
@@ -570,26 +579,28 @@ def test_resuming_with_another_config_is_refused_naming_each_change(env, tmp_pat
     assert sorted(str(p) for p in workdir.rglob("*")) == before
     # the explicit flag lets it through (checked here without training again)
     changed = tiny_config(lr=0.05)
-    with pytest.raises(UserError, match="lr 0.1 -> 0.05"):
-        train.check_config_unchanged(str(workdir), changed)
-    train.check_config_unchanged(str(workdir), changed, allow_change=True)
-    train.check_config_unchanged(str(workdir), tiny_config(num_steps=100, log_every=7))  # free to change
+    with checkpoint.manager(str(workdir), read_only=True) as mngr:
+        with pytest.raises(UserError, match="lr 0.1 -> 0.05"):
+            workdir_lib.read(mngr, str(workdir)).check_config(changed)
+        workdir_lib.read(mngr, str(workdir), allow_change=True).check_config(changed)
+        workdir_lib.read(mngr, str(workdir)).check_config(
+            tiny_config(num_steps=100, log_every=7))  # free to change
 
 
 @pytest.mark.slow
 def test_non_finite_validation_stops_naming_the_step(env, tmp_path, every_four):
     """Negative BN running variances: training (batch statistics) goes on, evaluation gives NaN;
     it once scored such a model as 100 % correct and saved it."""
-    c = train.load_config(TINY)
+    c = config_lib.load_config(TINY)
     model, _ = train.create_model(c, 10)
     target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(every_four), read_only=True) as mngr:
-        state = train.restore(mngr, 12, target)
+        state = workdir_lib.restore(mngr, 12, target)
         meta = checkpoint.read_metadata(str(every_four), 12, mngr=mngr)
     stats = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.full_like(x, -100.0) if p[-1].key == "var" else x, state.batch_stats)
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
-        train.save(mngr, state.replace(batch_stats=stats), meta, {train.BEST_METRIC: 0.1})
+        workdir_lib.save(mngr, state.replace(batch_stats=stats), meta, {train.BEST_METRIC: 0.1})
     rc, out = finish(start(tmp_path, *RUN, "--config.num_steps=16", env=env))
     assert rc == 2, out[-3000:]
     [line] = [ln for ln in out.splitlines() if ln.startswith("error:")]
@@ -601,7 +612,7 @@ def test_non_finite_validation_stops_naming_the_step(env, tmp_path, every_four):
 
 @pytest.mark.slow
 def test_config_problems_come_before_any_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "make_data", lambda *a: pytest.fail("data loaded"))
+    monkeypatch.setattr(splits, "make_data", lambda *a: pytest.fail("data loaded"))
     with pytest.raises(UserError) as e:
         train.train_and_evaluate(tiny_config(checkpoint_every=0, log_every=0), str(tmp_path / "w"),
                                  mesh=parallel.make_mesh(jax.devices()[:1]))
@@ -625,7 +636,7 @@ def test_unwritable_workdirs_are_one_line_before_training(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=r"cannot write in --workdir '.*ro' \(Read-only file system\)"):
         workdir_lib.prepare(str(tmp_path / "ro"))
     monkeypatch.setattr("builtins.open", real_open)
-    model, _ = train.create_model(train.load_config(TINY), 10)
+    model, _ = train.create_model(config_lib.load_config(TINY), 10)
     variables = checkpoint.abstract_variables(model)
     workdir_lib.check_free_space(str(tmp_path), variables)
     monkeypatch.setattr(workdir_lib.shutil, "disk_usage",
@@ -641,8 +652,8 @@ def test_a_failed_save_is_one_line_that_exits_at_once():
         def save(self, *a, **k):
             raise OSError(28, "No space left on device")
 
-    with pytest.raises(train.WriteFailed) as e:
-        with train._writing(Full(), 40):
+    with pytest.raises(workdir_lib.WriteFailed) as e:
+        with workdir_lib.writing(Full(), 40):
             Full().save()
     assert str(e.value).startswith("could not write the checkpoint of step 40 in '/runs/r20' "
                                    "(OSError: [Errno 28] No space left on device); the steps "

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from resnet_jax import checkpoint, parallel, train, workdir
-from resnet_jax.data import sources
+from resnet_jax.data import sources, splits
 from resnet_jax.errors import UserError
 
 
@@ -61,17 +61,19 @@ def test_resume_compares_the_data_by_content_not_by_the_source_string(tmp_path):
     os.symlink(tmp_path / "d", tmp_path / "link")
     for same in (f"folder:{tmp_path / 'd'}/", f"folder:{tmp_path / 'link'}"):
         other = tiny_config(**{"data.source": same})
-        train.check_config_unchanged(str(tmp_path / "w"), other)
         now, _ = _meta(other, sources.load(same, "train"))
         with checkpoint.manager(str(tmp_path / "w"), read_only=True) as mngr:
-            assert train.check_workdir(mngr, str(tmp_path / "w"), now) == [4]
+            opened = workdir.read(mngr, str(tmp_path / "w"))
+            opened.check_config(other)
+            opened.check_data(now)
+            assert opened.steps == [4]
     _images(tmp_path / "d", 50, start=20)
     grown, _ = _meta(config, sources.load(config.data.source, "train"))
     with checkpoint.manager(str(tmp_path / "w"), read_only=True) as mngr:
         with pytest.raises(UserError, match=r"was trained on other data: its training split had 20 "
                                             r"images, '.*' has 70 images; .*--allow_config_change"):
-            train.check_workdir(mngr, str(tmp_path / "w"), grown)
-        assert train.check_workdir(mngr, str(tmp_path / "w"), grown, allow_change=True) == [4]
+            workdir.read(mngr, str(tmp_path / "w")).check_data(grown)
+        workdir.read(mngr, str(tmp_path / "w"), allow_change=True).check_data(grown)
 
 
 @pytest.fixture
@@ -93,7 +95,7 @@ def test_a_live_trainer_keeps_a_second_out_naming_it(tmp_path, fast_lock, monkey
                                                        rf"on host '{socket.gethostname()}'"):
             workdir.Lock(str(tmp_path)).acquire()
         # and before any data loads
-        monkeypatch.setattr(train, "make_data", lambda *a: pytest.fail("data loaded"))
+        monkeypatch.setattr(splits, "make_data", lambda *a: pytest.fail("data loaded"))
         with pytest.raises(workdir.WorkdirInUse):
             train.train_and_evaluate(tiny_config(), str(tmp_path),
                                      mesh=parallel.make_mesh(jax.devices()[:1]))
@@ -141,7 +143,7 @@ def test_sigterm_before_the_first_step_is_one_line_and_frees_the_workdir(tmp_pat
     def preempted(*args):
         os.kill(os.getpid(), signal.SIGTERM)
         pytest.fail("SIGTERM did not stop the data loading")
-    monkeypatch.setattr(train, "make_data", preempted)
+    monkeypatch.setattr(splits, "make_data", preempted)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
         with errors.exit_on_user_error():

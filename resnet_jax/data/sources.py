@@ -23,6 +23,8 @@ from resnet_jax.errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
+# The classifier's width of the tfds data sets the configs name; folders and synthetic data: 10.
+NUM_CLASSES = {"imagenet2012": 1000, "cifar10": 10, "cifar100": 100}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -49,6 +51,13 @@ def parse_source(source: str) -> Tuple[str, Any]:
     except ValueError as e:
         raise UserError(f"data source: {e}") from None
     return kind, os.path.expanduser(arg) if kind == "folder" else arg
+
+
+def num_classes(source: str) -> int:
+    """The number of classes of `source` known without loading it (10 when unknown: folders and
+    synthetic data), for programs compiled without data."""
+    name = source.split(":", 1)[-1].split("/")[0]
+    return NUM_CLASSES.get(name, 10)
 
 
 def load(source: str, split: str, *, data_dir: Optional[str] = None, image_size: int = 32,
@@ -179,8 +188,7 @@ def _cache_path(split_dir: str, files) -> str:
     h = hashlib.sha256()
     for path, label in files:
         h.update(f"{os.path.relpath(path, split_dir)}\0{label}\0{_file_digest(path)}\n".encode())
-    root = os.environ.get("RESNET_JAX_CACHE", os.path.expanduser("~/.cache/resnet_jax"))
-    return os.path.join(root, f"folder-{h.hexdigest()[:24]}.npz")
+    return storage.cache_dir(f"folder-{h.hexdigest()[:24]}.npz")
 
 
 def _file_digest(path: str) -> str:

@@ -66,13 +66,10 @@ def default_device_count(cores: Optional[int] = None, onednn: Optional[bool] = N
     return 1 << (wanted.bit_length() - 1)
 
 
-# With several CPU devices, XLA runs each device's program on a thread of one pool with a thread
-# per device, and by default also hands a program's independent operations to that pool. An
-# all-reduce blocks its thread until every device arrives, so handed-off all-reduces can hold
-# threads that a device's own next operation waits for. The first hang of the train loop (XLA
-# aborts after 40 s) had its all-reduces running as such hand-offs; the cause that remained
-# without them is the one `InFlight` removes. Without the hand-off each device runs its program
-# on its own thread, at the same speed here.
+# With several CPU devices, each device's program runs on its own thread and hands none of its
+# operations to the shared pool: an all-reduce blocks its thread until every device arrives, so a
+# handed-off all-reduce can hold a thread that another device's next operation waits for
+# (a deadlock). docs/performance.md has the measurements.
 SEQUENTIAL_DEVICES = "--xla_cpu_multi_thread_eigen=false"
 
 

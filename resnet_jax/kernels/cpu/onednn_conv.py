@@ -36,9 +36,9 @@ _TARGETS = {"resnet_jax_conv_forward": "ResnetJaxConvForward",
 Pads = Tuple[Tuple[int, int], ...]
 
 
-# -march=native: the moments kernel's loops vectorise to the host's widest lanes (AVX-512 here:
-# its cost per stage-3 layer fell from 11 % to 4 % of conv+BN+ReLU). oneDNN JITs for the host
-# anyway; only our own loops depend on it (resnet_jax/native.py keys the cache by the CPU).
+# -march=native: the moments kernel's loops vectorise to the host's widest lanes
+# (docs/performance.md). oneDNN JITs for the host anyway; only our own loops depend on it
+# (resnet_jax/native.py keys the cache by the CPU).
 _CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -159,10 +159,8 @@ def image_moments(x: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
     differentiable.
 
     The kernel only reads x; the optimization barrier makes x's other consumers wait for it, so
-    it runs right after x is made, while x is in cache (unordered, XLA ran it after the fused
-    BN+ReLU). Ordering it by aliasing x through the kernel instead made x's buffer hold two
-    values, and XLA then gave the BN+ReLU a fresh output buffer rather than writing in place:
-    2.9 -> 4-8 ms per plain-20 step of stage-1 BN+ReLU."""
+    it runs right after x is made, while x is in cache. It is ordered by the barrier, not by
+    aliasing x through the kernel, which would keep XLA from writing the BN+ReLU in place."""
     stats = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32)
     mean, m2 = jax.ffi.ffi_call(_registered("resnet_jax_image_moments"), (stats, stats),
                                 vmap_method="sequential")(x)
