@@ -165,16 +165,17 @@ def step_rate(model: str, batch: int, steps: int = 3) -> float:
     """images/s of the trainer's jitted step of an ImageNet net at 224x224, on a random batch."""
     import jax
     from resnet_jax import checkpoint, kernels, parallel, train
+    from resnet_jax import state as state_lib
     from resnet_jax import config as config_lib
     config = config_lib.load_config(os.path.join(REPO, "configs", f"imagenet.py:{model}"))
     config.batch_size = batch
     mesh = parallel.make_mesh()
-    net, _ = train.create_model(config, 1000, kernels.for_devices(mesh.devices.flat))
+    net, _ = state_lib.create_model(config, 1000, kernels.for_devices(mesh.devices.flat))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
     labels = rng.integers(0, 1000, batch).astype(np.int32)
     data = parallel.global_batch((images, labels), parallel.batch_sharding(mesh), batch)
-    state = train.init_state(config, net, mesh, SIZE)
+    state = state_lib.init_state(config, net, mesh, SIZE)
     step = train.make_train_step(config, net, mesh, checkpoint.Normalization(mean=(0.5,) * 3))
     state, metrics = step(state, *data)  # compile
     jax.block_until_ready(metrics)

@@ -129,14 +129,15 @@ class Net:
     def __init__(self, name: str, batch: int):
         import jax
         import numpy as np
-        from resnet_jax import checkpoint, kernels, parallel, train
+        from resnet_jax import checkpoint, kernels, parallel
+        from resnet_jax import state as state_lib
         from resnet_jax.config import default_config
 
         self.name = name
         self.config = default_config()
         self.config.model = name
         self.mesh = parallel.make_mesh()
-        self.model, _ = train.create_model(self.config, num_classes=10,
+        self.model, _ = state_lib.create_model(self.config, num_classes=10,
                                            kernels=kernels.for_devices(self.mesh.devices.flat))
         self.normalization = checkpoint.Normalization(**NORMALIZATION)
         rng = np.random.default_rng(0)
@@ -144,7 +145,7 @@ class Net:
         self.labels = rng.integers(0, 10, batch).astype(np.int32)
         self.batch = parallel.global_batch((self.images, self.labels),
                                            parallel.batch_sharding(self.mesh), batch)
-        self.state = train.init_state(self.config, self.model, self.mesh, 32)
+        self.state = state_lib.init_state(self.config, self.model, self.mesh, 32)
         self._train = None
         self.compile_seconds = None
         self.jax = jax

@@ -40,6 +40,7 @@ from absl import app, flags
 
 import resnet_jax.kernels
 from resnet_jax import analyze, checkpoint, cli, lines, parallel, storage, train
+from resnet_jax import state as state_lib
 from resnet_jax import config as config_lib
 from resnet_jax.data import sources
 from resnet_jax.evaluate import make_eval_step
@@ -278,7 +279,7 @@ class Programs:
     def build(cls, config, devices: Sequence[jax.Device], image_size: Optional[int] = None):
         mesh = parallel.make_mesh(devices)
         image_size = image_size or config.data.get("image_size", 32)
-        model, _ = train.create_model(config, sources.num_classes(config.data.source),
+        model, _ = state_lib.create_model(config, sources.num_classes(config.data.source),
                                       resnet_jax.kernels.for_devices(mesh.devices.flat))
         # the paper's per-pixel mean: its value does not change the program
         normalization = checkpoint.Normalization(np.zeros((image_size, image_size, 3), np.float32))
@@ -296,7 +297,7 @@ class Programs:
         """The program traced and lowered for `per_chip` images on every chip."""
         if program not in PROGRAMS:
             raise UserError(f"unknown program {program!r}; one of {', '.join(PROGRAMS)}")
-        state = train.abstract_state(self.config, self.model, self.mesh, self.image_size)
+        state = state_lib.abstract_state(self.config, self.model, self.mesh, self.image_size)
         images, labels = self.images(per_chip), self.batch(per_chip, dtype=jnp.int32)
         if program == "train":
             step = train.make_train_step(self.config, self.model, self.mesh, self.normalization)

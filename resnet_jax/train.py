@@ -1,5 +1,5 @@
-"""Training: the paper's recipes as one jitted, sharded step and a loop around it (the command
-line: resnet_jax.train_cli).
+"""Training: the paper's recipes as one jitted, sharded step and a loop around it (the state and
+its optimizer: resnet_jax.state; the command line: resnet_jax.train_cli).
 
 The step runs on a 1-D `data` mesh over every device of every process: the global batch is split
 along `data`, the state replicated and donated, so BatchNorm normalises over the global batch;
@@ -14,14 +14,12 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
     cli.start("train")
 
 import dataclasses
-import functools
 import json
 import logging
 import os
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,12 +30,12 @@ import resnet_jax
 import resnet_jax.kernels
 from resnet_jax import checkpoint, errors, parallel, periodic
 from resnet_jax import schedule as schedule_lib
+from resnet_jax import state as state_lib
 from resnet_jax import workdir as workdir_lib
 from resnet_jax import config as config_lib
 from resnet_jax.data import splits
 from resnet_jax.evaluate import NonFiniteOutput, evaluate_batches, make_eval_step
 from resnet_jax.errors import UserError
-from resnet_jax.models import XLA, Kernels
 
 BEST_METRIC = "val_top1"
 # The console: the trainer's own lines at INFO; orbax and jax (absl logging) only warnings.
@@ -45,77 +43,7 @@ log = logging.getLogger("resnet_jax.train")
 
 
 # ---------------------------------------------------------------------------------------------
-# State, optimizer, steps
-
-
-class TrainState(flax.struct.PyTreeNode):
-    step: jax.Array  # int32: steps taken
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    schedule: schedule_lib.ScheduleState  # what the learning rate depends on besides the step
-
-    @property
-    def variables(self):
-        return {"params": self.params, "batch_stats": self.batch_stats}
-
-    def train_item(self):
-        """Everything but the weights: the checkpoint's `train` item (the schedule's fields
-        flat beside the step and optimizer state, `schedule_lib.stored`)."""
-        return dict(step=self.step, opt_state=self.opt_state,
-                    **schedule_lib.stored(self.schedule))
-
-
-def decay_mask(config, params):
-    if config.weight_decay_on == "all":
-        return jax.tree.map(lambda _: True, params)
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
-
-
-def optimizer(config) -> optax.GradientTransformation:
-    """PyTorch's SGD: g + wd * w into a momentum buffer (no dampening); the step multiplies by -lr
-    itself, so the learning rate can depend on state (warm-up, plateaus)."""
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, functools.partial(decay_mask, config)),
-                       optax.trace(decay=config.momentum))
-
-
-def create_model(config, num_classes: int, kernels: Kernels = XLA):
-    """(the config's model computing with `kernels`, the options its checkpoints record)."""
-    options = dict(config.model_options)
-    options["num_classes"] = num_classes
-    model_options = dict(options)  # what the checkpoint's metadata records (JSON-able)
-    options["dtype"] = jnp.dtype(config.compute_dtype)  # one of config.DTYPES (validate)
-    # Any image size: the trainer takes its data's, which the checkpoint records (image_size).
-    return (resnet_jax.create_model(config.model, kernels=kernels, input_size=None, **options),
-            model_options)
-
-
-def _init_fn(config, model, image_size: int):
-    def init():
-        variables = model.init(jax.random.key(config.seed),
-                               jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-        params = variables["params"]
-        return TrainState(step=jnp.int32(0), params=params,
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=optimizer(config).init(params),
-                          schedule=schedule_lib.init(config))
-    return init
-
-
-def init_state(config, model, mesh, image_size: int) -> TrainState:
-    """Fresh state (the same on any mesh: initialisation is a function of the seed), replicated.
-    The init runs whole on every device, where partitionable threefry buys nothing and compiles
-    slower on XLA:CPU."""
-    with jax.threefry_partitionable(False):
-        return jax.jit(_init_fn(config, model, image_size), out_shardings=parallel.replicated(mesh))()
-
-
-def abstract_state(config, model, mesh, image_size: int) -> TrainState:
-    """Shapes, dtypes and the replicated sharding on *this* mesh: the restore target, so a
-    checkpoint written on any number of devices lands on the current ones."""
-    sharding = parallel.replicated(mesh)
-    shapes = jax.eval_shape(_init_fn(config, model, image_size))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+# The step
 
 
 def _forward(model, config, variables, x, rng):
@@ -134,10 +62,10 @@ def _forward(model, config, variables, x, rng):
 def make_train_step(config, model, mesh, normalization: checkpoint.Normalization):
     """jit(state, uint8 images [B,H,W,3], int32 labels [B]) -> (state, metrics); the state is
     donated, the batch sharded along `data`, everything else replicated."""
-    tx = optimizer(config)
+    tx = state_lib.optimizer(config)
     dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
-    def step_fn(state: TrainState, images, labels):
+    def step_fn(state: state_lib.TrainState, images, labels):
         x = normalization(images)
 
         def loss_fn(params):
@@ -178,7 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     config is refused unless `allow_config_change`."""
     mesh = mesh or parallel.make_mesh()
     config_lib.check(config, mesh.devices.size)
-    create_model(config, num_classes=10)  # an unknown model or option fails before data loads
+    state_lib.create_model(config, num_classes=10)  # an unknown model or option fails before data loads
     with workdir_lib.open_workdir(workdir, config, allow_config_change, BEST_METRIC) as wd, \
             errors.stop_on_sigterm(enabled=jax.process_count() == 1):  # else JAX's sync point
         return _train(config, wd, mesh)
@@ -203,7 +131,7 @@ class Run:
 @dataclasses.dataclass(frozen=True)
 class Loop:
     """The loop's state between steps: each part of the loop takes it and returns the next."""
-    state: TrainState
+    state: state_lib.TrainState
     step: int  # steps taken (the state's step, on the host)
     last_saved: Optional[int]  # the last good checkpoint's step
     clock: Tuple[float, int]  # (time, step) that the images/s of the next log count from
@@ -217,8 +145,8 @@ def _train(config, wd: workdir_lib.Workdir, mesh) -> Dict[str, Any]:
     """train_and_evaluate's work, in an open workdir."""
     main = parallel.is_main_process()
     data = splits.make_data(config, mesh)
-    model, model_options = create_model(config, len(data.classes),
-                                        resnet_jax.kernels.for_devices(mesh.devices.flat))
+    model, model_options = state_lib.create_model(config, len(data.classes),
+                                                  resnet_jax.kernels.for_devices(mesh.devices.flat))
     workdir_lib.check_free_space(wd.path, checkpoint.abstract_variables(model, data.image_size))
     if main:
         log.info("%s on %d devices (%d processes); %s", config.model, mesh.devices.size,
@@ -233,9 +161,9 @@ def _train(config, wd: workdir_lib.Workdir, mesh) -> Dict[str, Any]:
         preemption = periodic.Preemption()
         profiler = periodic.Profiler(config.profile_steps, os.path.join(wd.path, "tensorboard"),
                                      config.profile_every_process)
-        state = wd.resume(abstract_state(config, model, mesh, data.image_size))
+        state = wd.resume(state_lib.abstract_state(config, model, mesh, data.image_size))
         last_saved = None if state is None else int(jax.device_get(state.step))
-        state = state if state is not None else init_state(config, model, mesh, data.image_size)
+        state = state if state is not None else state_lib.init_state(config, model, mesh, data.image_size)
         probe = periodic.ResponseProbe(model, data.normalization,
                                        data.val_images(config.responses_images)) \
             if config.responses_images else None

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, require_native
 from resnet_jax import compile as tpu_compile
 from resnet_jax import config as config_lib
-from resnet_jax import train
+from resnet_jax import state as state_lib
 from resnet_jax.errors import UserError
 from resnet_jax.models.compute import XLA
 
@@ -44,13 +44,13 @@ def _gradient_bytes(programs):
     """The gradients as the step computes them: in the compute dtype (layers cast their float32
     parameters to it, so their gradients are bfloat16 until the cast back, and XLA all-reduces
     the bfloat16 partial sums)."""
-    state = train.abstract_state(programs.config, programs.model, programs.mesh, programs.image_size)
+    state = state_lib.abstract_state(programs.config, programs.model, programs.mesh, programs.image_size)
     itemsize = jnp.dtype(programs.config.compute_dtype).itemsize
     return sum(int(np.prod(p.shape)) * itemsize for p in jax.tree.leaves(state.params))
 
 
 def _bn_channels(programs):
-    state = train.abstract_state(programs.config, programs.model, programs.mesh, programs.image_size)
+    state = state_lib.abstract_state(programs.config, programs.model, programs.mesh, programs.image_size)
     return sum(int(np.prod(s.shape)) for path, s in jax.tree_util.tree_leaves_with_path(
         state.batch_stats) if path[-1].key == "mean")
 

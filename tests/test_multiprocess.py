@@ -36,7 +36,8 @@ import numpy as np
 import pytest
 
 from conftest import differences_by_kind
-from resnet_jax import checkpoint, parallel, train
+from resnet_jax import checkpoint, parallel
+from resnet_jax import state as state_lib
 from resnet_jax import config as config_lib
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains
@@ -139,9 +140,9 @@ def relative_differences(a, b) -> dict:
 
 def initial_variables():
     config = config_lib.load_config(CONFIG)
-    model, _ = train.create_model(config, num_classes=10)
+    model, _ = state_lib.create_model(config, num_classes=10)
     mesh = parallel.make_mesh(jax.local_devices()[:1])
-    return jax.device_get(train.init_state(config, model, mesh, 32).variables)
+    return jax.device_get(state_lib.init_state(config, model, mesh, 32).variables)
 
 
 def test_two_processes_train_like_one(one_process, two_process_dir):

@@ -24,6 +24,7 @@ import pytest
 
 from conftest import tiny_config
 from resnet_jax import checkpoint, parallel, schedule, train
+from resnet_jax import state as state_lib
 from resnet_jax import config as config_lib
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import splits
@@ -156,7 +157,7 @@ def test_sgd_matches_pytorch_and_decay_mask():
     grads = {"conv": {"kernel": jnp.array([0.5, 0.5])}, "bn": {"scale": jnp.array([1.0])}}
     for on, decayed in (("all", {"kernel", "scale"}), ("kernels", {"kernel"})):
         c.weight_decay_on = on
-        tx = train.optimizer(c)
+        tx = state_lib.optimizer(c)
         state = tx.init(params)
         u1, state = tx.update(grads, state, params)
         u2, state = tx.update(grads, state, params)
@@ -172,7 +173,7 @@ def test_sgd_matches_pytorch_and_decay_mask():
 
 def test_grouped_batch_norm_is_bn_per_group():
     c = config_lib.load_config(TINY)
-    model, _ = train.create_model(c, 10)
+    model, _ = state_lib.create_model(c, 10)
     x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
     variables = random_variables(model)
     c.bn_group_size = 4
@@ -191,7 +192,7 @@ def test_grouped_batch_norm_is_bn_per_group():
 # Checkpoints of the train state
 
 
-def _random_state(target: train.TrainState) -> train.TrainState:
+def _random_state(target: state_lib.TrainState) -> state_lib.TrainState:
     """A state shaped and placed as `target`, every array drawn (the momentum too), but the
     running training error, which checkpoints do not hold."""
     rng = np.random.default_rng(0)
@@ -212,8 +213,8 @@ def test_train_state_round_trips_through_the_stacked_checkpoint_layout(tmp_path)
     momentum inside optax's state) stores them stacked in `blocks`, as checkpoints always have,
     and restores to the state that was saved, placed on the target's mesh."""
     c = tiny_config()
-    model, options = train.create_model(c, 10)
-    target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
+    model, options = state_lib.create_model(c, 10)
+    target = state_lib.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     assert "block1" in target.params["stage2"] and "blocks" not in target.params["stage2"]
     state = _random_state(target)
     norm = checkpoint.Normalization(np.zeros(3, np.float32))
@@ -243,8 +244,8 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     """lr=inf then SIGTERM within the first step saved 41 of 67 arrays non-finite, which the
     rerun then called "the last good checkpoint". Every save goes through `train.save`."""
     c = tiny_config()
-    model, options = train.create_model(c, 10)
-    target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
+    model, options = state_lib.create_model(c, 10)
+    target = state_lib.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     state = _random_state(target)
     state = state.replace(params=jax.tree.map(lambda x: x * jnp.inf, state.params))
     meta = checkpoint.metadata(c.model, options, checkpoint.Normalization(np.zeros(3, np.float32)))
@@ -261,10 +262,10 @@ def test_train_step_neither_slices_parameters_nor_concatenates_gradients():
     lowered to 388 slices and 180 concatenates). The few slices left are option A's
     subsampling shortcuts."""
     c = tiny_config()
-    model, _ = train.create_model(c, 10)
+    model, _ = state_lib.create_model(c, 10)
     mesh = parallel.make_mesh(jax.devices()[:1])
     step = train.make_train_step(c, model, mesh, checkpoint.Normalization(np.zeros(3, np.float32)))
-    text = step.lower(train.abstract_state(c, model, mesh, 32),
+    text = step.lower(state_lib.abstract_state(c, model, mesh, 32),
                       jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8),
                       jax.ShapeDtypeStruct((8,), jnp.int32)).as_text()
     assert len(re.findall(r"stablehlo\.concatenate\b", text)) == 0
@@ -290,8 +291,8 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     out = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.make_mesh(devices)
-        model, options = train.create_model(c, ds.num_classes)
-        state = train.init_state(c, model, mesh, 32)
+        model, options = state_lib.create_model(c, ds.num_classes)
+        state = state_lib.init_state(c, model, mesh, 32)
         start = jax.device_get(state.variables)
         source = pipeline.DeviceInput(ds, c.batch_size, mesh, seed=c.seed)
         step = train.make_train_step(c, model, mesh, norm)
@@ -391,8 +392,8 @@ def test_sigterm_and_ctrl_c_leave_a_complete_checkpoint(env, tmp_path, sig):
     assert result["val_step"] == result["step"] - result["step"] % 2
     assert f"{signal.Signals(sig).name}: saved step {result['step']}" in out
     c = config_lib.load_config(TINY)
-    model, _ = train.create_model(c, 10)
-    target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
+    model, _ = state_lib.create_model(c, 10)
+    target = state_lib.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(tmp_path), read_only=True) as mngr:
         assert result["step"] in mngr.all_steps()
         state = workdir_lib.restore(mngr, result["step"], target)
@@ -423,8 +424,8 @@ def test_a_second_trainer_on_a_live_workdir_is_refused_naming_the_first(env, tmp
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninterrupted):
     # A good checkpoint at step 12 whose learning-rate factor makes the next steps blow up.
     c = config_lib.load_config(TINY)
-    model, _ = train.create_model(c, 10)
-    target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
+    model, _ = state_lib.create_model(c, 10)
+    target = state_lib.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(uninterrupted), read_only=True) as mngr:
         state = workdir_lib.restore(mngr, 12, target)
         meta = mngr.restore(12, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
@@ -505,7 +506,7 @@ class _FakeMesh:
 def test_workdir_of_another_model_is_refused_and_left_alone(tmp_path):
     other = config_lib.load_config(TINY)
     other.model = "resnet32"
-    model, options = train.create_model(other, 10)
+    model, options = state_lib.create_model(other, 10)
     variables = random_variables(model)
     checkpoint.save_model(str(tmp_path), variables, model_name="resnet32", model_options=options,
                           normalization=checkpoint.Normalization(np.zeros(3)), step=7)
@@ -592,8 +593,8 @@ def test_non_finite_validation_stops_naming_the_step(env, tmp_path, every_four):
     """Negative BN running variances: training (batch statistics) goes on, evaluation gives NaN;
     it once scored such a model as 100 % correct and saved it."""
     c = config_lib.load_config(TINY)
-    model, _ = train.create_model(c, 10)
-    target = train.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
+    model, _ = state_lib.create_model(c, 10)
+    target = state_lib.abstract_state(c, model, parallel.make_mesh(jax.devices()[:1]), 32)
     with checkpoint.manager(str(every_four), read_only=True) as mngr:
         state = workdir_lib.restore(mngr, 12, target)
         meta = checkpoint.read_metadata(str(every_four), 12, mngr=mngr)
@@ -636,7 +637,7 @@ def test_unwritable_workdirs_are_one_line_before_training(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=r"cannot write in --workdir '.*ro' \(Read-only file system\)"):
         workdir_lib.prepare(str(tmp_path / "ro"))
     monkeypatch.setattr("builtins.open", real_open)
-    model, _ = train.create_model(config_lib.load_config(TINY), 10)
+    model, _ = state_lib.create_model(config_lib.load_config(TINY), 10)
     variables = checkpoint.abstract_variables(model)
     workdir_lib.check_free_space(str(tmp_path), variables)
     monkeypatch.setattr(workdir_lib.shutil, "disk_usage",

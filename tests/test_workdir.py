@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from resnet_jax import checkpoint, parallel, train, workdir
+from resnet_jax import state as state_lib
 from resnet_jax.data import sources, splits
 from resnet_jax.errors import UserError
 
@@ -38,7 +39,7 @@ def _random_variables(model):
 
 
 def _meta(config, dataset):
-    model, options = train.create_model(config, len(dataset.classes))
+    model, options = state_lib.create_model(config, len(dataset.classes))
     norm = checkpoint.Normalization(np.zeros(3))
     return checkpoint.metadata(config.model, options, norm, extra=dict(
         classes=list(dataset.classes), dataset=config.data.source,
