@@ -182,8 +182,14 @@ def define_config_flag(example: str, module: str) -> None:
 
 
 def check(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Every problem of the config (`validate`) as one UserError, a line each."""
+    """Every problem of the config (`validate`, then its model's name and options, which the
+    model registry knows) as one UserError, a line each, before any data loads."""
     problems = validate(config, num_devices)
+    from resnet_jax.models import registry
+    try:
+        registry.create_model(config.model, **dict(config.model_options))
+    except registry.UnknownModelError as e:
+        problems.append(str(e))
     if problems:
         raise UserError("\n".join(problems))
 

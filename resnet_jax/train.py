@@ -106,7 +106,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     config is refused unless `allow_config_change`."""
     mesh = mesh or parallel.make_mesh()
     config_lib.check(config, mesh.devices.size)
-    state_lib.create_model(config, num_classes=10)  # an unknown model or option fails before data loads
     with workdir_lib.open_workdir(workdir, config, allow_config_change, BEST_METRIC) as wd, \
             errors.stop_on_sigterm(enabled=jax.process_count() == 1):  # else JAX's sync point
         return _train(config, wd, mesh)
