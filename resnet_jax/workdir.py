@@ -402,9 +402,8 @@ class Lock:
                 log.warning("cannot renew the lock of %s (%s)", self.path.parent, e)
 
     def _write(self) -> None:
-        tmp = self.path.parent / f".{self.NAME}.{self.owner['token']}"
-        tmp.write_text(json.dumps(dict(self.owner, heartbeat=time.time())))
-        tmp.replace(self.path)  # whole or not at all (a rename on a local disk, a copy on gs://)
+        """Whole or not at all (storage.write: a rename on a local disk, one object on gs://)."""
+        storage.write(str(self.path), json.dumps(dict(self.owner, heartbeat=time.time())))
 
     def _read(self) -> Optional[Dict]:
         try:

@@ -48,6 +48,7 @@ def test_convert_cli_infers_the_net(akamaster_dir, tmp_path):
                            str(akamaster_dir / "resnet32.npz"), "--out", str(tmp_path / "c")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == (f"wrote resnet32 (inferred from its keys; --model NAME for "
-                                   f"another) to {tmp_path / 'c'}")
+    assert proc.stdout.splitlines()[0] == (f"wrote resnet32 (inferred from its keys; --model NAME "
+                                           f"for another) to {tmp_path / 'c'}")
+    assert proc.stdout.splitlines()[1].startswith("unchecked: the shapes fit")
     assert resnet_jax.load(str(tmp_path / "c")).metadata["model"] == "resnet32"
