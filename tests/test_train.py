@@ -282,6 +282,7 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     from conftest import differences_by_kind
     from resnet_jax import checkpoint, parallel, train
     from resnet_jax import config as config_lib
+    from resnet_jax import state as state_lib
     from resnet_jax import workdir as workdir_lib
     from resnet_jax.data import pipeline, sources
     assert jax.device_count() == 8
