@@ -30,6 +30,7 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
 import csv
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -346,7 +347,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
     common = dict(data=dataset.name, num_images=len(images), bn=settings.batch_norm,
                   pool=settings.pool, include_stem=settings.include_stem,
                   batch_size=settings.batch_size)
-    work = [(run, s, dict(common, checkpoint=os.path.abspath(run.path), step=s,
+    work = [(run, s, dict(common, checkpoint=str(storage.path(run.path)), step=s,
                           checksums=checkpoint.read_metadata(run.path, s).get("checksums")))
             for run in runs for s in run.steps]
     done = _finished(out, [(run.label, key) for run, _, key in work])
@@ -369,7 +370,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
             check_finite(rows, run.path, s)
             shown.end()
             if parallel.is_main_process():
-                progress.Kept(os.path.join(out, ".finished")).put(f"{run.label}/{s}", key, rows)
+                lines.write_json(_kept_path(out, run.label, s), dict(key=key, value=rows))
         history.setdefault(run.label, {})[s] = rows
     for run in runs:
         results[run.label] = history[run.label][run.loaded.step]
@@ -403,12 +404,24 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
     return table
 
 
+def _kept_path(out: str, label: str, step: int) -> str:
+    """Where a checkpoint's rows are kept once computed (local or gs://), with their key."""
+    return f"{storage.path(out)}/.finished/{label}/{step}.json"
+
+
+def _kept(path: str, key: Dict) -> Optional[List[Dict]]:
+    try:
+        kept = json.loads(storage.path(path).read_text())
+    except (OSError, ValueError):
+        return None  # none kept, or unreadable: computed again
+    return kept.get("value") if isinstance(kept, dict) and kept.get("key") == key else None
+
+
 def _finished(out: str, keys: List[Tuple[str, Dict]]) -> List[Optional[List[Dict]]]:
     """The rows of each (label, key) that an earlier run with the same key (checkpoint, its
     checksums, data, settings) kept in `out`, else None; with several processes, only those
     that every process found, so that all skip the same checkpoints."""
-    kept = progress.Kept(os.path.join(out, ".finished"))
-    found = [kept.get(f"{label}/{key['step']}", key) for label, key in keys]
+    found = [_kept(_kept_path(out, label, key["step"]), key) for label, key in keys]
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         have = np.array([rows is not None for rows in found])

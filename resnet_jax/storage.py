@@ -7,6 +7,7 @@ which gives readers the same guarantee.
 """
 import importlib
 import os
+import re
 import tempfile
 from typing import Union
 
@@ -39,9 +40,23 @@ def is_remote(path) -> bool:
     return "://" in str(path)
 
 
+# 'gs:/bucket/x': a URL that os.path.join/normpath/abspath cut to one slash, which would
+# otherwise be written as a local folder `gs:` under the working directory.
+_MANGLED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)")
+
+
+def _local(p) -> str:
+    """A local path made absolute; a URL cut to one slash is refused (UserError)."""
+    p = os.fspath(p)
+    if _MANGLED_URL.match(p):
+        raise UserError(f"{p!r} looks like a URL with one slash after its scheme; write "
+                        f"{p.replace(':/', '://', 1)!r} (or ./{p} for a local folder)")
+    return os.path.abspath(p)
+
+
 def path(p) -> epath.Path:
     """Local paths made absolute; gs:// and other URLs left as they are."""
-    return epath.Path(str(p) if is_remote(p) else os.path.abspath(str(p)))
+    return epath.Path(str(p) if is_remote(p) else _local(p))
 
 
 def write(p, data: Union[str, bytes]) -> None:
@@ -53,7 +68,8 @@ def write(p, data: Union[str, bytes]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
         return
-    directory = os.path.dirname(os.path.abspath(p))
+    p = _local(p)
+    directory = os.path.dirname(p)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:

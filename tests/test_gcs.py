@@ -34,8 +34,10 @@ def _gcs_env(env):
 
 
 def _cli(tool, *args, env):
-    return subprocess.run([sys.executable, "-m", f"resnet_jax.{tool}", *map(str, args)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", f"resnet_jax.{tool}", *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert not (REPO / "gs:").exists(), "a gs:// path was written as a local folder gs:/"
+    return proc
 
 
 def _objects(url: str):
@@ -248,6 +250,26 @@ def test_evaluate_analyze_and_plots_read_and_write_gcs(gcs_run):
     for figure in ("figure6", "figure7"):
         assert epath.Path(f"{out}/{figure}.png").read_bytes()[:4] == b"\x89PNG"
         assert epath.Path(f"{out}/{figure}.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_analyze_keeps_its_finished_checkpoints_in_the_bucket(gcs_dir, tmp_path, monkeypatch):
+    """analyze --out gs://... kept each finished checkpoint's rows through os.makedirs/open:
+    in ./gs:/bucket/... under the working directory, where a rerun never looked."""
+    from resnet_jax import analyze, checkpoint
+    from test_analyze import NORM, OPTIONS, _init
+    net = str(tmp_path / "r20")
+    checkpoint.save_model(net, _init("resnet20", 0)[1], model_name="resnet20",
+                          model_options=OPTIONS, normalization=NORM, step=7)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    out = f"{gcs_dir}/analysis"
+    run = lambda: analyze.analyze([net], data="synthetic:8", split="test", out=out,
+                                  settings=analyze.Settings(batch_size=8))
+    table = run()
+    assert list((tmp_path / "cwd").iterdir()) == []
+    assert ".finished/ResNet-20/7.json" in _objects(out) and "table.txt" in _objects(out)
+    monkeypatch.setattr(analyze, "stream_moments", lambda *a: pytest.fail("computed again"))
+    assert run() == table  # the rerun finds the kept rows in the bucket
 
 
 @pytest.mark.slow
