@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -324,9 +323,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
     baseline = baseline or labels[0]
     if baseline not in labels:
         raise UserError(f"--baseline {baseline!r} is none of the labels: {', '.join(labels)}")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out!r} is a file; name a directory")
-    storage.check_writable(out, "--out")  # gs://: before any image is read
+    storage.check_writable(out, "--out")  # before any image is read
     meta = runs[0].loaded.metadata
     image_size = runs[0].loaded.normalization.input_size  # the net's own (metadata's image_size)
     if imagenet.is_imagenet_input(image_size):  # any image size; decoded batch by batch
@@ -380,7 +377,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
 
     if not parallel.is_main_process():  # every process has the results; process 0 writes
         return table
-    with _staged(out) as tmp:
+    with tempfile.TemporaryDirectory(prefix="analyze-") as tmp:  # whole files, then out
         for run in runs:
             rows = results[run.label]
             _write_csv(os.path.join(tmp, f"{run.label}.csv"), rows)
@@ -401,6 +398,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
                         is_residual(r.loaded.model)) for r in runs])
         with open(os.path.join(tmp, "table.txt"), "w") as f:
             f.write(table + "\n")
+        storage.upload(tmp, out)
     return table
 
 
@@ -435,34 +433,6 @@ def _write_csv(path: str, rows: List[Dict]):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-
-class _staged:
-    """A temporary directory beside `out` (for gs://, on local disk) whose files move into `out`
-    only when the block finishes, so a failure leaves nothing half-written."""
-
-    def __init__(self, out: str):
-        self.out = str(storage.path(out))
-
-    def __enter__(self):
-        if storage.is_remote(self.out):
-            self.tmp = tempfile.mkdtemp(prefix="analyze-")
-            return self.tmp
-        parent = os.path.dirname(self.out)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=".analyze-", dir=parent)
-        return self.tmp
-
-    def __exit__(self, kind, *_):
-        try:
-            if kind is None and storage.is_remote(self.out):
-                storage.upload(self.tmp, self.out)
-            elif kind is None:
-                os.makedirs(self.out, exist_ok=True)
-                for name in os.listdir(self.tmp):
-                    os.replace(os.path.join(self.tmp, name), os.path.join(self.out, name))
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 FLAGS = flags.FLAGS

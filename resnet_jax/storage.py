@@ -90,12 +90,34 @@ def upload(local_dir: str, out: str) -> None:
 
 
 def check_writable(p, flag: str = "--workdir") -> None:
-    """Before anything is loaded or compiled: a gs:// path needs gcsfs, credentials, an existing
-    bucket and the right to write there; each missing one is a UserError naming the fix. Local
-    paths are the callers' to check."""
-    if not is_remote(p):
-        return
-    url = str(p)
+    """Before anything is loaded or compiled, one UserError naming the fix unless the folder `p`
+    can be written: locally, `p` is no file and the nearest folder that exists on its way takes
+    a file (a probe, removed; nothing is created); on gs://, gcsfs, credentials, an existing
+    bucket and the right to write there."""
+    if is_remote(p):
+        return _check_bucket(str(p), flag)
+    target = _local(p)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise UserError(f"{flag} {p!r} is a file; name a directory")
+    _check_folder(p, target, flag)
+
+
+def _check_folder(p, folder: str, flag: str) -> None:
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {p!r} lies under the file {folder!r}; name a path in a folder")
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write in {flag} {p!r} ({e.strerror or e}); choose a writable "
+                        "folder") from None
+
+
+def _check_bucket(url: str, flag: str) -> None:
     if not url.startswith("gs://"):
         return
     try:
