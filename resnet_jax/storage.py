@@ -1,5 +1,6 @@
 """The files the tools read and write, local or in Cloud Storage (gs://, any URL etils.epath
-opens): one place that names them, writes them whole, and checks a bucket before a run starts.
+opens): one place that names them, reads and writes them whole, and checks before a run starts
+that its outputs can be written (`check_writable`).
 
 Object storage has no append and no rename: an object appears whole when its write ends, so a
 remote file is written in one piece, and a local one through a temporary file and a rename,
@@ -89,17 +90,20 @@ def upload(local_dir: str, out: str) -> None:
             write(os.path.join(str(out), name), f.read())
 
 
-def check_writable(p, flag: str = "--workdir") -> None:
-    """Before anything is loaded or compiled, one UserError naming the fix unless the folder `p`
-    can be written: locally, `p` is no file and the nearest folder that exists on its way takes
-    a file (a probe, removed; nothing is created); on gs://, gcsfs, credentials, an existing
-    bucket and the right to write there."""
+def check_writable(p, flag: str = "--workdir", *, file: bool = False) -> None:
+    """Before anything is loaded or compiled, one UserError naming the fix unless `p` can be
+    written as a folder (or with `file`, as a file): locally, `p` is not of the other kind, and
+    the nearest folder that exists on its way takes a file (a probe, removed; nothing is
+    created); on gs://, gcsfs, credentials, an existing bucket and the right to write there."""
     if is_remote(p):
-        return _check_bucket(str(p), flag)
+        return _check_bucket(str(p).rstrip("/").rpartition("/")[0] if file else str(p), flag)
     target = _local(p)
-    if os.path.exists(target) and not os.path.isdir(target):
+    if file and os.path.isdir(target):
+        raise UserError(f"{flag} {p!r} is a directory; name a file, e.g. "
+                        f"{os.path.join(p, 'result.json')}")
+    if not file and os.path.exists(target) and not os.path.isdir(target):
         raise UserError(f"{flag} {p!r} is a file; name a directory")
-    _check_folder(p, target, flag)
+    _check_folder(p, os.path.dirname(target) if file else target, flag)
 
 
 def _check_folder(p, folder: str, flag: str) -> None:

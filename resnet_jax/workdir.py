@@ -53,21 +53,11 @@ def check_data(workdir: str, step: int, stored: Dict, meta: Dict, allow_change: 
 
 
 def prepare(workdir: str) -> None:
-    """A local workdir is created and must take a file, a gs:// one be writable
-    (storage.check_writable): one line now instead of a traceback after loading and compiling."""
-    if storage.is_remote(workdir):
-        return storage.check_writable(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"--workdir {workdir!r} is a file; name a directory")
-    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-    try:
+    """The workdir checked (storage.check_writable: one line now instead of a traceback after
+    loading and compiling) and, on a local disk, created."""
+    storage.check_writable(workdir)
+    if not storage.is_remote(workdir):
         os.makedirs(workdir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("x")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write in --workdir {workdir!r} ({e.strerror or e}); choose a "
-                        "writable directory") from None
 
 
 def check_free_space(workdir: str, variables, copies: int = 3) -> None:
