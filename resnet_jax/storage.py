@@ -9,7 +9,7 @@ which gives readers the same guarantee.
 import importlib
 import os
 import re
-import tempfile
+import uuid
 from typing import Union
 
 from etils import epath
@@ -62,7 +62,8 @@ def path(p) -> epath.Path:
 
 def write(p, data: Union[str, bytes]) -> None:
     """Write a whole file so that no reader ever sees part of it (a local temporary file beside
-    it and a rename; one object write on gs://)."""
+    it and a rename; one object write on gs://). A local file gets the mode open() gives a new
+    file (0o666 less the umask), as every other output has."""
     data = data.encode() if isinstance(data, str) else data
     if is_remote(p):
         target = path(p)
@@ -72,7 +73,8 @@ def write(p, data: Union[str, bytes]) -> None:
     p = _local(p)
     directory = os.path.dirname(p)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")  # not mkstemp: its mode is 0600
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
