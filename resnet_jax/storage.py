@@ -10,7 +10,7 @@ import importlib
 import os
 import re
 import uuid
-from typing import Union
+from typing import List, Sequence, Union
 
 from etils import epath
 
@@ -58,6 +58,26 @@ def _local(p) -> str:
 def path(p) -> epath.Path:
     """Local paths made absolute; gs:// and other URLs left as they are."""
     return epath.Path(str(p) if is_remote(p) else _local(p))
+
+
+def stamps(folder: str, paths: Sequence[str]) -> List[str]:
+    """A stamp of each file of `paths` (all under `folder`) that changes whenever its bytes do,
+    read without reading them. Locally (size, inode, ctime in ns): no copy (cp -p, rsync -a,
+    tar) can set a ctime, as it can the modification time, and writing the bytes changes it;
+    on gs://, each object's size, generation and checksums, from one listing of `folder`.
+    FileNotFoundError for a file that is gone (or a broken link)."""
+    if not is_remote(folder):
+        return [f"{st.st_size}:{st.st_ino}:{st.st_ctime_ns}" for st in map(os.stat, paths)]
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(str(folder))
+    listing = fs.find(root, detail=True)
+    out = []
+    for p in paths:
+        info = listing.get(fsspec.core.strip_protocol(str(p)))
+        if info is None:
+            raise FileNotFoundError(2, "No such file or directory", str(p))
+        out.append(":".join(str(info.get(k)) for k in ("size", "generation", "crc32c", "md5Hash")))
+    return out
 
 
 def write(p, data: Union[str, bytes]) -> None:

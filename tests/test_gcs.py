@@ -141,6 +141,10 @@ def test_image_folders_on_gcs_load_as_local_ones(gcs_dir, tmp_path, monkeypatch)
     np.testing.assert_array_equal(remote.labels, [0, 0, 1])
     record = imagenet.FolderSource(gcs_dir, "test")[2]
     assert record["label"] == 1 and record["image"] == (tmp_path / "local/test/dog/c.png").read_bytes()
+    replaced = io.BytesIO()  # the cache is keyed by the listing's generations and checksums
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(replaced, "PNG")
+    epath.Path(f"{gcs_dir}/test/cat/a.png").write_bytes(replaced.getvalue())
+    np.testing.assert_array_equal(sources.load(f"folder:{gcs_dir}", "test").images[0], 7)
     with pytest.raises(UserError, match="split 'train' not found in .* \\(it has: test\\)"):
         sources.load(f"folder:{gcs_dir}", "train")
 

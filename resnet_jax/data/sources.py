@@ -5,8 +5,8 @@ CIFAR-sized splits are small (150 MB of uint8 for 50k images), so a source hands
 split as numpy arrays: training keeps it in device memory and augments there, and evaluation
 pads the last batch instead of dropping it. A decoded folder is cached as .npy beside nothing of
 the user's: under $RESNET_JAX_CACHE (default ~/.cache/resnet_jax), keyed by the files' names,
-classes and content hashes, so a changed folder is decoded again whatever its modification times
-say.
+classes and stamps (`storage.stamps`: size, inode and ctime, or on gs:// generation and
+checksums), so a changed folder is decoded again whatever its modification times say.
 """
 import dataclasses
 import hashlib
@@ -183,20 +183,17 @@ def read_bytes(path: str) -> bytes:
 
 def _cache_path(split_dir: str, files) -> str:
     """The cache file of a folder split, keyed by what decides its pixels and labels: each
-    file's class and content hash (never its modification time, which `cp -p`, `rsync -a`
-    and `tar` keep while replacing the bytes)."""
-    h = hashlib.sha256()
-    for path, label in files:
-        h.update(f"{os.path.relpath(path, split_dir)}\0{label}\0{_file_digest(path)}\n".encode())
-    return storage.cache_dir(f"folder-{h.hexdigest()[:24]}.npz")
-
-
-def _file_digest(path: str) -> str:
+    file's name, class and `storage.stamps` (never its modification time alone, which `cp -p`,
+    `rsync -a` and `tar` keep while replacing the bytes); no image is read to find it."""
     try:
-        return hashlib.sha1(read_bytes(path)).hexdigest()  # images: small files
+        stamped = storage.stamps(split_dir, [p for p, _ in files])
     except OSError as e:  # a broken link, a file removed meanwhile, no permission
-        raise UserError(f"cannot read image {path!r} ({e.strerror or e}); remove or replace "
-                        "it") from None
+        raise UserError(f"cannot read image {e.filename!r} ({e.strerror or e}); remove or "
+                        "replace it") from None
+    h = hashlib.sha256(b"stamps\n")  # not the content hashes' key of older caches
+    for (path, label), stamp in zip(files, stamped):
+        h.update(f"{os.path.relpath(path, split_dir)}\0{label}\0{stamp}\n".encode())
+    return storage.cache_dir(f"folder-{h.hexdigest()[:24]}.npz")
 
 
 def _decode(path: str) -> np.ndarray:
