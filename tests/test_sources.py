@@ -153,3 +153,18 @@ def test_a_cached_split_is_found_without_reading_its_images(tmp_path, monkeypatc
     again = sources.load(source, "train")
     np.testing.assert_array_equal(first.images, again.images)
     assert again.labels.tolist() == [0, 0, 1]
+
+
+def test_a_bucket_folder_is_its_url_not_a_path_under_the_working_directory(tmp_path,
+                                                                            monkeypatch):
+    """os.path.realpath made folder:gs://b/data the local path ./gs:/b/data."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    seen = set()
+    for cwd in (tmp_path, tmp_path / "a"):
+        monkeypatch.chdir(cwd)
+        seen.add(sources.identity("folder:gs://b/data/"))
+        seen.add(sources.identity("folder:gs://b/data"))
+    assert seen == {"folder:gs://b/data"}
+    assert sources.identity(f"folder:{tmp_path}/link/data/") == f"folder:{tmp_path}/a/data"

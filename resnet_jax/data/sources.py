@@ -83,14 +83,16 @@ def load(source: str, split: str, *, data_dir: Optional[str] = None, image_size:
 
 
 def identity(source: str) -> str:
-    """`source` as a resumed run compares it: a folder by its resolved path, so a trailing
-    slash or a symlink to the same folder is the same source (the content is compared on its
-    own, `fingerprint`)."""
+    """`source` as a resumed run compares it: a local folder by its resolved path, so a trailing
+    slash or a symlink to the same folder is the same source, a gs:// one by its URL (the
+    content is compared on its own, `fingerprint`)."""
     try:
         kind, arg = parse_source(source)
     except UserError:
         return source
-    return f"folder:{os.path.realpath(arg)}" if kind == "folder" else source
+    if kind != "folder":
+        return source
+    return f"folder:{arg.rstrip('/') if storage.is_remote(arg) else os.path.realpath(arg)}"
 
 
 def fingerprint(dataset: Dataset) -> dict:
