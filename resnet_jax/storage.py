@@ -14,7 +14,7 @@ from typing import List, Sequence, Union
 
 from etils import epath
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, first_line
 
 GCS_INSTALL = "pip install 'resnet-jax[gcs]' (gcsfs and google-cloud-storage)"
 
@@ -163,7 +163,7 @@ def _check_bucket(url: str, flag: str) -> None:
                         f"to your account); create it (gcloud storage buckets create "
                         f"gs://{bucket}) or fix the name") from None
     except Exception as e:  # gcsfs: OSError('Forbidden ...') for 403, HttpError for 401
-        raise UserError(f"{flag} {url}: cannot write there ({_first_line(e)}); give your account "
+        raise UserError(f"{flag} {url}: cannot write there ({first_line(e)}); give your account "
                         f"roles/storage.objectAdmin on gs://{bucket} (see docs/tpu.md)") from None
 
 
@@ -172,11 +172,6 @@ def _check_credentials(url: str, flag: str) -> None:
         import google.auth
         google.auth.default()
     except Exception as e:  # DefaultCredentialsError, or google-auth missing
-        raise UserError(f"{flag} {url}: no Google Cloud credentials ({_first_line(e)}); run "
+        raise UserError(f"{flag} {url}: no Google Cloud credentials ({first_line(e)}); run "
                         "`gcloud auth application-default login`, or set "
                         "GOOGLE_APPLICATION_CREDENTIALS to a service account's key file") from None
-
-
-def _first_line(e: BaseException) -> str:
-    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    return f"{e.__class__.__name__}: {line[:200]}"
