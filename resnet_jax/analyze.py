@@ -385,8 +385,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
                         model=run.loaded.metadata["model"],
                         model_options=run.loaded.metadata.get("model_options", {}), **common,
                         summary=next(s for s in summary if s["label"] == run.label), layers=rows)
-            with open(os.path.join(tmp, f"{run.label}.json"), "w") as f:
-                f.write(lines.dumps(meta, indent=1))  # standard JSON: no NaN/Infinity
+            lines.write_json(os.path.join(tmp, f"{run.label}.json"), meta)
             if over_training:
                 steps = history[run.label]
                 _write_csv(os.path.join(tmp, f"{run.label}_over_training.csv"),

@@ -171,7 +171,7 @@ def test_a_failed_remote_metrics_write_is_one_line(gcs_dir, monkeypatch):
     def refused(self):
         raise RuntimeError("HTTP 503: service unavailable")  # what gcsfs raises is no OSError
     monkeypatch.setattr(metrics_log.RemoteLog, "flush", refused)
-    with pytest.raises(workdir.WriteFailed, match=r"cannot write metrics to .*HTTP 503.*rerun the same"):
+    with pytest.raises(workdir.WriteFailed, match=r"cannot write metrics to '.*/metrics' .*HTTP 503.*rerun the same"):
         writer.flush()
 
 
