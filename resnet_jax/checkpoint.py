@@ -11,9 +11,9 @@ analysis read both through `load_model`.
 
 Items holding variables (and optimizer states that mirror them) are stored in
 `layout.to_checkpoint`'s layout, every stage's identical blocks stacked in `blocks`, whatever
-layout the model holds: `save_model` and `workdir.Workdir.save` stack, `restore_checked`
-restores that layout and hands back the model's. Checksums and `stored_shapes` are those of the
-stored layout.
+layout the model holds: `save` (for `save_model` and `workdir.Workdir.save`) stacks, and
+`restore_checked` restores that layout and hands back the model's. Checksums and
+`stored_shapes` are those of the stored layout.
 """
 import dataclasses
 import hashlib
@@ -85,13 +85,23 @@ def save_model(directory: str, variables, *, model_name: str, model_options: Dic
     if storage.path(directory).exists() and any(storage.path(directory).iterdir()):
         raise UserError(f"output directory {directory!r} is not empty; choose a new --out")
     meta = metadata(model_name, model_options, normalization, extra)
-    model = layout.to_checkpoint({"params": variables["params"],
-                                  "batch_stats": variables.get("batch_stats", {})})
     with manager(directory, async_save=False) as mngr:
-        mngr.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model),
-            metadata=ocp.args.JsonSave(for_saving(mngr, step, meta, model=model))))
+        save(mngr, step, meta, model={"params": variables["params"],
+                                      "batch_stats": variables.get("batch_stats", {})})
     return directory
+
+
+def save(mngr: ocp.CheckpointManager, step: int, meta: Dict, metrics: Optional[Dict] = None,
+         **items) -> None:
+    """The one save of the package: `items` (trees in the model's layout: `model`, and `train`
+    for a train state) at `step` in the stored layout (`layout.to_checkpoint`), beside `meta`
+    with their checksums (`for_saving`, which refuses a non-finite item); asynchronous where
+    `mngr` saves so (returns once the arrays are on the host)."""
+    stored = {name: layout.to_checkpoint(tree) for name, tree in items.items()}
+    meta = for_saving(mngr, step, meta, **stored)
+    mngr.save(step, metrics=metrics, args=ocp.args.Composite(
+        **{name: ocp.args.StandardSave(tree) for name, tree in stored.items()},
+        metadata=ocp.args.JsonSave(meta)))
 
 
 def checksums(tree) -> Dict[str, int]:

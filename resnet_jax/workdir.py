@@ -30,7 +30,6 @@ from resnet_jax import checkpoint, parallel, storage
 from resnet_jax import schedule as schedule_lib
 from resnet_jax.data import sources
 from resnet_jax.errors import UserError, first_line
-from resnet_jax.models import layout
 
 log = logging.getLogger("resnet_jax.train")
 
@@ -157,10 +156,10 @@ class Workdir:
 
     def save(self, state, metrics: Dict) -> Optional[int]:
         """Start an asynchronous save of the train state `state` at its step with this run's
-        metadata (returns once arrays are on the host), in the stored layout
-        (`layout.to_checkpoint`: the optimizer state's copies of the parameters too), with the
-        checksums `restore` verifies: the step saved, or None where a damaged checkpoint of that
-        step is in the way (orbax does not write over a step: that one stays as it was found)."""
+        metadata (`checkpoint.save`: the model and train items, the optimizer state's copies of
+        the parameters stored stacked too): the step saved, or None where a damaged checkpoint
+        of that step is in the way (orbax does not write over a step: that one stays as it was
+        found)."""
         step = int(jax.device_get(state.step))
         if step in self.damaged:
             log.warning("step %d is not saved: the damaged checkpoint of that step is in the way "
@@ -168,13 +167,9 @@ class Workdir:
                         os.path.join(str(self.mngr.directory), str(step)))
             return None
         if step not in self.mngr.all_steps():
-            model = layout.to_checkpoint(state.variables)
-            train = layout.to_checkpoint(state.train_item())
-            meta = checkpoint.for_saving(self.mngr, step, self.meta, model=model, train=train)
             with writing(self.mngr, step):
-                self.mngr.save(step, metrics=metrics, args=ocp.args.Composite(
-                    model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
-                    metadata=ocp.args.JsonSave(meta)))
+                checkpoint.save(self.mngr, step, self.meta, metrics, model=state.variables,
+                                train=state.train_item())
         return step
 
     def wait(self, step: int) -> None:
@@ -270,9 +265,12 @@ class WriteFailed(UserError):
 
 @contextlib.contextmanager
 def writing(mngr, step: int):
-    """A failed write (a full disk, a workdir made read-only) as one line; earlier steps stay."""
+    """A failed write (a full disk, a workdir made read-only) as one line; earlier steps stay.
+    A UserError (a non-finite state refused before writing) is already its own line."""
     try:
         yield
+    except UserError:
+        raise
     except Exception as e:
         raise WriteFailed(f"could not write the checkpoint of step {step} in "
                           f"{str(mngr.directory)!r} ({first_line(e)}); the steps saved "
