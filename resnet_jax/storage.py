@@ -60,6 +60,11 @@ def path(p) -> epath.Path:
     return epath.Path(str(p) if is_remote(p) else _local(p))
 
 
+def read_bytes(p) -> bytes:
+    """A whole file's bytes, local or gs://."""
+    return path(p).read_bytes()
+
+
 def stamps(folder: str, paths: Sequence[str]) -> List[str]:
     """A stamp of each file of `paths` (all under `folder`) that changes whenever its bytes do,
     read without reading them. Locally (size, inode, ctime in ns): no copy (cp -p, rsync -a,

@@ -149,7 +149,7 @@ def test_a_cached_split_is_found_without_reading_its_images(tmp_path, monkeypatc
     import numpy as np
     source = _folder(tmp_path / "d", {"train/ant": 2, "train/bee": 1})
     first = sources.load(source, "train")
-    monkeypatch.setattr(sources, "read_bytes", lambda p: pytest.fail(f"read {p}"))
+    monkeypatch.setattr(sources.storage, "read_bytes", lambda p: pytest.fail(f"read {p}"))
     again = sources.load(source, "train")
     np.testing.assert_array_equal(first.images, again.images)
     assert again.labels.tolist() == [0, 0, 1]

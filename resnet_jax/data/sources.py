@@ -10,7 +10,6 @@ checksums), so a changed folder is decoded again whatever its modification times
 """
 import dataclasses
 import hashlib
-import io
 import os
 import unicodedata
 import zlib
@@ -175,14 +174,6 @@ def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
     return tuple(folders if classes is None else classes), files
 
 
-def read_bytes(path: str) -> bytes:
-    """An image file's bytes, local or gs://."""
-    if storage.is_remote(path):
-        return storage.path(path).read_bytes()
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _cache_path(split_dir: str, files) -> str:
     """The cache file of a folder split, keyed by what decides its pixels and labels: each
     file's name, class and `storage.stamps` (never its modification time alone, which `cp -p`,
@@ -199,17 +190,13 @@ def _cache_path(split_dir: str, files) -> str:
 
 
 def _decode(path: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """uint8 [H, W, 3] of an image file, as the ImageNet input decodes it (`jpeg.decode`)."""
     from resnet_jax.data import jpeg
     try:
-        data = read_bytes(path)
-        complaint = jpeg.damage(data)
-        if complaint:
-            jpeg.warn_damaged(path, complaint)
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {path!r} ({e.__class__.__name__}); remove or replace it") from None
+        return jpeg.decode(storage.read_bytes(path), name=path)
+    except OSError as e:  # unreadable, or a file PIL finds truncated while decoding
+        raise UserError(f"cannot read image {path!r} ({e.__class__.__name__}); remove or replace "
+                        "it") from None
 
 
 def _load_folder(root: str, split: str, classes: Optional[Sequence[str]] = None,
