@@ -30,10 +30,10 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
 import csv
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
-import shutil
 import statistics
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -323,9 +323,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
     baseline = baseline or labels[0]
     if baseline not in labels:
         raise UserError(f"--baseline {baseline!r} is none of the labels: {', '.join(labels)}")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out!r} is a file; name a directory")
-    storage.check_writable(out, "--out")  # gs://: before any image is read
+    storage.check_writable(out, "--out")  # before any image is read
     meta = runs[0].loaded.metadata
     image_size = runs[0].loaded.normalization.input_size  # the net's own (metadata's image_size)
     if imagenet.is_imagenet_input(image_size):  # any image size; decoded batch by batch
@@ -346,7 +344,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
     common = dict(data=dataset.name, num_images=len(images), bn=settings.batch_norm,
                   pool=settings.pool, include_stem=settings.include_stem,
                   batch_size=settings.batch_size)
-    work = [(run, s, dict(common, checkpoint=os.path.abspath(run.path), step=s,
+    work = [(run, s, dict(common, checkpoint=str(storage.path(run.path)), step=s,
                           checksums=checkpoint.read_metadata(run.path, s).get("checksums")))
             for run in runs for s in run.steps]
     done = _finished(out, [(run.label, key) for run, _, key in work])
@@ -369,7 +367,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
             check_finite(rows, run.path, s)
             shown.end()
             if parallel.is_main_process():
-                progress.Kept(os.path.join(out, ".finished")).put(f"{run.label}/{s}", key, rows)
+                lines.write_json(_kept_path(out, run.label, s), dict(key=key, value=rows))
         history.setdefault(run.label, {})[s] = rows
     for run in runs:
         results[run.label] = history[run.label][run.loaded.step]
@@ -379,7 +377,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
 
     if not parallel.is_main_process():  # every process has the results; process 0 writes
         return table
-    with _staged(out) as tmp:
+    with tempfile.TemporaryDirectory(prefix="analyze-") as tmp:  # whole files, then out
         for run in runs:
             rows = results[run.label]
             _write_csv(os.path.join(tmp, f"{run.label}.csv"), rows)
@@ -387,8 +385,7 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
                         model=run.loaded.metadata["model"],
                         model_options=run.loaded.metadata.get("model_options", {}), **common,
                         summary=next(s for s in summary if s["label"] == run.label), layers=rows)
-            with open(os.path.join(tmp, f"{run.label}.json"), "w") as f:
-                f.write(lines.dumps(meta, indent=1))  # standard JSON: no NaN/Infinity
+            lines.write_json(os.path.join(tmp, f"{run.label}.json"), meta)
             if over_training:
                 steps = history[run.label]
                 _write_csv(os.path.join(tmp, f"{run.label}_over_training.csv"),
@@ -400,15 +397,28 @@ def analyze(specs: Sequence[str], *, data: str, split: str, out: str,
                         is_residual(r.loaded.model)) for r in runs])
         with open(os.path.join(tmp, "table.txt"), "w") as f:
             f.write(table + "\n")
+        storage.upload(tmp, out)
     return table
+
+
+def _kept_path(out: str, label: str, step: int) -> str:
+    """Where a checkpoint's rows are kept once computed (local or gs://), with their key."""
+    return f"{storage.path(out)}/.finished/{label}/{step}.json"
+
+
+def _kept(path: str, key: Dict) -> Optional[List[Dict]]:
+    try:
+        kept = json.loads(storage.path(path).read_text())
+    except (OSError, ValueError):
+        return None  # none kept, or unreadable: computed again
+    return kept.get("value") if isinstance(kept, dict) and kept.get("key") == key else None
 
 
 def _finished(out: str, keys: List[Tuple[str, Dict]]) -> List[Optional[List[Dict]]]:
     """The rows of each (label, key) that an earlier run with the same key (checkpoint, its
     checksums, data, settings) kept in `out`, else None; with several processes, only those
     that every process found, so that all skip the same checkpoints."""
-    kept = progress.Kept(os.path.join(out, ".finished"))
-    found = [kept.get(f"{label}/{key['step']}", key) for label, key in keys]
+    found = [_kept(_kept_path(out, label, key["step"]), key) for label, key in keys]
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         have = np.array([rows is not None for rows in found])
@@ -422,34 +432,6 @@ def _write_csv(path: str, rows: List[Dict]):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-
-class _staged:
-    """A temporary directory beside `out` (for gs://, on local disk) whose files move into `out`
-    only when the block finishes, so a failure leaves nothing half-written."""
-
-    def __init__(self, out: str):
-        self.out = str(storage.path(out))
-
-    def __enter__(self):
-        if storage.is_remote(self.out):
-            self.tmp = tempfile.mkdtemp(prefix="analyze-")
-            return self.tmp
-        parent = os.path.dirname(self.out)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=".analyze-", dir=parent)
-        return self.tmp
-
-    def __exit__(self, kind, *_):
-        try:
-            if kind is None and storage.is_remote(self.out):
-                storage.upload(self.tmp, self.out)
-            elif kind is None:
-                os.makedirs(self.out, exist_ok=True)
-                for name in os.listdir(self.tmp):
-                    os.replace(os.path.join(self.tmp, name), os.path.join(self.out, name))
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 FLAGS = flags.FLAGS

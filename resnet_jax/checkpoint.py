@@ -11,8 +11,9 @@ analysis read both through `load_model`.
 
 Items holding variables (and optimizer states that mirror them) are stored in
 `layout.to_checkpoint`'s layout, every stage's identical blocks stacked in `blocks`, whatever
-layout the model holds: `save_model` and `workdir.save` stack, `restore_checked` restores that
-layout and hands back the model's. Checksums and `stored_shapes` are those of the stored layout.
+layout the model holds: `save` (for `save_model` and `workdir.Workdir.save`) stacks, and
+`restore_checked` restores that layout and hands back the model's. Checksums and
+`stored_shapes` are those of the stored layout.
 """
 import dataclasses
 import hashlib
@@ -24,11 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from etils import epath
 
 import resnet_jax
 from resnet_jax import storage
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, first_line
 from resnet_jax.models import XLA, Kernels, layout
 from resnet_jax.models.inputs import Preprocessing
 
@@ -53,10 +53,6 @@ class LoadedModel:
     directory: str = ""
 
 
-def _path(directory) -> epath.Path:
-    return storage.path(directory)
-
-
 def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: Optional[str] = None,
             keep_best: int = 0, read_only: bool = False, async_save: bool = True,
             item_handlers: Optional[Dict[str, Any]] = None) -> ocp.CheckpointManager:
@@ -78,24 +74,34 @@ def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: O
         save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
         preservation_policy=policy, best_fn=best_fn, best_mode="max")
     if item_handlers is not None:
-        return ocp.CheckpointManager(_path(directory), options=options,
+        return ocp.CheckpointManager(storage.path(directory), options=options,
                                      item_handlers=item_handlers)
-    return ocp.CheckpointManager(_path(directory), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(storage.path(directory), options=options, item_names=ITEMS)
 
 
 def save_model(directory: str, variables, *, model_name: str, model_options: Dict[str, Any],
                normalization: Normalization, step: int = 0, extra: Optional[Dict] = None) -> str:
     """Weights alone (no training state), as a checkpoint every reader of the package accepts."""
-    if _path(directory).exists() and any(_path(directory).iterdir()):
+    if storage.path(directory).exists() and any(storage.path(directory).iterdir()):
         raise UserError(f"output directory {directory!r} is not empty; choose a new --out")
     meta = metadata(model_name, model_options, normalization, extra)
-    model = layout.to_checkpoint({"params": variables["params"],
-                                  "batch_stats": variables.get("batch_stats", {})})
     with manager(directory, async_save=False) as mngr:
-        mngr.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model),
-            metadata=ocp.args.JsonSave(for_saving(mngr, step, meta, model=model))))
+        save(mngr, step, meta, model={"params": variables["params"],
+                                      "batch_stats": variables.get("batch_stats", {})})
     return directory
+
+
+def save(mngr: ocp.CheckpointManager, step: int, meta: Dict, metrics: Optional[Dict] = None,
+         **items) -> None:
+    """The one save of the package: `items` (trees in the model's layout: `model`, and `train`
+    for a train state) at `step` in the stored layout (`layout.to_checkpoint`), beside `meta`
+    with their checksums (`for_saving`, which refuses a non-finite item); asynchronous where
+    `mngr` saves so (returns once the arrays are on the host)."""
+    stored = {name: layout.to_checkpoint(tree) for name, tree in items.items()}
+    meta = for_saving(mngr, step, meta, **stored)
+    mngr.save(step, metrics=metrics, args=ocp.args.Composite(
+        **{name: ocp.args.StandardSave(tree) for name, tree in stored.items()},
+        metadata=ocp.args.JsonSave(meta)))
 
 
 def checksums(tree) -> Dict[str, int]:
@@ -223,15 +229,6 @@ def in_model_layout(stored, target):
     return jax.jit(layout.from_checkpoint, out_shardings=shardings)(stored)
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of the innermost cause: orbax wraps tensorstore's own message (which names
-    the file and the fault) in one that prints a whole TensorStore spec."""
-    while (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__
-    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    return f"{e.__class__.__name__}: {line[:240]}"
-
-
 def metadata(model_name, model_options, normalization: Normalization, extra=None) -> Dict:
     return dict(model=model_name, model_options=dict(model_options or {}),
                 normalization=normalization.to_json(), resnet_jax=resnet_jax.__version__,
@@ -239,9 +236,9 @@ def metadata(model_name, model_options, normalization: Normalization, extra=None
 
 
 def latest_step(directory: str, step: Optional[int] = None) -> int:
-    if not _path(directory).exists():
+    if not storage.path(directory).exists():
         raise UserError(f"checkpoint directory {directory!r} does not exist")
-    if not _path(directory).is_dir():
+    if not storage.path(directory).is_dir():
         raise UserError(f"checkpoint {directory!r} is a file; pass the directory that holds the "
                         "numbered steps (a training workdir or the --out of resnet_jax.convert)")
     with manager(directory, read_only=True) as mngr:
@@ -359,7 +356,7 @@ def load_model(directory: str, step: Optional[int] = None,
         try:
             return _load_step(directory, chosen, kernels)
         except UserError:  # DamagedCheckpoint, or "no step N" from a read after the listing
-            pruned = step is None and not (_path(directory) / str(chosen)).exists()
+            pruned = step is None and not (storage.path(directory) / str(chosen)).exists()
             if not pruned or attempt == attempts - 1:
                 raise
 

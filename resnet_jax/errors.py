@@ -14,6 +14,16 @@ class UserError(Exception):
     exit_at_once = False
 
 
+def first_line(e: BaseException) -> str:
+    """'Class: first line' of the innermost cause of `e`, for a one-line report: libraries wrap
+    the message that names the file and the fault (tensorstore's in orbax's, which prints a whole
+    spec) in longer ones."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{e.__class__.__name__}: {line[:240]}"
+
+
 class Terminated(Exception):
     """SIGTERM before there was anything to save (data loading, compiling): one line, exit 0,
     as a preempted run exits; rerunning the command starts or resumes it."""

@@ -13,7 +13,6 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
     cli.start("evaluate")
 
 import dataclasses
-import os
 import sys
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -205,25 +204,6 @@ def evaluate_streamed(loaded: checkpoint.LoadedModel, split: imagenet.Split, bat
     return dict(result, seconds=round(time.perf_counter() - start, 3))
 
 
-def check_output_file(path: str, flag: str = "--json") -> None:
-    """Before any work: `path` can be written as a file (not a directory, not under a file, in
-    a writable folder; on gs://, `storage.check_writable`'s preflight), so a result is never
-    computed and then lost."""
-    if storage.is_remote(path):
-        storage.check_writable(path.rpartition("/")[0], flag)
-        return
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path!r} is a directory; name a file, e.g. "
-                        f"{os.path.join(path, 'result.json')}")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise UserError(f"{flag} {path!r} lies under the file {folder!r}; name a path in a folder")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"{flag} {path!r}: cannot write in {folder!r}; choose a writable folder")
-
-
 FLAGS = flags.FLAGS
 
 
@@ -252,8 +232,8 @@ def main(argv):
                             "resnet_jax.convert")
         if FLAGS.batch_size < 1:
             raise UserError(f"--batch_size must be positive, not {FLAGS.batch_size}")
-        if FLAGS.json:
-            check_output_file(FLAGS.json)
+        if FLAGS.json:  # before any work: a result is never computed and then lost
+            storage.check_writable(FLAGS.json, "--json", file=True)
         cpu.use_cpu_cores()
         parallel.initialize_distributed()  # on every host of a pod slice (ImageNet-style data)
         checkpoint.quiet_orbax()

@@ -4,8 +4,8 @@ A line goes out in one `os.write` on an O_APPEND descriptor; a write that fails 
 disk) is cut back to the file's size before it, and opening a file whose last line a killed
 process left half-written drops that half line. A reader therefore only ever sees whole lines,
 and a resumed run's first line never lands on the end of another. Values that JSON cannot hold
-(NaN, Infinity) are written as null (`dumps`). Every tool's JSON output goes through here too
-(`write_json`).
+(NaN, Infinity) are written as null (`dumps`). Every JSON file a tool writes goes through here
+too (`write_json`: evaluate's and compile's --json, analyze's outputs).
 """
 import json
 import math
@@ -32,7 +32,7 @@ def dumps(obj, **kwargs) -> str:
 
 def write_json(path: str, obj) -> None:
     """Write `obj` as JSON (`dumps`), local or on gs://, so that a reader never sees half a
-    file: the JSON output of every tool."""
+    file: every JSON file the tools write."""
     storage.write(path, dumps(obj, indent=1) + "\n")
 
 

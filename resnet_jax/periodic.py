@@ -119,9 +119,11 @@ class MetricWriter:
         if not enabled:
             return
         from tensorboardX import SummaryWriter
-        self.path = storage.path(workdir) / "metrics.jsonl"
         self.remote = metrics_log.RemoteLog(workdir) if storage.is_remote(workdir) else None
-        if self.remote is None:  # workdir_lib.prepare made the folder
+        # what a failed write names: the log, or the folder of a remote log's parts
+        self.path = storage.path(workdir) / (metrics_log.PARTS if self.remote else
+                                             metrics_log.SINGLE)
+        if self.remote is None:  # workdir.prepare made the folder
             self.jsonl = lines.LineLog(self.path)
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

@@ -1,12 +1,9 @@
 """Progress of the long commands (evaluate, analyze, the trainer's log line): images done, rate
-and time left, on one line each; and the finished parts of their work, kept so that a rerun
-skips them."""
-import json
+and time left, on one line each."""
 import math
-import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 
 def hms(seconds: float) -> str:
@@ -69,32 +66,3 @@ class Checkpoints:
         self.finished += 1
         self.left -= 1
         self.seconds += time.perf_counter() - self.started
-
-
-
-class Kept:
-    """Finished parts of a command's work as JSON files in `folder`, each stored with the key it
-    was computed from (inputs, their checksums, settings): `get` returns a part only for the same
-    key, so a rerun with other arguments or a changed input computes it again."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self.folder, name + ".json")
-
-    def get(self, name: str, key: Any) -> Optional[Any]:
-        try:
-            with open(self._path(name)) as f:
-                kept = json.load(f)
-        except (OSError, ValueError):
-            return None  # none kept, or a part cut short: computed again
-        return kept.get("value") if isinstance(kept, dict) and kept.get("key") == key else None
-
-    def put(self, name: str, key: Any, value: Any) -> None:
-        """Written whole or not at all (temporary file, then rename)."""
-        path = self._path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(dict(key=key, value=value), f)
-        os.replace(path + ".tmp", path)

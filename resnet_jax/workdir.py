@@ -29,13 +29,12 @@ import orbax.checkpoint as ocp
 from resnet_jax import checkpoint, parallel, storage
 from resnet_jax import schedule as schedule_lib
 from resnet_jax.data import sources
-from resnet_jax.errors import UserError
-from resnet_jax.models import layout
+from resnet_jax.errors import UserError, first_line
 
 log = logging.getLogger("resnet_jax.train")
 
 
-def check_data(workdir: str, step: int, stored: Dict, meta: Dict, allow_change: bool) -> bool:
+def _data_changed(workdir: str, step: int, stored: Dict, meta: Dict, allow_change: bool) -> bool:
     """Refuses (UserError) a resume whose training data differ from those that `stored` (the
     newest step's metadata) was trained on, unless `allow_change`; True if they differ.
     Steps saved before fingerprints were recorded pass."""
@@ -53,21 +52,11 @@ def check_data(workdir: str, step: int, stored: Dict, meta: Dict, allow_change: 
 
 
 def prepare(workdir: str) -> None:
-    """A local workdir is created and must take a file, a gs:// one be writable
-    (storage.check_writable): one line now instead of a traceback after loading and compiling."""
-    if storage.is_remote(workdir):
-        return storage.check_writable(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"--workdir {workdir!r} is a file; name a directory")
-    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-    try:
+    """The workdir checked (storage.check_writable: one line now instead of a traceback after
+    loading and compiling) and, on a local disk, created."""
+    storage.check_writable(workdir)
+    if not storage.is_remote(workdir):
         os.makedirs(workdir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("x")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write in --workdir {workdir!r} ({e.strerror or e}); choose a "
-                        "writable directory") from None
 
 
 def check_free_space(workdir: str, variables, copies: int = 3) -> None:
@@ -140,14 +129,25 @@ class Workdir:
         if self.stored.get("classes") and self.stored["classes"] != meta["classes"]:
             sources.check_classes("the data of this run", meta["classes"], self.stored["classes"],
                                   f"workdir {self.path!r} (step {self.step})'s")
-        if check_data(self.path, self.step, self.stored, meta, self.allow_change):
+        if _data_changed(self.path, self.step, self.stored, meta, self.allow_change):
             log.warning("resuming %s on changed training data", self.path)
 
 
     def resume(self, target):
-        """The train state of the newest intact step, or None in a fresh workdir (`resume`);
-        remembers the damaged steps, which `save` leaves in place."""
-        state, damaged = resume(self.mngr, self.steps, target)
+        """The train state of the newest intact step (`restore`), or None in a fresh workdir: a
+        damaged step is reported in one line and left in place, never deleted, and remembered
+        for `save`; every step damaged is a UserError."""
+        damaged, state = [], None
+        for step in sorted(self.steps, reverse=True):
+            try:
+                state = restore(self.mngr, step, target)
+                break
+            except checkpoint.DamagedCheckpoint as e:
+                damaged.append(step)
+                log.warning("%s; left in place, trying the step before it", e)
+        if state is None and damaged:
+            raise UserError(f"every checkpoint in {str(self.mngr.directory)!r} is damaged (steps "
+                            f"{sorted(damaged)}, see above); choose another --workdir")
         self.damaged = tuple(damaged)
         if state is not None and parallel.is_main_process():
             log.info("resumed from %s step %d%s", self.path, int(jax.device_get(state.step)),
@@ -155,19 +155,27 @@ class Workdir:
         return state
 
     def save(self, state, metrics: Dict) -> Optional[int]:
-        """`save`, unless a damaged checkpoint of the state's step is in the way (orbax does not
-        write over a step: that one stays as it was found): the step saved, or None."""
+        """Start an asynchronous save of the train state `state` at its step with this run's
+        metadata (`checkpoint.save`: the model and train items, the optimizer state's copies of
+        the parameters stored stacked too): the step saved, or None where a damaged checkpoint
+        of that step is in the way (orbax does not write over a step: that one stays as it was
+        found)."""
         step = int(jax.device_get(state.step))
         if step in self.damaged:
             log.warning("step %d is not saved: the damaged checkpoint of that step is in the way "
                         "(remove %s to let a run save it)", step,
                         os.path.join(str(self.mngr.directory), str(step)))
             return None
-        return save(self.mngr, state, self.meta, metrics)
+        if step not in self.mngr.all_steps():
+            with writing(self.mngr, step):
+                checkpoint.save(self.mngr, step, self.meta, metrics, model=state.variables,
+                                train=state.train_item())
+        return step
 
     def wait(self, step: int) -> None:
         """Until every save has finished (`step` names the latest in a failure's line)."""
-        wait_for_saves(self.mngr, step)
+        with writing(self.mngr, step):
+            self.mngr.wait_until_finished()
 
 
 def read(mngr: ocp.CheckpointManager, workdir: str, allow_change: bool = False) -> Workdir:
@@ -257,35 +265,17 @@ class WriteFailed(UserError):
 
 @contextlib.contextmanager
 def writing(mngr, step: int):
-    """A failed write (a full disk, a workdir made read-only) as one line; earlier steps stay."""
+    """A failed write (a full disk, a workdir made read-only) as one line; earlier steps stay.
+    A UserError (a non-finite state refused before writing) is already its own line."""
     try:
         yield
+    except UserError:
+        raise
     except Exception as e:
         raise WriteFailed(f"could not write the checkpoint of step {step} in "
-                          f"{str(mngr.directory)!r} ({checkpoint.first_line(e)}); the steps saved "
+                          f"{str(mngr.directory)!r} ({first_line(e)}); the steps saved "
                           "before it are kept; free space or fix permissions and rerun the same "
                           "command to resume") from None
-
-
-def save(mngr: ocp.CheckpointManager, state, meta: Dict, metrics: Dict) -> int:
-    """Start an asynchronous save of the train state `state` at its step (returns once arrays
-    are on the host), in the stored layout (`layout.to_checkpoint`: the optimizer state's copies
-    of the parameters too), with the checksums `restore` verifies."""
-    step = int(jax.device_get(state.step))
-    if step not in mngr.all_steps():
-        model = layout.to_checkpoint(state.variables)
-        train = layout.to_checkpoint(state.train_item())
-        meta = checkpoint.for_saving(mngr, step, meta, model=model, train=train)
-        with writing(mngr, step):
-            mngr.save(step, metrics=metrics, args=ocp.args.Composite(
-                model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
-                metadata=ocp.args.JsonSave(meta)))
-    return step
-
-
-def wait_for_saves(mngr: ocp.CheckpointManager, step: int) -> None:
-    with writing(mngr, step):
-        mngr.wait_until_finished()
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target):
@@ -299,22 +289,6 @@ def restore(mngr: ocp.CheckpointManager, step: int, target):
     step, opt_state = train.pop("step"), train.pop("opt_state")
     return target.replace(**restored["model"], step=step, opt_state=opt_state,
                           schedule=schedule_lib.restored(train, target.schedule))
-
-
-def resume(mngr: ocp.CheckpointManager, steps, target) -> Tuple[Optional[object], List[int]]:
-    """(the train state of the newest intact step among `steps`, the damaged steps newer than
-    it): a damaged step is reported in one line and left in place, never deleted."""
-    damaged = []
-    for step in sorted(steps, reverse=True):
-        try:
-            return restore(mngr, step, target), damaged
-        except checkpoint.DamagedCheckpoint as e:
-            damaged.append(step)
-            log.warning("%s; left in place, trying the step before it", e)
-    if damaged:
-        raise UserError(f"every checkpoint in {str(mngr.directory)!r} is damaged (steps "
-                        f"{sorted(damaged)}, see above); choose another --workdir")
-    return None, damaged
 
 
 # ---------------------------------------------------------------------------------------------

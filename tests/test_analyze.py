@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import resnet_jax
-from resnet_jax import analyze, checkpoint
+from resnet_jax import analyze, checkpoint, lines
 from resnet_jax.models import layout
 from resnet_jax.errors import UserError
 from resnet_jax.responses import capture_responses
@@ -309,3 +309,39 @@ def test_progress_and_a_rerun_skips_the_checkpoints_already_done(checkpoints, tm
     assert (tmp_path / "out" / "ResNet-20_over_training.csv").read_text() == whole
     _analyze(tmp_path, run, over_training=True, num_images=20)  # another key: all again
     assert len(steps) == 5
+
+
+def test_kept_rows_come_back_only_for_the_same_key(tmp_path):
+    path = analyze._kept_path(str(tmp_path / "out"), "A", 1)
+    assert path == f"{tmp_path}/out/.finished/A/1.json"
+    assert analyze._kept(path, {"x": 1}) is None
+    lines.write_json(path, dict(key={"x": 1, "sums": {"p": 3}}, value=[{"std": 0.5}]))
+    assert analyze._kept(path, {"x": 1, "sums": {"p": 3}}) == [{"std": 0.5}]
+    assert analyze._kept(path, {"x": 1, "sums": {"p": 4}}) is None  # the checkpoint changed
+    (tmp_path / "out" / ".finished" / "A" / "1.json").write_text('{"key": {"x": 1}, "val')
+    assert analyze._kept(path, {"x": 1}) is None  # cut short: computed again
+    assert analyze._kept_path("gs://b/fig7/", "A", 1) == "gs://b/fig7/.finished/A/1.json"
+
+
+def test_an_unwritable_out_is_one_line_before_any_checkpoint_is_computed(checkpoints, tmp_path,
+                                                                          monkeypatch):
+    """A local --out that cannot be written was found after the first checkpoint's statistics
+    were computed, as a traceback."""
+    monkeypatch.setattr(analyze, "stream_moments", lambda *a: pytest.fail("computed"))
+    r20 = [str(checkpoints / "resnet20-as-resnet20")]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"--out '.*file' is a file; name a directory"):
+        _analyze(tmp_path, r20, out=str(tmp_path / "file"))
+    with pytest.raises(UserError, match=r"--out '.*file/out' lies under the file '.*file'"):
+        _analyze(tmp_path, r20, out=str(tmp_path / "file" / "out"))
+    real_open = open
+
+    def read_only(path, *args, **kwargs):
+        if ".write-test-" in str(path):
+            raise OSError(30, "Read-only file system")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(UserError, match=r"cannot write in --out '.*out' \(Read-only file system\)"):
+        _analyze(tmp_path, r20)
+    assert sorted(os.listdir(tmp_path)) == ["file"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import resnet_jax
-from resnet_jax import checkpoint, convert, evaluate, lines
+from resnet_jax import checkpoint, convert, evaluate, lines, storage
 from resnet_jax.data import sources
 from resnet_jax.errors import UserError
 
@@ -194,10 +194,11 @@ def test_an_unwritable_json_path_is_refused_before_any_scoring(tmp_path):
     """`--json DIR` or a path under a file gave a traceback after scoring: the result lost."""
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"--json '.*' is a directory; name a file"):
-        evaluate.check_output_file(str(tmp_path))
+        storage.check_writable(str(tmp_path), "--json", file=True)
     with pytest.raises(UserError, match=r"lies under the file '.*file'"):
-        evaluate.check_output_file(str(tmp_path / "file" / "sub" / "r.json"))
-    evaluate.check_output_file(str(tmp_path / "new" / "r.json"))  # created when written
+        storage.check_writable(str(tmp_path / "file" / "sub" / "r.json"), "--json", file=True)
+    storage.check_writable(str(tmp_path / "new" / "r.json"), "--json", file=True)
+    assert not (tmp_path / "new").exists()  # created when written
 
 
 def test_written_json_is_standard_json(tmp_path):

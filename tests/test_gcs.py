@@ -34,8 +34,10 @@ def _gcs_env(env):
 
 
 def _cli(tool, *args, env):
-    return subprocess.run([sys.executable, "-m", f"resnet_jax.{tool}", *map(str, args)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", f"resnet_jax.{tool}", *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert not (REPO / "gs:").exists(), "a gs:// path was written as a local folder gs:/"
+    return proc
 
 
 def _objects(url: str):
@@ -139,6 +141,10 @@ def test_image_folders_on_gcs_load_as_local_ones(gcs_dir, tmp_path, monkeypatch)
     np.testing.assert_array_equal(remote.labels, [0, 0, 1])
     record = imagenet.FolderSource(gcs_dir, "test")[2]
     assert record["label"] == 1 and record["image"] == (tmp_path / "local/test/dog/c.png").read_bytes()
+    replaced = io.BytesIO()  # the cache is keyed by the listing's generations and checksums
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(replaced, "PNG")
+    epath.Path(f"{gcs_dir}/test/cat/a.png").write_bytes(replaced.getvalue())
+    np.testing.assert_array_equal(sources.load(f"folder:{gcs_dir}", "test").images[0], 7)
     with pytest.raises(UserError, match="split 'train' not found in .* \\(it has: test\\)"):
         sources.load(f"folder:{gcs_dir}", "train")
 
@@ -165,7 +171,7 @@ def test_a_failed_remote_metrics_write_is_one_line(gcs_dir, monkeypatch):
     def refused(self):
         raise RuntimeError("HTTP 503: service unavailable")  # what gcsfs raises is no OSError
     monkeypatch.setattr(metrics_log.RemoteLog, "flush", refused)
-    with pytest.raises(workdir.WriteFailed, match=r"cannot write metrics to .*HTTP 503.*rerun the same"):
+    with pytest.raises(workdir.WriteFailed, match=r"cannot write metrics to '.*/metrics' .*HTTP 503.*rerun the same"):
         writer.flush()
 
 
@@ -248,6 +254,26 @@ def test_evaluate_analyze_and_plots_read_and_write_gcs(gcs_run):
     for figure in ("figure6", "figure7"):
         assert epath.Path(f"{out}/{figure}.png").read_bytes()[:4] == b"\x89PNG"
         assert epath.Path(f"{out}/{figure}.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_analyze_keeps_its_finished_checkpoints_in_the_bucket(gcs_dir, tmp_path, monkeypatch):
+    """analyze --out gs://... kept each finished checkpoint's rows through os.makedirs/open:
+    in ./gs:/bucket/... under the working directory, where a rerun never looked."""
+    from resnet_jax import analyze, checkpoint
+    from test_analyze import NORM, OPTIONS, _init
+    net = str(tmp_path / "r20")
+    checkpoint.save_model(net, _init("resnet20", 0)[1], model_name="resnet20",
+                          model_options=OPTIONS, normalization=NORM, step=7)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    out = f"{gcs_dir}/analysis"
+    run = lambda: analyze.analyze([net], data="synthetic:8", split="test", out=out,
+                                  settings=analyze.Settings(batch_size=8))
+    table = run()
+    assert list((tmp_path / "cwd").iterdir()) == []
+    assert ".finished/ResNet-20/7.json" in _objects(out) and "table.txt" in _objects(out)
+    monkeypatch.setattr(analyze, "stream_moments", lambda *a: pytest.fail("computed again"))
+    assert run() == table  # the rerun finds the kept rows in the bucket
 
 
 @pytest.mark.slow

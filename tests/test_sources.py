@@ -141,3 +141,30 @@ def test_a_jpeg_with_overwritten_bytes_is_named_not_decoded_silently(tmp_path, c
     caplog.clear()
     jpeg.decode(bytes(bad), name="x.jpg")
     assert any("x.jpg is damaged" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cached_split_is_found_without_reading_its_images(tmp_path, monkeypatch):
+    """The cache key hashed every image's bytes: a cache hit still read the whole split (one GET
+    per image on gs://)."""
+    import numpy as np
+    source = _folder(tmp_path / "d", {"train/ant": 2, "train/bee": 1})
+    first = sources.load(source, "train")
+    monkeypatch.setattr(sources.storage, "read_bytes", lambda p: pytest.fail(f"read {p}"))
+    again = sources.load(source, "train")
+    np.testing.assert_array_equal(first.images, again.images)
+    assert again.labels.tolist() == [0, 0, 1]
+
+
+def test_a_bucket_folder_is_its_url_not_a_path_under_the_working_directory(tmp_path,
+                                                                            monkeypatch):
+    """os.path.realpath made folder:gs://b/data the local path ./gs:/b/data."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    seen = set()
+    for cwd in (tmp_path, tmp_path / "a"):
+        monkeypatch.chdir(cwd)
+        seen.add(sources.identity("folder:gs://b/data/"))
+        seen.add(sources.identity("folder:gs://b/data"))
+    assert seen == {"folder:gs://b/data"}
+    assert sources.identity(f"folder:{tmp_path}/link/data/") == f"folder:{tmp_path}/a/data"

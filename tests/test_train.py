@@ -208,6 +208,11 @@ def _stored_keys(directory, step, item):
     return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
+def save(mngr, state, meta, metrics):
+    """The trainer's save of `state` (Workdir.save) into the folder `mngr` manages."""
+    return workdir_lib.Workdir(str(mngr.directory), mngr, None, {}, meta=meta).save(state, metrics)
+
+
 def test_train_state_round_trips_through_the_stacked_checkpoint_layout(tmp_path):
     """The model holds block1, block2, ...; the checkpoint (weights, BN statistics and the
     momentum inside optax's state) stores them stacked in `blocks`, as checkpoints always have,
@@ -221,7 +226,7 @@ def test_train_state_round_trips_through_the_stacked_checkpoint_layout(tmp_path)
     meta = checkpoint.metadata(c.model, options, norm, extra=dict(image_size=32))
     step = int(state.step)
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
-        workdir_lib.save(mngr, state, meta, {train.BEST_METRIC: 0.1})
+        save(mngr, state, meta, {train.BEST_METRIC: 0.1})
     shapes = checkpoint.stored_shapes(str(tmp_path), step)
     assert shapes["params/stage2/blocks/conv1/kernel"] == (2, 3, 3, 8, 8)
     assert not any("block1" in k for k in shapes)
@@ -252,7 +257,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
         with pytest.raises(checkpoint.NonFiniteState, match=r"step \d+ is not saved: \d+ arrays "
                            "of the 'model' item hold NaN or Inf .* no checkpoint was saved"):
-            workdir_lib.save(mngr, state, meta, {train.BEST_METRIC: -1.0})
+            save(mngr, state, meta, {train.BEST_METRIC: -1.0})
         assert mngr.all_steps() == []
 
 
@@ -320,7 +325,7 @@ EIGHT_VS_ONE = textwrap.dedent(f"""
     # the 8-device state as the training loop saves it, for a 1-device process to resume
     meta = checkpoint.metadata(c.model, options, norm, extra=dict(image_size=32))
     with checkpoint.manager(sys.argv[1], async_save=False) as mngr:
-        workdir_lib.save(mngr, state, meta, {{train.BEST_METRIC: 0.1}})
+        workdir_lib.Workdir(sys.argv[1], mngr, None, {{}}, meta=meta).save(state, {{train.BEST_METRIC: 0.1}})
     print("losses", l1, l8, "worst", worst, diffs[worst])
 """)
 
@@ -431,7 +436,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, uninte
         state = workdir_lib.restore(mngr, 12, target)
         meta = mngr.restore(12, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
-        workdir_lib.save(mngr, state.replace(schedule=state.schedule.replace(lr_scale=jnp.float32(1e30))), meta, {train.BEST_METRIC: 0.1})
+        save(mngr, state.replace(schedule=state.schedule.replace(lr_scale=jnp.float32(1e30))), meta, {train.BEST_METRIC: 0.1})
     rc, out = finish(start(tmp_path, *RUN, "--config.num_steps=16", env=env))
     assert rc == 2, out[-3000:]
     error = [ln for ln in out.splitlines() if ln.startswith("error:")]
@@ -602,7 +607,7 @@ def test_non_finite_validation_stops_naming_the_step(env, tmp_path, every_four):
     stats = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.full_like(x, -100.0) if p[-1].key == "var" else x, state.batch_stats)
     with checkpoint.manager(str(tmp_path), async_save=False) as mngr:
-        workdir_lib.save(mngr, state.replace(batch_stats=stats), meta, {train.BEST_METRIC: 0.1})
+        save(mngr, state.replace(batch_stats=stats), meta, {train.BEST_METRIC: 0.1})
     rc, out = finish(start(tmp_path, *RUN, "--config.num_steps=16", env=env))
     assert rc == 2, out[-3000:]
     [line] = [ln for ln in out.splitlines() if ln.startswith("error:")]

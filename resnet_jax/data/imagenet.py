@@ -28,7 +28,7 @@ from typing import Any, Iterator, Optional, Tuple
 import jax
 import numpy as np
 
-from resnet_jax import parallel
+from resnet_jax import parallel, storage
 from resnet_jax.data import augment, batching, jpeg, pipeline, sources
 from resnet_jax.errors import UserError
 
@@ -51,7 +51,7 @@ class FolderSource:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return {"image": sources.read_bytes(self.paths[index]), "label": int(self.labels[index]),
+        return {"image": storage.read_bytes(self.paths[index]), "label": int(self.labels[index]),
                 "path": self.paths[index]}
 
 

@@ -5,12 +5,11 @@ CIFAR-sized splits are small (150 MB of uint8 for 50k images), so a source hands
 split as numpy arrays: training keeps it in device memory and augments there, and evaluation
 pads the last batch instead of dropping it. A decoded folder is cached as .npy beside nothing of
 the user's: under $RESNET_JAX_CACHE (default ~/.cache/resnet_jax), keyed by the files' names,
-classes and content hashes, so a changed folder is decoded again whatever its modification times
-say.
+classes and stamps (`storage.stamps`: size, inode and ctime, or on gs:// generation and
+checksums), so a changed folder is decoded again whatever its modification times say.
 """
 import dataclasses
 import hashlib
-import io
 import os
 import unicodedata
 import zlib
@@ -83,14 +82,16 @@ def load(source: str, split: str, *, data_dir: Optional[str] = None, image_size:
 
 
 def identity(source: str) -> str:
-    """`source` as a resumed run compares it: a folder by its resolved path, so a trailing
-    slash or a symlink to the same folder is the same source (the content is compared on its
-    own, `fingerprint`)."""
+    """`source` as a resumed run compares it: a local folder by its resolved path, so a trailing
+    slash or a symlink to the same folder is the same source, a gs:// one by its URL (the
+    content is compared on its own, `fingerprint`)."""
     try:
         kind, arg = parse_source(source)
     except UserError:
         return source
-    return f"folder:{os.path.realpath(arg)}" if kind == "folder" else source
+    if kind != "folder":
+        return source
+    return f"folder:{arg.rstrip('/') if storage.is_remote(arg) else os.path.realpath(arg)}"
 
 
 def fingerprint(dataset: Dataset) -> dict:
@@ -173,44 +174,29 @@ def folder_files(root: str, split: str, classes: Optional[Sequence[str]] = None,
     return tuple(folders if classes is None else classes), files
 
 
-def read_bytes(path: str) -> bytes:
-    """An image file's bytes, local or gs://."""
-    if storage.is_remote(path):
-        return storage.path(path).read_bytes()
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _cache_path(split_dir: str, files) -> str:
     """The cache file of a folder split, keyed by what decides its pixels and labels: each
-    file's class and content hash (never its modification time, which `cp -p`, `rsync -a`
-    and `tar` keep while replacing the bytes)."""
-    h = hashlib.sha256()
-    for path, label in files:
-        h.update(f"{os.path.relpath(path, split_dir)}\0{label}\0{_file_digest(path)}\n".encode())
+    file's name, class and `storage.stamps` (never its modification time alone, which `cp -p`,
+    `rsync -a` and `tar` keep while replacing the bytes); no image is read to find it."""
+    try:
+        stamped = storage.stamps(split_dir, [p for p, _ in files])
+    except OSError as e:  # a broken link, a file removed meanwhile, no permission
+        raise UserError(f"cannot read image {e.filename!r} ({e.strerror or e}); remove or "
+                        "replace it") from None
+    h = hashlib.sha256(b"stamps\n")  # not the content hashes' key of older caches
+    for (path, label), stamp in zip(files, stamped):
+        h.update(f"{os.path.relpath(path, split_dir)}\0{label}\0{stamp}\n".encode())
     return storage.cache_dir(f"folder-{h.hexdigest()[:24]}.npz")
 
 
-def _file_digest(path: str) -> str:
-    try:
-        return hashlib.sha1(read_bytes(path)).hexdigest()  # images: small files
-    except OSError as e:  # a broken link, a file removed meanwhile, no permission
-        raise UserError(f"cannot read image {path!r} ({e.strerror or e}); remove or replace "
-                        "it") from None
-
-
 def _decode(path: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """uint8 [H, W, 3] of an image file, as the ImageNet input decodes it (`jpeg.decode`)."""
     from resnet_jax.data import jpeg
     try:
-        data = read_bytes(path)
-        complaint = jpeg.damage(data)
-        if complaint:
-            jpeg.warn_damaged(path, complaint)
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {path!r} ({e.__class__.__name__}); remove or replace it") from None
+        return jpeg.decode(storage.read_bytes(path), name=path)
+    except OSError as e:  # unreadable, or a file PIL finds truncated while decoding
+        raise UserError(f"cannot read image {path!r} ({e.__class__.__name__}); remove or replace "
+                        "it") from None
 
 
 def _load_folder(root: str, split: str, classes: Optional[Sequence[str]] = None,
