@@ -1,8 +1,8 @@
 """The package as users get it: the built wheel, installed into a fresh venv with no repository
 beside it, trains, evaluates and analyzes with a shipped config; the light core runs a model.
 
-Each test builds one venv (jax and the rest come from pip's cache after the first run) and
-prints its size and install time (docs/install.md records them)."""
+One venv, the core first and the training extra added (jax and the rest come from pip's cache
+after the first run); each install prints its size and time (docs/install.md records them)."""
 import os
 import pathlib
 import shutil
@@ -40,22 +40,44 @@ def _run(args, cwd, timeout=1200, env=None):
     return proc
 
 
-def _venv(tmp_path, wheel, extras=""):
-    """A fresh venv in tmp_path with the wheel (and `extras`) installed; its bin/ folder."""
+def _venv(tmp_path, wheel):
+    """A fresh venv in tmp_path with the wheel (the light core) installed; its bin/ folder."""
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
-    start = time.perf_counter()
-    _run([venv / "bin" / "python", "-m", "pip", "install", "-q", f"{wheel}{extras}"],
-         cwd=tmp_path)
-    size = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink())
-    print(f"install{extras or ' (core)'}: {size / 2**20:.0f} MiB, "
-          f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+    _install(venv / "bin", wheel)
     return venv / "bin"
 
 
+def _install(bin_, wheel, extras=""):
+    """pip install the wheel with `extras` into the venv of `bin_`; prints the venv's size and the
+    install's time (docs/install.md records them)."""
+    start = time.perf_counter()
+    _run([bin_ / "python", "-m", "pip", "install", "-q", f"{wheel}{extras}"], cwd=bin_.parent)
+    venv = bin_.parent
+    size = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink())
+    print(f"install{extras or ' (core)'}: {size / 2**20:.0f} MiB, "
+          f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
 @pytest.mark.slow
-def test_the_wheel_trains_evaluates_and_analyzes_without_the_repository(wheel, tmp_path):
-    bin_ = _venv(tmp_path, wheel, "[train]")
+def test_the_light_core_runs_a_model_and_with_train_added_the_wheel_trains(wheel, tmp_path):
+    """As a user goes: `pip install resnet-jax` to import the models, later `resnet-jax[train]`
+    into the same venv to train, evaluate and analyze (one venv: the second install is the
+    extras only)."""
+    bin_ = _venv(tmp_path, wheel)
+    code = ("import importlib.util, jax, jax.numpy as jnp, numpy as np, resnet_jax\n"
+            "m = resnet_jax.create_model('resnet20', widths=(4, 8, 16))\n"
+            "v = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))\n"
+            "x = resnet_jax.preprocessing('resnet20')(np.zeros((2, 32, 32, 3), np.uint8))\n"
+            "print(m.apply(v, x).shape, len(resnet_jax.capture_responses(m, v, x)))\n"
+            "print([p for p in ('tensorflow_datasets', 'grain', 'matplotlib', 'tensorboardX',\n"
+            "                   'ml_collections', 'simplejpeg') if importlib.util.find_spec(p)])\n")
+    out = _run([bin_ / "python", "-c", code], cwd=tmp_path).stdout.splitlines()
+    assert out == ["(2, 10) 19", "[]"], out
+    table = _run([bin_ / "resnet-jax-summary", "resnet20"], cwd=tmp_path).stdout
+    assert "0.0406G" in table, table
+
+    _install(bin_, wheel, "[train]")
     work = tmp_path / "run"
     _run([bin_ / "resnet-jax-train", "--config", "cpu:tiny", "--workdir", work,
           "--config.num_steps=4", "--config.lr_boundaries=(2, 3)", "--config.log_every=2",
@@ -72,19 +94,3 @@ def test_the_wheel_trains_evaluates_and_analyzes_without_the_repository(wheel, t
     shipped = _run([bin_ / "python", "-c", "import resnet_jax.config as c; "
                     "print(c.configs_dir(), c.available_configs())"], cwd=tmp_path).stdout
     assert "site-packages/resnet_jax/configs ['cifar10', 'cpu', 'imagenet']" in shipped
-
-
-@pytest.mark.slow
-def test_the_light_core_runs_a_model(wheel, tmp_path):
-    bin_ = _venv(tmp_path, wheel)
-    code = ("import importlib.util, jax, jax.numpy as jnp, numpy as np, resnet_jax\n"
-            "m = resnet_jax.create_model('resnet20', widths=(4, 8, 16))\n"
-            "v = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))\n"
-            "x = resnet_jax.preprocessing('resnet20')(np.zeros((2, 32, 32, 3), np.uint8))\n"
-            "print(m.apply(v, x).shape, len(resnet_jax.capture_responses(m, v, x)))\n"
-            "print([p for p in ('tensorflow_datasets', 'grain', 'matplotlib', 'tensorboardX',\n"
-            "                   'ml_collections', 'simplejpeg') if importlib.util.find_spec(p)])\n")
-    out = _run([bin_ / "python", "-c", code], cwd=tmp_path).stdout.splitlines()
-    assert out == ["(2, 10) 19", "[]"], out
-    table = _run([bin_ / "resnet-jax-summary", "resnet20"], cwd=tmp_path).stdout
-    assert "0.0406G" in table, table
