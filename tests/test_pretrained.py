@@ -52,3 +52,22 @@ def test_convert_cli_infers_the_net(akamaster_dir, tmp_path):
                                            f"for another) to {tmp_path / 'c'}")
     assert proc.stdout.splitlines()[1].startswith("unchecked: the shapes fit")
     assert resnet_jax.load(str(tmp_path / "c")).metadata["model"] == "resnet32"
+
+
+# The `train` extra's packages (pyproject.toml): the light core must load and convert without them.
+TRAIN_EXTRA = ("ml_collections", "tensorflow_datasets", "grain", "matplotlib", "tensorboardX",
+               "simplejpeg", "tensorflow", "PIL")
+
+
+def test_load_and_convert_need_only_the_light_core(akamaster_dir):
+    """As on an install without the train extra: importing any of its packages fails."""
+    code = ("import sys\n"
+            f"for name in {TRAIN_EXTRA!r}:\n"
+            "    sys.modules[name] = None  # import raises ModuleNotFoundError\n"
+            "import resnet_jax\n"
+            "from resnet_jax import convert, summary\n"
+            "print(resnet_jax.load(sys.argv[1]).metadata['model'])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(akamaster_dir / "resnet20.npz")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["resnet20"]
