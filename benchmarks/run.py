@@ -404,14 +404,14 @@ def main(argv):
     from resnet_jax.errors import UserError, exit_on_user_error
     with exit_on_user_error():
         import jax
-        import resnet_jax
         from resnet_jax.kernels import cpu
+        from resnet_jax.models import registry
         cpu.use_cpu_cores((FLAGS.batch,))
         unknown = [m for m in FLAGS.modes if m not in MODES]
         if unknown:
             raise UserError(f"unknown mode {unknown[0]!r}; --modes takes any of {', '.join(MODES)}")
         for name in FLAGS.models + FLAGS.compile_models:
-            resnet_jax.create_model(name)  # an unknown name fails here, in one line
+            registry.check_options(name, {})  # an unknown name fails here, in one line
         if FLAGS.batch < 1 or FLAGS.repeats < 1 or FLAGS.warmup < 0:
             raise UserError("--batch and --repeats must be positive and --warmup not negative")
         pytorch = FLAGS.pytorch

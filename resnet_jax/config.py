@@ -165,7 +165,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     problems = validate(config, num_devices)
     from resnet_jax.models import registry
     try:
-        registry.create_model(config.model, **dict(config.model_options))
+        registry.check_options(config.model, dict(config.model_options))
     except registry.UnknownModelError as e:
         problems.append(str(e))
     if problems:
