@@ -29,14 +29,13 @@ import dataclasses
 import importlib.util
 import os
 import re
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import resnet_jax.kernels
 from resnet_jax import analyze, checkpoint, cli, lines, parallel, storage, train
@@ -458,8 +457,7 @@ def run_compile(config, topology: str, batch_size: Optional[int] = None,
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; options go as --flag=value")
+    del argv  # absl_run refuses arguments besides the flags
     with exit_on_user_error():
         unknown = set(FLAGS.programs) - set(PROGRAMS)
         if unknown:
@@ -482,6 +480,4 @@ def compile_only():
 def run():
     compile_only()
     define_flags()
-    with exit_on_user_error():
-        sys.argv[1:] = config_lib.command_line(sys.argv[1:])
-    cli.absl_run(main, __name__)
+    cli.absl_run(main, __name__, positional=0, config=True)

@@ -339,9 +339,6 @@ def define_flags():
 
 def main(argv):
     with exit_on_user_error():
-        if len(argv) != 2:
-            raise UserError("name one state dict file: python -m resnet_jax.convert SOURCE "
-                            "--out CKPT_DIR [--model NAME]")
         if not FLAGS.out:
             raise UserError("--out is required: the checkpoint directory to create")
         checkpoint.quiet_orbax()
@@ -358,5 +355,6 @@ def main(argv):
 
 def run():
     define_flags()
-    cli.absl_run(main, __name__)
+    cli.absl_run(main, __name__, positional=1, usage="name one state dict file: python -m "
+                 "resnet_jax.convert SOURCE --out CKPT_DIR [--model NAME]")
 

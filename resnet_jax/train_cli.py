@@ -11,10 +11,9 @@ and exit 0; a workdir written with another data set, batch or schedule is refuse
 """
 import logging
 import os
-import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 
 from resnet_jax import checkpoint, cli, lines, parallel, storage
@@ -41,8 +40,7 @@ def _define_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; options go as --flag=value")
+    del argv  # absl_run refuses arguments besides the flags
     if FLAGS.describe:
         print(config_lib.describe(FLAGS.config or config_lib.default_config()))
         return
@@ -66,8 +64,6 @@ def main(argv):
 
 def run():
     _define_flags()
-    with exit_on_user_error():
-        sys.argv[1:] = config_lib.command_line(sys.argv[1:])
-    cli.absl_run(main, __name__)
+    cli.absl_run(main, __name__, positional=0, config=True)
 
 
