@@ -424,11 +424,11 @@ def run_compile(config, topology: str, batch_size: Optional[int] = None,
     """The command's work, importable: {'topology', 'chips', 'hosts', 'reports', 'max_batch'}."""
     chip = chip_of(topology)
     devices = target_devices(topology)
-    batch_size = batch_size or config.batch_size
     chips, hosts = len(devices), len({d.process_index for d in devices})
-    if batch_size % chips:
-        raise UserError(f"batch size {batch_size} does not split over the {chips} chips of "
-                        f"{topology}; use a multiple of {chips}")
+    config = config.copy_and_resolve_references()
+    config.batch_size = batch_size or config.batch_size
+    config_lib.check(config, num_devices=chips)  # as the trainer would on this slice
+    batch_size = config.batch_size
     per_chip = batch_size // chips
     built = Programs.build(config, devices, image_size)
     log(f"{config.model} ({config.compute_dtype}) on {topology}: {chips} {chip.device_kind} chips, "
