@@ -14,7 +14,6 @@ import os
 
 import jax
 from absl import flags
-from absl import logging as absl_logging
 
 from resnet_jax import checkpoint, cli, lines, parallel, storage
 from resnet_jax import config as config_lib
@@ -49,8 +48,7 @@ def main(argv):
         cpu.use_cpu_cores((FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
-        absl_logging.set_verbosity(absl_logging.WARNING)
-        checkpoint.quiet_orbax()
+        checkpoint.quiet_orbax()  # absl's WARNING unless --verbosity says otherwise
         if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a resumed run skips compiling
             jax.config.update("jax_compilation_cache_dir", storage.cache_dir("jax-compile"))
         log.setLevel(logging.INFO if parallel.is_main_process() else logging.WARNING)
