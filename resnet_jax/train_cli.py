@@ -45,6 +45,8 @@ def main(argv):
         return
     with exit_on_user_error():
         config_lib.check(FLAGS.config, num_devices=1)  # the device count is checked once known
+        if not FLAGS.workdir:
+            raise UserError("--workdir is required (checkpoints and metrics go there)")
         cpu.use_cpu_cores((FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
@@ -52,8 +54,6 @@ def main(argv):
         if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a resumed run skips compiling
             jax.config.update("jax_compilation_cache_dir", storage.cache_dir("jax-compile"))
         log.setLevel(logging.INFO if parallel.is_main_process() else logging.WARNING)
-        if not FLAGS.workdir:
-            raise UserError("--workdir is required (checkpoints and metrics go there)")
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                     allow_config_change=FLAGS.allow_config_change)
         if parallel.is_main_process():

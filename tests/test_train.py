@@ -633,6 +633,19 @@ def _cli_flags(monkeypatch, **flags):
     return train_cli
 
 
+def test_a_missing_workdir_is_named_before_anything_starts(monkeypatch, capsys):
+    """It came after jax.distributed had waited for the other processes."""
+    train_cli = _cli_flags(monkeypatch, coordinator_address="10.0.0.1:1234", num_processes=2,
+                           process_id=0)
+    monkeypatch.setattr(train_cli.cpu, "use_cpu_cores", lambda *a: pytest.fail("started"))
+    monkeypatch.setattr(parallel, "initialize_distributed", lambda *a: pytest.fail("started"))
+    with pytest.raises(SystemExit) as e:
+        train_cli.main(["train"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: --workdir is required (checkpoints and metrics go "
+                                       "there)\n")
+
+
 def test_the_trainer_keeps_an_explicit_verbosity(monkeypatch, tmp_path):
     """WARNING by default (orbax logs every save at INFO), but --verbosity=0 shows INFO."""
     import logging
