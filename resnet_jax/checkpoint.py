@@ -14,6 +14,7 @@ Items holding variables (and optimizer states that mirror them) are stored in
 layout the model holds: `save_model` and `workdir.save` stack, `restore_checked` restores that
 layout and hands back the model's. Checksums and `stored_shapes` are those of the stored layout.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -433,6 +434,18 @@ def _without_orbax_leftovers(default_hook):
             default_hook(unraisable)
     hook.drops_orbax_leftovers = True
     return hook
+
+
+@contextlib.contextmanager
+def orbax_quieted():
+    """`_QuietOrbax` on absl's logger for the duration and no longer: `quiet_orbax` for a library
+    call (resnet_jax.load), which must leave its caller's logging as it was."""
+    logger, quiet = logging.getLogger("absl"), _QuietOrbax()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def quiet_orbax():

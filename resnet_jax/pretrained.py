@@ -6,24 +6,11 @@
 
 Quiet: orbax's notes about directories opened read-only are dropped while it reads.
 """
-import contextlib
-import logging
 import os
 from typing import Optional
 
 from resnet_jax import checkpoint
 from resnet_jax.models import XLA, Kernels
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """checkpoint._QuietOrbax on absl's logger for the duration, and no longer."""
-    logger, quiet = logging.getLogger("absl"), checkpoint._QuietOrbax()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 def load(path: str, *, step: Optional[int] = None, model: Optional[str] = None,
@@ -47,5 +34,5 @@ def load(path: str, *, step: Optional[int] = None, model: Optional[str] = None,
                     image_size=size, normalization=normalization.to_json(),
                     classes=list(classes) if classes else None)
         return checkpoint.LoadedModel(net, variables, normalization, meta, 0, path)
-    with _quiet_orbax():
+    with checkpoint.orbax_quieted():
         return checkpoint.load_model(path, step, kernels)
