@@ -6,6 +6,7 @@
 
 Quiet: orbax's notes about directories opened read-only are dropped while it reads.
 """
+import dataclasses
 import os
 from typing import Optional
 
@@ -27,12 +28,10 @@ def load(path: str, *, step: Optional[int] = None, model: Optional[str] = None,
         name, variables, options, fmt = convert.read_converted(path, model)
         size = convert.FORMATS[fmt]["image_size"]
         net = checkpoint.model_for(name, options, size, kernels)
-        normalization = checkpoint.Normalization(convert.IMAGENET_NORMALIZATION.mean,
-                                                 convert.IMAGENET_NORMALIZATION.std, size)
+        normalization = dataclasses.replace(convert.IMAGENET_NORMALIZATION, input_size=size)
         classes = convert.default_classes(fmt, options["num_classes"])
-        meta = dict(model=name, model_options=options, source=os.path.abspath(path), format=fmt,
-                    image_size=size, normalization=normalization.to_json(),
-                    classes=list(classes) if classes else None)
+        meta = checkpoint.metadata(name, options, normalization,
+                                   convert.converted_extra(path, fmt, classes))
         return checkpoint.LoadedModel(net, variables, normalization, meta, 0, path)
     with checkpoint.orbax_quieted():
         return checkpoint.load_model(path, step, kernels)

@@ -1,5 +1,6 @@
 """resnet_jax.load: a checkpoint directory or a PyTorch state dict -> model, variables and
 preprocessing, quietly; the net of a state dict inferred from its keys."""
+import json
 import logging
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import resnet_jax
-from resnet_jax import convert
+from resnet_jax import checkpoint, convert
 from resnet_jax.errors import UserError
 
 
@@ -20,6 +21,9 @@ def test_load_reads_a_checkpoint_and_a_state_dict_alike(akamaster_dir, tmp_path,
         stored = resnet_jax.load(out)
     assert not [r for r in caplog.records if "orbax" in r.pathname]  # no "read only" notes
     direct = resnet_jax.load(source)
+    # the same metadata, whichever way the net was converted (the version of the package included)
+    assert json.loads(json.dumps(direct.metadata)) == {
+        k: v for k, v in stored.metadata.items() if k not in ("checksums", checkpoint.DIGEST)}
     for loaded in (stored, direct):
         assert loaded.metadata["model"] == "resnet20" and loaded.model.input_size == 32
         assert loaded.normalization.input_size == 32
