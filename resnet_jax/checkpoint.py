@@ -87,8 +87,7 @@ def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: O
 def save_model(directory: str, variables, *, model_name: str, model_options: Dict[str, Any],
                normalization: Normalization, step: int = 0, extra: Optional[Dict] = None) -> str:
     """Weights alone (no training state), as a checkpoint every reader of the package accepts."""
-    if _path(directory).exists() and any(_path(directory).iterdir()):
-        raise UserError(f"output directory {directory!r} is not empty; choose a new --out")
+    check_new_directory(directory)
     meta = metadata(model_name, model_options, normalization, extra)
     model = layout.to_checkpoint({"params": variables["params"],
                                   "batch_stats": variables.get("batch_stats", {})})
@@ -97,6 +96,16 @@ def save_model(directory: str, variables, *, model_name: str, model_options: Dic
             model=ocp.args.StandardSave(model),
             metadata=ocp.args.JsonSave(for_saving(mngr, step, meta, model=model))))
     return directory
+
+
+def check_new_directory(directory: str) -> None:
+    """UserError unless `directory` (local or gs://) is absent or empty: where `save_model`
+    writes, and convert checks before converting anything."""
+    path = _path(directory)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {directory!r} is a file; name a new directory")
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"output directory {directory!r} is not empty; choose a new --out")
 
 
 def checksums(tree) -> Dict[str, int]:

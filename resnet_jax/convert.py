@@ -292,10 +292,7 @@ def convert(source: str, model_name: Optional[str], out: str, options: Optional[
     checkpoint at `out` with its class list (`classes`, else `default_classes`). With `data` (a
     32x32 source), the net is first scored on a few hundred of its images (`check_on_data`:
     refused at chance level)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out!r} is a file; name a new directory")
-    if os.path.exists(out) and os.listdir(out):
-        raise UserError(f"output directory {out!r} is not empty; choose a new --out")
+    checkpoint.check_new_directory(out)
     model_name, variables, options, fmt = read_converted(source, model_name, options)
     classes = tuple(classes) if classes else default_classes(fmt, options["num_classes"])
     if classes is not None and len(classes) != options["num_classes"]:
