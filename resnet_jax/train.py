@@ -210,9 +210,7 @@ def _loop(run: Run, loop: Loop) -> Dict[str, Any]:
             return _preempted(run, _flush(run, loop))
 
     if "val_top1" not in loop.result:  # a finished workdir run again: report, do not retrain
-        loop, val = _validate(run, loop)
-        if loop.step not in run.wd.steps:
-            loop = _checkpoint(run, _plateau(run, loop, val), val)
+        loop, _ = _validate(run, loop)  # its step is the checkpoint resumed: nothing to save
     if run.data.test is not None:
         test = {f"test_{k}": v for k, v in _evaluate(run, loop, run.data.test, "test").items()}
         run.writer.write(loop.step, test)
