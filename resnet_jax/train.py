@@ -14,7 +14,6 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
     cli.start("train")
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -152,10 +151,7 @@ def _train(config, wd: workdir_lib.Workdir, mesh) -> Dict[str, Any]:
                  jax.process_count(), data.description)
     writer = preemption = profiler = None
     try:
-        wd.check_data(checkpoint.metadata(
-            config.model, model_options, data.normalization, extra=dict(
-                image_size=data.image_size, dataset=config.data.source, classes=list(data.classes),
-                train_data=data.fingerprint, config=json.loads(config.to_json_best_effort()))))
+        wd.check_data(workdir_lib.run_metadata(config, model_options, data))
         writer = periodic.MetricWriter(wd.path, main)
         preemption = periodic.Preemption()
         profiler = periodic.Profiler(config.profile_steps, os.path.join(wd.path, "tensorboard"),
