@@ -316,8 +316,6 @@ def format_row(r: Dict) -> str:
 def main(argv):
     from resnet_jax.errors import UserError, exit_on_user_error
     with exit_on_user_error():
-        if len(argv) > 1:
-            raise UserError(f"unexpected arguments {argv[1:]}; options go as --flag=value")
         workers = [int(w) for w in FLAGS.workers]
         if FLAGS.images < 1 or FLAGS.repeats < 1 or min(workers, default=1) < 1:
             raise UserError("--images, --repeats and --workers must be positive")
@@ -337,5 +335,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from resnet_jax import cli
     define_flags()
-    app.run(main)
+    cli.absl_run(main, __name__, positional=0)

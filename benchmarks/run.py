@@ -31,7 +31,6 @@ if __name__ == "__main__":  # before the imports below, while a restart costs no
 
 import contextlib
 import importlib.metadata
-import json
 import os
 import platform
 import resource
@@ -404,14 +403,15 @@ def main(argv):
     from resnet_jax.errors import UserError, exit_on_user_error
     with exit_on_user_error():
         import jax
-        import resnet_jax
+        from resnet_jax import lines
         from resnet_jax.kernels import cpu
+        from resnet_jax.models import registry
         cpu.use_cpu_cores((FLAGS.batch,))
         unknown = [m for m in FLAGS.modes if m not in MODES]
         if unknown:
             raise UserError(f"unknown mode {unknown[0]!r}; --modes takes any of {', '.join(MODES)}")
         for name in FLAGS.models + FLAGS.compile_models:
-            resnet_jax.create_model(name)  # an unknown name fails here, in one line
+            registry.check_options(name, {})  # an unknown name fails here, in one line
         if FLAGS.batch < 1 or FLAGS.repeats < 1 or FLAGS.warmup < 0:
             raise UserError("--batch and --repeats must be positive and --warmup not negative")
         pytorch = FLAGS.pytorch
@@ -441,8 +441,7 @@ def main(argv):
             meta = dict(machine=machine(), jax=jax.__version__, backend=jax.default_backend(),
                         convolutions=conv, devices=jax.device_count(),
                         load_average_end=round(os.getloadavg()[0], 2))
-            with open(FLAGS.json, "w") as f:
-                json.dump([dict(row, **meta) for row in rows], f, indent=1)
+            lines.write_json(FLAGS.json, [dict(row, **meta) for row in rows])
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from typing import Dict, List, Sequence
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 import resnet_jax
+from resnet_jax import cli
 from resnet_jax.errors import UserError, exit_on_user_error
 from resnet_jax.models import layout
 from resnet_jax.summary import summarize
@@ -222,8 +223,7 @@ def _define_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    del argv  # absl_run refuses arguments besides the flags
     with exit_on_user_error():
         for flag in ("cifar_utilization", "imagenet_utilization"):
             if not 0 < FLAGS[flag].value <= 1:
@@ -249,4 +249,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.absl_run(main, __name__, positional=0)

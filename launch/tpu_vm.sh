@@ -13,12 +13,12 @@ Usage: launch/tpu_vm.sh [OPTIONS] COMMAND [-- TRAINER FLAGS...]
 Commands:
   create    create the TPU VM (`gcloud compute tpus tpu-vm create`)
   install   copy this checkout (its committed files, via `git archive HEAD`) to every worker and
-            install it there with its tpu and gcs extras (jax[tpu] with the matching libtpu,
-            gcsfs) in ~/.venv-resnet-jax, a Python 3.11 that uv fetches (the images' python3
+            install it there with its tpu extra (jax[tpu] with the matching libtpu, train and
+            gcs: gcsfs) in ~/.venv-resnet-jax, a Python 3.11 that uv fetches (the images' python3
             is 3.10, older than jax supports)
-  train     start `python3 -m resnet_jax.train --config CONFIG --workdir WORKDIR [TRAINER FLAGS]`
-            on every worker in the background (log in ~/train.log, pid in ~/train.pid);
-            refuses to start a second trainer beside a running one
+  train     start `~/.venv-resnet-jax/bin/python -m resnet_jax.train --config CONFIG --workdir
+            WORKDIR [TRAINER FLAGS]` on every worker in the background (log in ~/train.log,
+            pid in ~/train.pid); refuses to start a second trainer beside a running one
   logs      stream a worker's ~/train.log (worker 0 by default: only process 0 logs)
   status    print the VM's state (READY, CREATING, PREEMPTED, ...)
   stop      send SIGTERM to the trainer on every worker (it saves a checkpoint and exits)
@@ -172,7 +172,7 @@ do_install() {
   # with jax[tpu] and the storage packages.
   run "unpack it on every worker; a Python ${PYTHON_VERSION} venv with the package, jax[tpu] and gcsfs" \
     gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command \
-    "set -e; rm -rf ~/resnet_jax; mkdir -p ~/resnet_jax; tar -xzf ~/resnet_jax.tar.gz -C ~/resnet_jax; python3 -m pip install -q --user -U uv; ~/.local/bin/uv venv -q --allow-existing --python ${PYTHON_VERSION} ${VENV}; ~/.local/bin/uv pip install -q --python ${VENV}/bin/python -e \"\$HOME/resnet_jax[tpu,gcs]\""
+    "set -e; rm -rf ~/resnet_jax; mkdir -p ~/resnet_jax; tar -xzf ~/resnet_jax.tar.gz -C ~/resnet_jax; python3 -m pip install -q --user -U uv; ~/.local/bin/uv venv -q --allow-existing --python ${PYTHON_VERSION} ${VENV}; ~/.local/bin/uv pip install -q --python ${VENV}/bin/python -e \"\$HOME/resnet_jax[tpu]\""
 }
 
 do_train() {

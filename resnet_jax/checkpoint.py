@@ -15,6 +15,7 @@ layout the model holds: `save` (for `save_model` and `workdir.Workdir.save`) sta
 `restore_checked` restores that layout and hands back the model's. Checksums and
 `stored_shapes` are those of the stored layout.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -82,8 +83,7 @@ def manager(directory: str, *, max_to_keep: Optional[int] = None, best_metric: O
 def save_model(directory: str, variables, *, model_name: str, model_options: Dict[str, Any],
                normalization: Normalization, step: int = 0, extra: Optional[Dict] = None) -> str:
     """Weights alone (no training state), as a checkpoint every reader of the package accepts."""
-    if storage.path(directory).exists() and any(storage.path(directory).iterdir()):
-        raise UserError(f"output directory {directory!r} is not empty; choose a new --out")
+    check_new_directory(directory)
     meta = metadata(model_name, model_options, normalization, extra)
     with manager(directory, async_save=False) as mngr:
         save(mngr, step, meta, model={"params": variables["params"],
@@ -102,6 +102,16 @@ def save(mngr: ocp.CheckpointManager, step: int, meta: Dict, metrics: Optional[D
     mngr.save(step, metrics=metrics, args=ocp.args.Composite(
         **{name: ocp.args.StandardSave(tree) for name, tree in stored.items()},
         metadata=ocp.args.JsonSave(meta)))
+
+
+def check_new_directory(directory: str) -> None:
+    """UserError unless `directory` (local or gs://) is absent or empty: where `save_model`
+    writes, and convert checks before converting anything."""
+    path = storage.path(directory)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {directory!r} is a file; name a new directory")
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"output directory {directory!r} is not empty; choose a new --out")
 
 
 def checksums(tree) -> Dict[str, int]:
@@ -430,6 +440,18 @@ def _without_orbax_leftovers(default_hook):
             default_hook(unraisable)
     hook.drops_orbax_leftovers = True
     return hook
+
+
+@contextlib.contextmanager
+def orbax_quieted():
+    """`_QuietOrbax` on absl's logger for the duration and no longer: `quiet_orbax` for a library
+    call (resnet_jax.load), which must leave its caller's logging as it was."""
+    logger, quiet = logging.getLogger("absl"), _QuietOrbax()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def quiet_orbax():

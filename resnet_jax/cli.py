@@ -70,20 +70,46 @@ def compile_for():
     start("compile")
 
 
-def absl_run(main, module: str) -> None:
+def absl_run(main, module: str, *, positional=(0, None), usage: str = "options go as "
+              "--flag=value", config: bool = False) -> None:
     """absl's app.run(main) with `module`'s flags and docstring as --help's: absl shows those of
     the script it was started as (the console script's wrapper, or `python -m`'s copy of the
-    module), which define none."""
+    module), which define none. `positional`: how many arguments besides the flags the tool
+    takes, N or (least, most) with most None for any; another count is one `error:` line naming
+    `usage`, exit 2, before `main` runs. `config`: --config NAME:ARG and its --config.KEY
+    overrides are resolved first (config.command_line), for a tool that defines --config."""
     from absl import app, flags
+    from resnet_jax.errors import exit_on_user_error
+    if config:
+        from resnet_jax import config as config_lib
+        with exit_on_user_error():
+            sys.argv[1:] = config_lib.command_line(sys.argv[1:])
     for flag in flags.FLAGS.get_key_flags_for_module(module):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     main_module = sys.modules["__main__"]
     main_module.__doc__ = sys.modules[module].__doc__
+
+    def checked_main(argv):
+        with exit_on_user_error():
+            check_positional(argv[1:], positional, usage)
+        return main(argv)
+
     try:
-        app.run(main, flags_parser=_parse_flags)
+        app.run(checked_main, flags_parser=_parse_flags)
     except BrokenPipeError:  # `... | head`: the reader has what it wanted; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for exit's flush
         sys.exit(0)
+
+
+def check_positional(args, positional, usage: str) -> None:
+    """UserError unless `args` (the command line less its flags) number as `positional` says
+    (absl_run's)."""
+    from resnet_jax.errors import UserError
+    least, most = (positional, positional) if isinstance(positional, int) else positional
+    if most is not None and len(args) > most:
+        raise UserError(f"unexpected arguments {list(args[most:])}; {usage}")
+    if len(args) < least:
+        raise UserError(usage)
 
 
 def _parse_flags(argv):

@@ -29,14 +29,13 @@ import dataclasses
 import importlib.util
 import os
 import re
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import resnet_jax.kernels
 from resnet_jax import analyze, checkpoint, cli, lines, parallel, storage, train
@@ -425,11 +424,11 @@ def run_compile(config, topology: str, batch_size: Optional[int] = None,
     """The command's work, importable: {'topology', 'chips', 'hosts', 'reports', 'max_batch'}."""
     chip = chip_of(topology)
     devices = target_devices(topology)
-    batch_size = batch_size or config.batch_size
     chips, hosts = len(devices), len({d.process_index for d in devices})
-    if batch_size % chips:
-        raise UserError(f"batch size {batch_size} does not split over the {chips} chips of "
-                        f"{topology}; use a multiple of {chips}")
+    config = config.copy_and_resolve_references()
+    config.batch_size = batch_size or config.batch_size
+    config_lib.check(config, num_devices=chips)  # as the trainer would on this slice
+    batch_size = config.batch_size
     per_chip = batch_size // chips
     built = Programs.build(config, devices, image_size)
     log(f"{config.model} ({config.compute_dtype}) on {topology}: {chips} {chip.device_kind} chips, "
@@ -458,8 +457,7 @@ def run_compile(config, topology: str, batch_size: Optional[int] = None,
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; options go as --flag=value")
+    del argv  # absl_run refuses arguments besides the flags
     with exit_on_user_error():
         unknown = set(FLAGS.programs) - set(PROGRAMS)
         if unknown:
@@ -482,6 +480,4 @@ def compile_only():
 def run():
     compile_only()
     define_flags()
-    with exit_on_user_error():
-        sys.argv[1:] = config_lib.command_line(sys.argv[1:])
-    cli.absl_run(main, __name__)
+    cli.absl_run(main, __name__, positional=0, config=True)

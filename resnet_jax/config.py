@@ -85,7 +85,6 @@ KEYS: Tuple[Tuple[str, Any, str], ...] = (
     ("profile_every_process", False, "trace on every process, not only on process 0"),
 )
 MEANING = {key: meaning for key, _, meaning in KEYS}
-SOURCE_KINDS = "a tfds name such as cifar10, folder:PATH or synthetic[:N]"
 DTYPES = ("float32", "bfloat16")
 
 
@@ -138,27 +137,6 @@ def _get(config, dotted: str):
     return node
 
 
-def parse_source(source: str) -> Tuple[str, Any]:
-    """'cifar10' -> ('tfds', 'cifar10'); 'folder:P' -> ('folder', P); 'synthetic:N' ->
-    ('synthetic', N or None). ValueError names what is wrong."""
-    kind, _, arg = source.partition(":")
-    if kind == "folder":
-        if not arg:
-            raise ValueError("folder: needs a path, e.g. folder:../shared/data/cifar10-jpeg")
-        return "folder", arg
-    if kind == "synthetic":
-        if not arg:
-            return "synthetic", None
-        if not arg.isdigit() or int(arg) < 1:
-            raise ValueError(f"synthetic:N needs a positive image count, not {arg!r}")
-        return "synthetic", int(arg)
-    if kind == "tfds":
-        return "tfds", arg or "cifar10"
-    if kind and not arg:
-        return "tfds", kind
-    raise ValueError(f"unknown data source {source!r}; use {SOURCE_KINDS}")
-
-
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
@@ -187,7 +165,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     problems = validate(config, num_devices)
     from resnet_jax.models import registry
     try:
-        registry.create_model(config.model, **dict(config.model_options))
+        registry.check_options(config.model, dict(config.model_options))
     except registry.UnknownModelError as e:
         problems.append(str(e))
     if problems:
@@ -250,12 +228,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> List[st
          f"compute_dtype must be {' or '.join(map(repr, DTYPES))}, not {config.compute_dtype!r}")
     need(config.data.pipeline in ("device", "host"),
          f"data.pipeline must be 'device' or 'host', not {config.data.pipeline!r}")
+    from resnet_jax.data import sources  # numpy's, not JAX's: configs still load without JAX
     try:
-        kind, _ = parse_source(config.data.source)
+        kind, _ = sources.parse_source(config.data.source)
         need(config.data.pipeline != "host" or kind in ("tfds", "folder"),
              f"data.pipeline='host' reads a tfds data set or folder:PATH, not "
              f"{config.data.source!r}")
-    except ValueError as e:
+    except UserError as e:
         problems.append(f"data.source: {e}")
 
     for key, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):

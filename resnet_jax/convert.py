@@ -24,7 +24,7 @@ import os
 import re
 import zipfile
 import zlib
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import flags
@@ -37,11 +37,11 @@ from resnet_jax.errors import UserError, exit_on_user_error
 from resnet_jax.models import layout
 from resnet_jax.models.cifar import CifarResNet
 from resnet_jax.models.imagenet import ImageNetResNet, STAGE_SIZES
+from resnet_jax.models.inputs import IMAGENET_MEAN
 
 # Both families were trained on RGB in [0, 1] normalised with ImageNet's statistics (the CIFAR
 # reproduction too, see its README).
-IMAGENET_NORMALIZATION = checkpoint.Normalization(mean=(0.485, 0.456, 0.406),
-                                                  std=(0.229, 0.224, 0.225))
+IMAGENET_NORMALIZATION = checkpoint.Normalization(mean=IMAGENET_MEAN, std=(0.229, 0.224, 0.225))
 FORMATS = {"cifar": dict(head="linear", shortcut="shortcut", image_size=32),
            "torchvision": dict(head="fc", shortcut="downsample", image_size=224)}
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin")
@@ -245,6 +245,14 @@ def default_classes(fmt: str, num_classes: int) -> Optional[Tuple[str, ...]]:
     return None
 
 
+def converted_extra(source: str, fmt: str, classes: Optional[Sequence[str]]) -> Dict:
+    """A converted net's metadata beyond `checkpoint.metadata`'s: the file it came from, its key
+    format, the image size it was made for and its class list (`classes`, absent if None); its
+    checkpoint stores them, and resnet_jax.load of the file reports them alike."""
+    extra = dict(source=os.path.abspath(source), format=fmt, image_size=FORMATS[fmt]["image_size"])
+    return extra if classes is None else dict(extra, classes=list(classes))
+
+
 CHECK_IMAGES = 500  # enough to tell a working net (tens of %) from chance (1 / classes)
 
 
@@ -284,18 +292,12 @@ def convert(source: str, model_name: Optional[str], out: str, options: Optional[
     checkpoint at `out` with its class list (`classes`, else `default_classes`). With `data` (a
     32x32 source), the net is first scored on a few hundred of its images (`check_on_data`:
     refused at chance level)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out!r} is a file; name a new directory")
-    if os.path.exists(out) and os.listdir(out):
-        raise UserError(f"output directory {out!r} is not empty; choose a new --out")
+    checkpoint.check_new_directory(out)
     model_name, variables, options, fmt = read_converted(source, model_name, options)
     classes = tuple(classes) if classes else default_classes(fmt, options["num_classes"])
     if classes is not None and len(classes) != options["num_classes"]:
         raise UserError(f"--classes names {len(classes)} classes but {source!r} has "
                         f"{options['num_classes']} outputs; name one class per output, in order")
-    extra = dict(source=os.path.abspath(source), format=fmt, image_size=FORMATS[fmt]["image_size"])
-    if classes is not None:
-        extra["classes"] = list(classes)
     checked = None
     if data is not None:
         if FORMATS[fmt]["image_size"] != 32:
@@ -303,7 +305,8 @@ def convert(source: str, model_name: Optional[str], out: str, options: Optional[
                             "resnet_jax.evaluate after converting it")
         checked = check_on_data(variables, model_name, options, classes, data, split, source)
     checkpoint.save_model(out, variables, model_name=model_name, model_options=options,
-                          normalization=IMAGENET_NORMALIZATION, extra=extra)
+                          normalization=IMAGENET_NORMALIZATION,
+                          extra=converted_extra(source, fmt, classes))
     return Converted(out, model_name, checked)
 
 
@@ -339,9 +342,6 @@ def define_flags():
 
 def main(argv):
     with exit_on_user_error():
-        if len(argv) != 2:
-            raise UserError("name one state dict file: python -m resnet_jax.convert SOURCE "
-                            "--out CKPT_DIR [--model NAME]")
         if not FLAGS.out:
             raise UserError("--out is required: the checkpoint directory to create")
         checkpoint.quiet_orbax()
@@ -358,5 +358,6 @@ def main(argv):
 
 def run():
     define_flags()
-    cli.absl_run(main, __name__)
+    cli.absl_run(main, __name__, positional=1, usage="name one state dict file: python -m "
+                 "resnet_jax.convert SOURCE --out CKPT_DIR [--model NAME]")
 

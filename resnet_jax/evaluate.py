@@ -225,8 +225,6 @@ def define_flags():
 
 def main(argv):
     with exit_on_user_error():
-        if len(argv) > 1:
-            raise UserError(f"unexpected arguments {argv[1:]}; use --checkpoint DIR --data SOURCE")
         if not FLAGS.checkpoint:
             raise UserError("--checkpoint is required: a training workdir or the --out of "
                             "resnet_jax.convert")
@@ -269,5 +267,5 @@ def main(argv):
 
 def run():
     define_flags()
-    cli.absl_run(main, __name__)
+    cli.absl_run(main, __name__, positional=0, usage="use --checkpoint DIR --data SOURCE")
 

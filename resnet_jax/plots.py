@@ -320,9 +320,10 @@ def _from_csvs(c: Command, labelled) -> Callable[[], None]:
         raise UserError("analysis CSVs draw Figure 7 or the std over training; --step and "
                         "--figure 1 or 6 are for training runs")
     curves = [(label, read_responses(path)) for label, path in labelled]
-    if all(None in c for _, c in curves):
-        return lambda: figure7(c.out, [(label, c[None], not _plain(label)) for label, c in curves])
-    if any(None in c for _, c in curves):
+    if all(None in by_step for _, by_step in curves):
+        return lambda: figure7(c.out, [(label, by_step[None], not _plain(label))
+                                       for label, by_step in curves])
+    if any(None in by_step for _, by_step in curves):
         raise UserError("give either LABEL.csv files (Figure 7 at one step) or "
                         "LABEL_over_training.csv files (over training), not both")
     return lambda: separation_over_training(c.out, curves)

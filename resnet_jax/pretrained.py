@@ -6,24 +6,12 @@
 
 Quiet: orbax's notes about directories opened read-only are dropped while it reads.
 """
-import contextlib
-import logging
+import dataclasses
 import os
 from typing import Optional
 
 from resnet_jax import checkpoint
 from resnet_jax.models import XLA, Kernels
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """checkpoint._QuietOrbax on absl's logger for the duration, and no longer."""
-    logger, quiet = logging.getLogger("absl"), checkpoint._QuietOrbax()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 def load(path: str, *, step: Optional[int] = None, model: Optional[str] = None,
@@ -40,12 +28,10 @@ def load(path: str, *, step: Optional[int] = None, model: Optional[str] = None,
         name, variables, options, fmt = convert.read_converted(path, model)
         size = convert.FORMATS[fmt]["image_size"]
         net = checkpoint.model_for(name, options, size, kernels)
-        normalization = checkpoint.Normalization(convert.IMAGENET_NORMALIZATION.mean,
-                                                 convert.IMAGENET_NORMALIZATION.std, size)
+        normalization = dataclasses.replace(convert.IMAGENET_NORMALIZATION, input_size=size)
         classes = convert.default_classes(fmt, options["num_classes"])
-        meta = dict(model=name, model_options=options, source=os.path.abspath(path), format=fmt,
-                    image_size=size, normalization=normalization.to_json(),
-                    classes=list(classes) if classes else None)
+        meta = checkpoint.metadata(name, options, normalization,
+                                   convert.converted_extra(path, fmt, classes))
         return checkpoint.LoadedModel(net, variables, normalization, meta, 0, path)
-    with _quiet_orbax():
+    with checkpoint.orbax_quieted():
         return checkpoint.load_model(path, step, kernels)

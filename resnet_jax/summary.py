@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import resnet_jax
 from resnet_jax import cli
@@ -130,9 +130,6 @@ def define_flags():
 
 def main(argv):
     names = argv[1:]
-    if not names:
-        raise app.UsageError("name at least one model, e.g. `vgg19 plain34 resnet34`; "
-                             f"known: {', '.join(resnet_jax.list_models())}")
     options = {"shortcut": FLAGS.shortcut} if FLAGS.shortcut else {}
     with exit_on_user_error():
         summaries = [summarize(n, FLAGS.image_size, **options) for n in names]
@@ -141,5 +138,6 @@ def main(argv):
 
 def run():
     define_flags()
-    cli.absl_run(main, __name__)
+    cli.absl_run(main, __name__, positional=(1, None), usage="name at least one model, e.g. "
+                 f"`vgg19 plain34 resnet34`; known: {', '.join(resnet_jax.list_models())}")
 

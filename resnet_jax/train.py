@@ -14,7 +14,6 @@ if __name__ == "__main__":  # the console script's start-up (resnet_jax.cli), be
     cli.start("train")
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -152,10 +151,7 @@ def _train(config, wd: workdir_lib.Workdir, mesh) -> Dict[str, Any]:
                  jax.process_count(), data.description)
     writer = preemption = profiler = None
     try:
-        wd.check_data(checkpoint.metadata(
-            config.model, model_options, data.normalization, extra=dict(
-                image_size=data.image_size, dataset=config.data.source, classes=list(data.classes),
-                train_data=data.fingerprint, config=json.loads(config.to_json_best_effort()))))
+        wd.check_data(workdir_lib.run_metadata(config, model_options, data))
         writer = periodic.MetricWriter(wd.path, main)
         preemption = periodic.Preemption()
         profiler = periodic.Profiler(config.profile_steps, os.path.join(wd.path, "tensorboard"),
@@ -210,9 +206,7 @@ def _loop(run: Run, loop: Loop) -> Dict[str, Any]:
             return _preempted(run, _flush(run, loop))
 
     if "val_top1" not in loop.result:  # a finished workdir run again: report, do not retrain
-        loop, val = _validate(run, loop)
-        if loop.step not in run.wd.steps:
-            loop = _checkpoint(run, _plateau(run, loop, val), val)
+        loop, _ = _validate(run, loop)  # its step is the checkpoint resumed: nothing to save
     if run.data.test is not None:
         test = {f"test_{k}": v for k, v in _evaluate(run, loop, run.data.test, "test").items()}
         run.writer.write(loop.step, test)

@@ -11,11 +11,9 @@ and exit 0; a workdir written with another data set, batch or schedule is refuse
 """
 import logging
 import os
-import sys
 
 import jax
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 
 from resnet_jax import checkpoint, cli, lines, parallel, storage
 from resnet_jax import config as config_lib
@@ -41,23 +39,21 @@ def _define_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; options go as --flag=value")
+    del argv  # absl_run refuses arguments besides the flags
     if FLAGS.describe:
         print(config_lib.describe(FLAGS.config or config_lib.default_config()))
         return
     with exit_on_user_error():
         config_lib.check(FLAGS.config, num_devices=1)  # the device count is checked once known
+        if not FLAGS.workdir:
+            raise UserError("--workdir is required (checkpoints and metrics go there)")
         cpu.use_cpu_cores((FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
-        absl_logging.set_verbosity(absl_logging.WARNING)
-        checkpoint.quiet_orbax()
+        checkpoint.quiet_orbax()  # absl's WARNING unless --verbosity says otherwise
         if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a resumed run skips compiling
             jax.config.update("jax_compilation_cache_dir", storage.cache_dir("jax-compile"))
         log.setLevel(logging.INFO if parallel.is_main_process() else logging.WARNING)
-        if not FLAGS.workdir:
-            raise UserError("--workdir is required (checkpoints and metrics go there)")
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                     allow_config_change=FLAGS.allow_config_change)
         if parallel.is_main_process():
@@ -66,8 +62,6 @@ def main(argv):
 
 def run():
     _define_flags()
-    with exit_on_user_error():
-        sys.argv[1:] = config_lib.command_line(sys.argv[1:])
-    cli.absl_run(main, __name__)
+    cli.absl_run(main, __name__, positional=0, config=True)
 
 

@@ -428,3 +428,12 @@ def _when(t) -> str:
     if not isinstance(t, (int, float)):
         return "at an unknown time"
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def run_metadata(config: ml_collections.ConfigDict, model_options: Dict, data) -> Dict:
+    """A training run's checkpoint metadata (`Workdir.check_data` compares it with the stored
+    one, `save` stores it): the model, its input normalisation, the data (`splits.make_data`'s:
+    source, classes, the training images' fingerprint) and the whole config."""
+    return checkpoint.metadata(config.model, model_options, data.normalization, extra=dict(
+        image_size=data.image_size, dataset=config.data.source, classes=list(data.classes),
+        train_data=data.fingerprint, config=json.loads(config.to_json_best_effort())))

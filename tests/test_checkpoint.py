@@ -105,6 +105,10 @@ def test_missing_directory_step_and_used_out(tmp_path):
     with pytest.raises(UserError, match="is not empty"):
         checkpoint.save_model(directory, {"params": {}}, model_name="resnet20", model_options={},
                               normalization=NORM)
+    (tmp_path / "file").write_text("x")  # was NotADirectoryError's traceback
+    with pytest.raises(UserError, match=r"--out '.*file' is a file; name a new directory"):
+        checkpoint.save_model(str(tmp_path / "file"), {"params": {}}, model_name="resnet20",
+                              model_options={}, normalization=NORM)
 
 
 def test_checksums_see_one_flipped_bit_in_any_dtype():

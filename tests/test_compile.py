@@ -190,6 +190,19 @@ def test_missing_cuda_plugin_is_one_clear_line(monkeypatch):
         tpu_compile.target_devices("h100:8")
 
 
+def test_the_config_is_checked_for_the_slice_before_compiling(monkeypatch):
+    """A bad value (compute_dtype='bf16') was a traceback from deep inside the model."""
+    eight = [type("Device", (), {"process_index": 0})()] * 8  # a v5e:2x4 without libtpu
+    monkeypatch.setattr(tpu_compile, "target_devices", lambda topology: eight)
+    monkeypatch.setattr(tpu_compile.Programs, "build", lambda *a: pytest.fail("built"))
+    with pytest.raises(UserError, match=r"^compute_dtype must be 'float32' or 'bfloat16', not "
+                       r"'bf16'$"):
+        tpu_compile.run_compile(_config("cpu.py:tiny", compute_dtype="bf16"), "v5e:2x4")
+    with pytest.raises(UserError, match=r"^batch_size 100 does not split over 8 devices; use a "
+                       "multiple of 8$"):
+        tpu_compile.run_compile(_config("cpu.py:tiny"), "v5e:2x4", batch_size=100)
+
+
 @pytest.mark.parametrize("topology", ["v5e", "v3:2x2", "v5e:2by2", "tpu", "v5e:8", "h100:1x2x8"])
 def test_bad_topology_names_the_form(topology):
     with pytest.raises(UserError, match="CHIP:AxB"):

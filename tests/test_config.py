@@ -92,6 +92,15 @@ def test_validate_reports_every_problem_at_once():
     assert len(problems) == 4, problems
 
 
+def test_check_names_model_problems_without_building_the_model(monkeypatch):
+    from resnet_jax.models import registry
+    monkeypatch.setattr(registry, "create_model", lambda *a, **k: pytest.fail("built a model"))
+    config_lib.check(tiny_config())
+    with pytest.raises(config_lib.UserError, match=r"^lr must be > 0, not -1.0\nwidths must be 3 "
+                       r"positive integers, one per stage, not \(4, 8\)$"):
+        config_lib.check(tiny_config(lr=-1.0, **{"model_options.widths": (4, 8)}))
+
+
 @pytest.mark.slow
 def test_cli_reports_config_problems_before_loading_anything(tmp_path):
     workdir = tmp_path / "w"

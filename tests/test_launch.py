@@ -110,7 +110,7 @@ def test_tpu_dry_run_install_and_train_on_all_workers(no_gcloud_path):
     # a supported Python on every image (theirs is 3.10), then the package with jax[tpu] and gcsfs
     assert "pip install -q --user -U uv" in install
     assert "uv venv -q --allow-existing --python 3.11 ~/.venv-resnet-jax" in install
-    assert 'pip install -q --python ~/.venv-resnet-jax/bin/python -e "$HOME/resnet_jax[tpu,gcs]"' in install
+    assert 'pip install -q --python ~/.venv-resnet-jax/bin/python -e "$HOME/resnet_jax[tpu]"' in install
     (train,) = tpu("-t", "v4-32", "-c", "configs/cifar10.py:resnet110", "-w", "gs://b/r110",
                    "train", "--", "--config.seed=3", path=no_gcloud_path)
     assert "--worker=all" in train

@@ -414,3 +414,17 @@ def test_widths_are_one_positive_integer_per_stage(widths):
     with pytest.raises(resnet_jax.UnknownModelError, match=r"widths must be 3 positive integers"):
         resnet_jax.create_model("resnet20", widths=widths)
     assert resnet_jax.create_model("resnet20", widths=[4, 8, 16]).widths == [4, 8, 16]
+
+
+def test_options_are_checked_without_building_a_net(monkeypatch):
+    """create_model built a second module only to count the stages that `widths` must match."""
+    from resnet_jax.models import cifar, registry
+    built, init = [], cifar.CifarResNet.__post_init__
+    monkeypatch.setattr(cifar.CifarResNet, "__post_init__",
+                        lambda self: built.append(1) or init(self))
+    registry.check_options("resnet20", dict(widths=(4, 8, 16), shortcut="B"))
+    assert built == []
+    resnet_jax.create_model("resnet20", widths=(4, 8, 16))
+    assert built == [1]
+    with pytest.raises(resnet_jax.UnknownModelError, match="widths must be 4 positive integers"):
+        registry.check_options("resnet50", dict(widths=(4, 8, 16)))

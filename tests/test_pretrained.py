@@ -1,5 +1,6 @@
 """resnet_jax.load: a checkpoint directory or a PyTorch state dict -> model, variables and
 preprocessing, quietly; the net of a state dict inferred from its keys."""
+import json
 import logging
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import resnet_jax
-from resnet_jax import convert
+from resnet_jax import checkpoint, convert
 from resnet_jax.errors import UserError
 
 
@@ -20,6 +21,9 @@ def test_load_reads_a_checkpoint_and_a_state_dict_alike(akamaster_dir, tmp_path,
         stored = resnet_jax.load(out)
     assert not [r for r in caplog.records if "orbax" in r.pathname]  # no "read only" notes
     direct = resnet_jax.load(source)
+    # the same metadata, whichever way the net was converted (the version of the package included)
+    assert json.loads(json.dumps(direct.metadata)) == {
+        k: v for k, v in stored.metadata.items() if k not in ("checksums", checkpoint.DIGEST)}
     for loaded in (stored, direct):
         assert loaded.metadata["model"] == "resnet20" and loaded.model.input_size == 32
         assert loaded.normalization.input_size == 32
@@ -52,3 +56,22 @@ def test_convert_cli_infers_the_net(akamaster_dir, tmp_path):
                                            f"for another) to {tmp_path / 'c'}")
     assert proc.stdout.splitlines()[1].startswith("unchecked: the shapes fit")
     assert resnet_jax.load(str(tmp_path / "c")).metadata["model"] == "resnet32"
+
+
+# The `train` extra's packages (pyproject.toml): the light core must load and convert without them.
+TRAIN_EXTRA = ("ml_collections", "tensorflow_datasets", "grain", "matplotlib", "tensorboardX",
+               "simplejpeg", "tensorflow", "PIL")
+
+
+def test_load_and_convert_need_only_the_light_core(akamaster_dir):
+    """As on an install without the train extra: importing any of its packages fails."""
+    code = ("import sys\n"
+            f"for name in {TRAIN_EXTRA!r}:\n"
+            "    sys.modules[name] = None  # import raises ModuleNotFoundError\n"
+            "import resnet_jax\n"
+            "from resnet_jax import convert, summary\n"
+            "print(resnet_jax.load(sys.argv[1]).metadata['model'])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(akamaster_dir / "resnet20.npz")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["resnet20"]

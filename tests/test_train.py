@@ -628,6 +628,52 @@ def test_config_problems_come_before_any_data(tmp_path, monkeypatch):
     assert not (tmp_path / "w").exists()
 
 
+def _cli_flags(monkeypatch, **flags):
+    """train_cli's flags as its main reads them, without defining them in this process."""
+    from types import SimpleNamespace
+    from resnet_jax import train_cli
+    values = dict(describe=False, config=tiny_config(), workdir=None, coordinator_address=None,
+                  num_processes=None, process_id=None, allow_config_change=False)
+    monkeypatch.setattr(train_cli, "FLAGS", SimpleNamespace(**{**values, **flags}))
+    return train_cli
+
+
+def test_a_missing_workdir_is_named_before_anything_starts(monkeypatch, capsys):
+    """It came after jax.distributed had waited for the other processes."""
+    train_cli = _cli_flags(monkeypatch, coordinator_address="10.0.0.1:1234", num_processes=2,
+                           process_id=0)
+    monkeypatch.setattr(train_cli.cpu, "use_cpu_cores", lambda *a: pytest.fail("started"))
+    monkeypatch.setattr(parallel, "initialize_distributed", lambda *a: pytest.fail("started"))
+    with pytest.raises(SystemExit) as e:
+        train_cli.main(["train"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: --workdir is required (checkpoints and metrics go "
+                                       "there)\n")
+
+
+def test_the_trainer_keeps_an_explicit_verbosity(monkeypatch, tmp_path):
+    """WARNING by default (orbax logs every save at INFO), but --verbosity=0 shows INFO."""
+    import logging
+    from absl import flags, logging as absl_logging
+    train_cli = _cli_flags(monkeypatch, workdir=str(tmp_path))
+    monkeypatch.setattr(train_cli.cpu, "use_cpu_cores", lambda *a: 1)
+    monkeypatch.setattr(parallel, "initialize_distributed", lambda *a: None)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(train_cli, "log", logging.getLogger("test_train_cli"))
+    seen = []
+    monkeypatch.setattr(train_cli, "train_and_evaluate",
+                        lambda *a, **k: seen.append(absl_logging.get_verbosity()) or {})
+    previous = absl_logging.get_verbosity()
+    try:
+        for given, level in ((0, absl_logging.WARNING), (1, absl_logging.INFO)):
+            monkeypatch.setattr(flags.FLAGS["verbosity"], "present", given)
+            absl_logging.set_verbosity(absl_logging.INFO)
+            train_cli.main(["train"])
+            assert seen[-1] == level
+    finally:
+        absl_logging.set_verbosity(previous)
+
+
 def test_unwritable_workdirs_are_one_line_before_training(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"--workdir '.*file' is a file; name a directory"):

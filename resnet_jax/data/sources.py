@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from resnet_jax import config, storage
+from resnet_jax import storage
 from resnet_jax.errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -42,14 +42,29 @@ class Dataset:
         return len(self.classes)
 
 
+SOURCE_KINDS = "a tfds name such as cifar10, folder:PATH or synthetic[:N]"
+
+
 def parse_source(source: str) -> Tuple[str, Any]:
-    """'cifar10' -> ('tfds', 'cifar10'); 'folder:P' -> ('folder', P); 'synthetic:N' ->
-    ('synthetic', N or None); anything else a UserError naming the forms."""
-    try:
-        kind, arg = config.parse_source(source)
-    except ValueError as e:
-        raise UserError(f"data source: {e}") from None
-    return kind, os.path.expanduser(arg) if kind == "folder" else arg
+    """'cifar10' -> ('tfds', 'cifar10'); 'folder:P' -> ('folder', P with ~ expanded);
+    'synthetic:N' -> ('synthetic', N or None); anything else a UserError naming the forms (the
+    one parser: config.validate reports it as a line about data.source)."""
+    kind, _, arg = source.partition(":")
+    if kind == "folder":
+        if not arg:
+            raise UserError("folder: needs a path, e.g. folder:../shared/data/cifar10-jpeg")
+        return "folder", os.path.expanduser(arg)
+    if kind == "synthetic":
+        if not arg:
+            return "synthetic", None
+        if not arg.isdigit() or int(arg) < 1:
+            raise UserError(f"synthetic:N needs a positive image count, not {arg!r}")
+        return "synthetic", int(arg)
+    if kind == "tfds":
+        return "tfds", arg or "cifar10"
+    if kind and not arg:
+        return "tfds", kind
+    raise UserError(f"unknown data source {source!r}; use {SOURCE_KINDS}")
 
 
 def num_classes(source: str) -> int:

@@ -93,7 +93,16 @@ def create_model(model_name: str, /, *, kernels: Kernels = XLA, input_size=_DEFA
     ImageNet ResNets take any size by default). `kernels` says how its layers are computed
     (models/compute.py): XLA's by default, on any device; the parameters and outputs do not
     depend on it. `name` is flax's module name, for a net inside another module."""
-    ctor = _lookup(model_name)
+    check_options(model_name, options)
+    if input_size is _DEFAULT:  # the ImageNet ResNets are fully convolutional
+        fully_convolutional = _family(model_name) is imagenet.ImageNetResNet
+        input_size = None if fully_convolutional else preprocessing(model_name).input_size
+    return _lookup(model_name)(kernels=kernels, input_size=input_size, name=name, **options)
+
+
+def check_options(model_name: str, options: Dict) -> None:
+    """UnknownModelError naming the first problem of `create_model(model_name, **options)`'s name
+    or options (nothing is built): an unknown name, option, shortcut or widths."""
     valid = model_options(model_name)
     for key in options:
         if key in _DERIVED:
@@ -108,11 +117,8 @@ def create_model(model_name: str, /, *, kernels: Kernels = XLA, input_size=_DEFA
     if "shortcut" in options and options["shortcut"] not in ("A", "B", "C"):
         raise UnknownModelError(f"shortcut must be 'A', 'B' or 'C', not {options['shortcut']!r}")
     if "widths" in options:
-        _check_widths(options["widths"], len(ctor(kernels=kernels).widths))
-    if input_size is _DEFAULT:  # the ImageNet ResNets are fully convolutional
-        fully_convolutional = _family(model_name) is imagenet.ImageNetResNet
-        input_size = None if fully_convolutional else preprocessing(model_name).input_size
-    return ctor(kernels=kernels, input_size=input_size, name=name, **options)
+        fields = {f.name: f for f in dataclasses.fields(_family(model_name))}
+        _check_widths(options["widths"], len(fields["widths"].default))
 
 
 def _check_widths(widths, stages: int) -> None:
