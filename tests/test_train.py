@@ -486,7 +486,7 @@ def _jpeg():
     ({"model_options.shortcut": "D"}, "shortcut must be 'A', 'B' or 'C'"),
     ({"data.source": "folder:/nonexistent/cifar"}, "data folder '/nonexistent/cifar' does not exist"),
     ({"data.source": "EMPTY"}, "no images in"),
-    ({"data.source": "BROKEN"}, "cannot read image '.*bad.jpg'"),
+    ({"data.source": "BROKEN"}, "cannot decode .*bad.jpg"),
     (dict(batch_size=30), "batch_size 30 does not split over"),
 ])
 def test_bad_input_names_the_problem(tmp_path, change, message, monkeypatch):
