@@ -273,6 +273,7 @@ def test_non_finite_responses_fail_naming_the_checkpoint(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_progress_and_a_rerun_skips_the_checkpoints_already_done(checkpoints, tmp_path, capsys,
                                                                  monkeypatch):
     """Killed after its first checkpoint, a rerun with the same arguments computes only the other

@@ -74,6 +74,7 @@ def test_interleaved_calls_take_turns_after_warmup():
     assert [len(t) for t in times] == [3, 3] and all(t >= 0 for t in times[0] + times[1])
 
 
+@pytest.mark.slow
 def test_eval_analyze_and_responses_rows(tmp_path):
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--models", "resnet20",
@@ -89,6 +90,7 @@ def test_eval_analyze_and_responses_rows(tmp_path):
     assert rows["responses"]["metric"] == "1000 images' responses / 2000 steps"
 
 
+@pytest.mark.slow
 def test_analysis_memory_rows():
     """Each figure comes from its own child process: streaming and forward-only both run."""
     spec = importlib.util.spec_from_file_location(

@@ -14,6 +14,7 @@ scaling = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(scaling)
 
 
+@pytest.mark.slow
 def test_doc_holds_the_current_tables():
     doc = (REPO / "docs" / "scaling.md").read_text()
     assert scaling.replace_tables(doc, scaling.tables()) == doc, \
