@@ -105,6 +105,18 @@ def fresh_python(code: str, xla_flags: str = "") -> list:
     return out.stdout.split()
 
 
+def refuse_write_probes(monkeypatch) -> None:
+    """storage.check_writable's probe file meets a read-only file system (as root, a folder's
+    mode cannot make it so); every other file storage opens opens as before."""
+    from resnet_jax import storage
+
+    def read_only(path, *args, **kwargs):
+        if ".write-test-" in str(path):
+            raise OSError(30, "Read-only file system")
+        return open(path, *args, **kwargs)
+    monkeypatch.setattr(storage, "open", read_only, raising=False)
+
+
 def tiny_config(**changes):
     """configs/cpu.py:tiny with `changes` ({'data.source': ..., 'lr': ...}) applied."""
     from resnet_jax.config import load_config

@@ -17,6 +17,8 @@ from resnet_jax.models import layout
 from resnet_jax.errors import UserError
 from resnet_jax.responses import capture_responses
 
+from conftest import refuse_write_probes
+
 OPTIONS = dict(widths=(4, 8, 8))  # ResNet-20's 19 3x3 layers, few channels: fast on CPU
 NORM = checkpoint.Normalization(mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
 IMAGES = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
@@ -335,14 +337,7 @@ def test_an_unwritable_out_is_one_line_before_any_checkpoint_is_computed(checkpo
         _analyze(tmp_path, r20, out=str(tmp_path / "file"))
     with pytest.raises(UserError, match=r"--out '.*file/out' lies under the file '.*file'"):
         _analyze(tmp_path, r20, out=str(tmp_path / "file" / "out"))
-    real_open = open
-
-    def read_only(path, *args, **kwargs):
-        if ".write-test-" in str(path):
-            raise OSError(30, "Read-only file system")
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", read_only)
+    refuse_write_probes(monkeypatch)
     with pytest.raises(UserError, match=r"cannot write in --out '.*out' \(Read-only file system\)"):
         _analyze(tmp_path, r20)
     assert sorted(os.listdir(tmp_path)) == ["file"]

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import tiny_config
+from conftest import refuse_write_probes, tiny_config
 from resnet_jax import checkpoint, parallel, schedule, train
 from resnet_jax import state as state_lib
 from resnet_jax import config as config_lib
@@ -678,17 +678,10 @@ def test_unwritable_workdirs_are_one_line_before_training(tmp_path, monkeypatch)
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=r"--workdir '.*file' is a file; name a directory"):
         workdir_lib.prepare(str(tmp_path / "file"))
-    real_open = open
-
-    def read_only(path, *args, **kwargs):
-        if ".write-test-" in str(path):
-            raise OSError(30, "Read-only file system")
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", read_only)
-    with pytest.raises(UserError, match=r"cannot write in --workdir '.*ro' \(Read-only file system\)"):
-        workdir_lib.prepare(str(tmp_path / "ro"))
-    monkeypatch.setattr("builtins.open", real_open)
+    with monkeypatch.context() as m:
+        refuse_write_probes(m)
+        with pytest.raises(UserError, match=r"cannot write in --workdir '.*ro' \(Read-only file system\)"):
+            workdir_lib.prepare(str(tmp_path / "ro"))
     model, _ = state_lib.create_model(config_lib.load_config(TINY), 10)
     variables = checkpoint.abstract_variables(model)
     workdir_lib.check_free_space(str(tmp_path), variables)
